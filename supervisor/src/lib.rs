@@ -1,1 +1,19 @@
+//! Tegmen's host side.
+//!
+//! A request travels in a straight line through these modules: a face (the
+//! `supervisor` CLI today; the `tegmen` OCI runtime and the containerd shim
+//! later) asks for a [`sandbox::Sandbox`], which lays out its directory,
+//! starts a VM through a [`hypervisor::Hypervisor`] backend chosen from what
+//! the [`host`] offers, and talks to the in-guest agent through an
+//! [`agent_client::AgentClient`] over hybrid vsock.
 
+pub mod agent_client;
+pub mod config;
+pub mod error;
+pub mod guest_image;
+pub mod host;
+pub mod hypervisor;
+pub mod process;
+pub mod sandbox;
+
+pub use error::{Error, Result};

@@ -1,0 +1,45 @@
+# Tegmen: the README's two commands are `make demo` and `make test`.
+# Both install what is missing, build, and build the guest image first.
+
+CARGO ?= cargo
+TARGET_DIR := target/debug
+
+.PHONY: all setup build guest-image demo test unit-test e2e-test bench clippy fmt clean
+
+all: build
+
+setup:
+	@scripts/setup.sh
+
+build: setup
+	$(CARGO) build --workspace --bins
+
+guest-image: setup
+	guest-image/build.sh all
+
+# Boots a throwaway sandbox VM and shows what the guest reports.
+demo: build guest-image
+	$(TARGET_DIR)/supervisor check --boot
+
+unit-test: build
+	$(CARGO) test --workspace --exclude tegmen-tests
+
+# End-to-end tests boot real guests; they run one at a time (a test that
+# needs several VMs at once starts them itself).
+e2e-test: build guest-image
+	$(CARGO) test -p tegmen-tests -- --test-threads=1
+
+test: unit-test e2e-test
+
+bench: build guest-image
+	scripts/bench.sh
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean
+	rm -rf build

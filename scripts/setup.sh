@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs every system package Tegmen's build, demo and tests need.
+# Idempotent: packages already present are not touched, and `apt-get update`
+# runs once, only when something is missing.
+set -euo pipefail
+
+packages=(
+    # the VMM that runs real guests on hosts without hardware virtualization
+    qemu-system-x86
+    # guest kernel: Debian's source and what building it takes
+    linux-source-6.12 make gcc bc bison flex libelf-dev libssl-dev perl xz-utils binutils
+    # the static agent (libcontainer's seccomp support links libseccomp.a)
+    libseccomp-dev pkg-config
+    # test images are built offline from busybox
+    busybox-static
+)
+
+missing=()
+for p in "${packages[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$p")
+    fi
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "setup: missing packages: ${missing[*]}; run this script as root" >&2
+        exit 1
+    fi
+    echo "setup: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >/tmp/tegmen-apt.log 2>&1; then
+        # linux-source-6.12 is not in every Debian release: fall back to 6.1.
+        if printf '%s\n' "${missing[@]}" | grep -qx linux-source-6.12; then
+            missing=("${missing[@]/linux-source-6.12/linux-source-6.1}")
+            apt-get install -y -qq --no-install-recommends "${missing[@]}" >/tmp/tegmen-apt.log 2>&1 || {
+                tail -20 /tmp/tegmen-apt.log >&2; echo "setup: apt-get install failed" >&2; exit 1; }
+        else
+            tail -20 /tmp/tegmen-apt.log >&2; echo "setup: apt-get install failed" >&2; exit 1
+        fi
+    fi
+fi
+echo "setup: system packages present"

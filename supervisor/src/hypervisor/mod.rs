@@ -1,0 +1,210 @@
+//! The one interface the supervisor drives VMs through, and the choice of
+//! backend. Nothing above this module knows which backend runs: each one
+//! presents the same hybrid-vsock Unix socket and shares the same host
+//! directory over virtio-fs.
+
+pub mod qemu;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::config::{Config, HypervisorChoice, Override};
+use crate::host::{self, HwVirt};
+use crate::process::ProcessRecord;
+use crate::{Error, Result};
+
+/// Everything a backend needs to start one sandbox VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub id: String,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    /// Extra kernel parameters, after the backend's own.
+    pub kernel_params: String,
+    /// The sandbox directory: backend sockets and logs go here.
+    pub run_dir: PathBuf,
+    /// The hybrid-vsock Unix socket the host connects to.
+    pub vsock_socket: PathBuf,
+    /// The host directory exported over virtio-fs with tag `tegmen`.
+    pub shared_dir: PathBuf,
+    /// Where the guest's serial console is written.
+    pub console_log: PathBuf,
+    /// Hardware-accelerated (KVM) or emulated.
+    pub accel: Accel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+/// A VM backend. One value drives one VM.
+pub trait Hypervisor: Send {
+    fn name(&self) -> &'static str;
+    /// Starts the VM and every helper process it needs; returns once the
+    /// guest is running. `record` is called for each host process as soon
+    /// as it exists, so that a supervisor killed mid-start leaves a trace to
+    /// clean up from.
+    fn start(&mut self, spec: &VmSpec, record: &mut dyn FnMut(ProcessRecord)) -> Result<()>;
+    /// `Some(how it ended)` once the VM has ended, `None` while it runs.
+    fn exited(&mut self) -> Option<String>;
+    /// Waits up to `timeout` for the VM to end by itself; true if it did.
+    fn wait(&mut self, timeout: Duration) -> bool;
+    /// Ends the VM now and collects every process it started.
+    fn kill(&mut self);
+}
+
+/// The backend `hypervisor = ...` resolves to on this host, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendChoice {
+    pub backend: Backend,
+    pub accel: Accel,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Qemu,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Qemu => "qemu",
+        }
+    }
+}
+
+/// Hardware virtualization as the config sees it: the CPU flags unless the
+/// configuration overrides them.
+pub fn effective_hw_virt(config: &Config) -> (bool, String) {
+    match config.hardware_virtualization {
+        Override::Yes => (true, "forced on by hardware_virtualization = \"yes\"".into()),
+        Override::No => (false, "forced off by hardware_virtualization = \"no\"".into()),
+        Override::Auto => match host::hardware_virtualization() {
+            HwVirt::IntelVmx => (true, "/proc/cpuinfo has vmx".into()),
+            HwVirt::AmdSvm => (true, "/proc/cpuinfo has svm".into()),
+            HwVirt::None => (false, "/proc/cpuinfo has neither vmx nor svm".into()),
+        },
+    }
+}
+
+pub fn choose_backend(config: &Config) -> Result<BackendChoice> {
+    let (hw, why) = effective_hw_virt(config);
+    choose(config.hypervisor, hw, &why)
+}
+
+fn choose(choice: HypervisorChoice, hw: bool, why: &str) -> Result<BackendChoice> {
+    let accel = if hw { Accel::Kvm } else { Accel::Tcg };
+    let accel_text = match accel {
+        Accel::Kvm => "KVM",
+        Accel::Tcg => "TCG software emulation",
+    };
+    match choice {
+        HypervisorChoice::Builtin => Err(Error::Hypervisor(
+            "hypervisor = \"builtin\": the builtin VMM backend is not available in this build yet; use \"qemu\" or \"auto\"".into(),
+        )),
+        HypervisorChoice::Qemu => Ok(BackendChoice {
+            backend: Backend::Qemu,
+            accel,
+            reason: format!("hypervisor = \"qemu\" in the configuration; {accel_text} because {why}"),
+        }),
+        HypervisorChoice::Auto => {
+            let reason = if hw {
+                format!("auto: {why}, but the builtin VMM is not available yet, so qemu with {accel_text}")
+            } else {
+                format!("auto: {why}, so a Linux guest cannot run on KVM here: qemu with {accel_text}")
+            };
+            Ok(BackendChoice { backend: Backend::Qemu, accel, reason })
+        }
+    }
+}
+
+/// Creates the driver for `choice`.
+pub fn new_hypervisor(config: &Config, choice: &BackendChoice) -> Result<Box<dyn Hypervisor>> {
+    match choice.backend {
+        Backend::Qemu => Ok(Box::new(qemu::Qemu::new(&config.qemu.path)?)),
+    }
+}
+
+/// Finds one of Tegmen's helper programs (the vhost-user backends): in
+/// `$TEGMEN_LIBEXEC_DIR`, next to the running executable, or one directory
+/// up (test binaries live in `target/<profile>/deps`).
+pub fn helper_binary(name: &str) -> Result<PathBuf> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(dir) = std::env::var_os("TEGMEN_LIBEXEC_DIR") {
+        dirs.push(dir.into());
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            dirs.push(dir.to_path_buf());
+            if let Some(up) = dir.parent() {
+                dirs.push(up.to_path_buf());
+            }
+        }
+    }
+    dirs.push(PathBuf::from("/usr/libexec/tegmen"));
+    dirs.iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| Error::Hypervisor(format!("helper program {name} not found in {}", display_list(&dirs))))
+}
+
+fn display_list(dirs: &[PathBuf]) -> String {
+    dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// The last `max_lines` lines of a log file (bounded read), for errors.
+pub fn tail_lines(path: &Path, max_lines: usize) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    const MAX_BYTES: u64 = 16 * 1024;
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return format!("({} is missing)", path.display());
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(MAX_BYTES)));
+    let mut buf = Vec::new();
+    let _ = f.take(MAX_BYTES).read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(max_lines)..].join("\n");
+    if tail.trim().is_empty() {
+        format!("({} is empty)", path.display())
+    } else {
+        tail
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_uses_tcg_without_hardware_virtualization_and_says_why() {
+        let c = choose(HypervisorChoice::Auto, false, "/proc/cpuinfo has neither vmx nor svm").unwrap();
+        assert_eq!(c.backend, Backend::Qemu);
+        assert_eq!(c.accel, Accel::Tcg);
+        assert!(c.reason.contains("neither vmx nor svm"), "{}", c.reason);
+        let c = choose(HypervisorChoice::Auto, true, "/proc/cpuinfo has vmx").unwrap();
+        assert_eq!(c.accel, Accel::Kvm);
+    }
+
+    #[test]
+    fn builtin_is_refused_until_it_exists() {
+        let e = choose(HypervisorChoice::Builtin, true, "").unwrap_err().to_string();
+        assert!(e.contains("builtin"), "{e}");
+    }
+
+    #[test]
+    fn tail_lines_is_bounded_and_names_missing_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log");
+        let text: String = (0..1000).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&p, text).unwrap();
+        assert_eq!(tail_lines(&p, 2), "line 998\nline 999");
+        assert!(tail_lines(&dir.path().join("nope"), 2).contains("missing"));
+    }
+}

@@ -1,0 +1,204 @@
+//! The QEMU backend: Debian's `qemu-system-x86_64 -M microvm`, with the
+//! project's own vsock and fs devices attached as vhost-user backends
+//! (`tegmen-vsock-backend`, `tegmen-fs-backend`), one pair per VM.
+//!
+//! Guest RAM is a shared memfd so the backends can map it. ACPI is off, so
+//! QEMU announces the virtio-mmio devices on the kernel command line. A guest
+//! reboot ends QEMU (`-no-reboot`): that is how the agent powers the VM off.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{helper_binary, tail_lines, Accel, Hypervisor, VmSpec};
+use crate::process::ProcessRecord;
+use crate::{Error, Result};
+
+/// How long a backend may take to create its vhost-user socket.
+const BACKEND_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Qemu {
+    qemu: PathBuf,
+    children: Vec<(String, Child)>,
+    exit: Option<String>,
+}
+
+impl Qemu {
+    pub fn new(qemu: &str) -> Result<Qemu> {
+        let path = crate::host::find_program(qemu)
+            .ok_or_else(|| Error::Hypervisor(format!("QEMU not found: {qemu} (install Debian's qemu-system-x86)")))?;
+        Ok(Qemu { qemu: path, children: Vec::new(), exit: None })
+    }
+
+    pub fn binary(&self) -> &Path {
+        &self.qemu
+    }
+
+    fn spawn(&mut self, name: &str, mut cmd: Command, log: &Path, record: &mut dyn FnMut(ProcessRecord)) -> Result<()> {
+        let out = File::create(log).map_err(|e| Error::io("creating log", log, e))?;
+        let err = out.try_clone().map_err(|e| Error::io("creating log", log, e))?;
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        // Its own session: the VM outlives the command that started it and
+        // a terminal's ^C does not reach it.
+        // SAFETY: setsid is async-signal-safe and touches no memory.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        let child = cmd.spawn().map_err(|e| Error::io("starting", program, e))?;
+        if let Some(rec) = ProcessRecord::of(name, child.id() as i32) {
+            record(rec);
+        }
+        self.children.push((name.to_string(), child));
+        Ok(())
+    }
+
+    /// Waits until `socket` exists, or fails with the backend's log if it
+    /// died or took too long.
+    fn wait_socket(&mut self, name: &str, socket: &Path, log: &Path) -> Result<()> {
+        let deadline = Instant::now() + BACKEND_READY_TIMEOUT;
+        loop {
+            if socket.exists() {
+                return Ok(());
+            }
+            if let Some(status) = self.child_exit(name) {
+                return Err(Error::Hypervisor(format!(
+                    "{name} exited before creating {} ({status}):\n{}",
+                    socket.display(),
+                    tail_lines(log, 10)
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Hypervisor(format!(
+                    "{name} did not create {} within {}s:\n{}",
+                    socket.display(),
+                    BACKEND_READY_TIMEOUT.as_secs(),
+                    tail_lines(log, 10)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn child_exit(&mut self, name: &str) -> Option<String> {
+        let (_, child) = self.children.iter_mut().find(|(n, _)| n == name)?;
+        child.try_wait().ok().flatten().map(|s| s.to_string())
+    }
+
+    pub fn command_line(&self, spec: &VmSpec, vsock_vhost: &Path, fs_vhost: &Path) -> Command {
+        let mut cmd = Command::new(&self.qemu);
+        let mem = format!("{}M", spec.memory_mib);
+        let (accel, cpu) = match spec.accel {
+            Accel::Kvm => ("kvm", "host"),
+            Accel::Tcg => ("tcg,thread=multi", "max"),
+        };
+        let mut append = String::from("console=ttyS0 reboot=t panic=-1 quiet");
+        if !spec.kernel_params.is_empty() {
+            append.push(' ');
+            append.push_str(&spec.kernel_params);
+        }
+        cmd.args(["-name", &format!("tegmen-{}", spec.id)])
+            .args(["-M", "microvm,x-option-roms=off,rtc=off,acpi=off,memory-backend=mem"])
+            .args(["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")])
+            .args(["-accel", accel, "-cpu", cpu])
+            .args(["-m", &mem, "-smp", &spec.vcpus.to_string()])
+            .args(["-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none"])
+            .args(["-chardev", &format!("file,id=console,path={}", spec.console_log.display())])
+            .args(["-serial", "chardev:console"])
+            .args(["-chardev", &format!("socket,id=vsock,path={}", vsock_vhost.display())])
+            .args(["-device", "vhost-user-vsock-device,chardev=vsock"])
+            .args(["-chardev", &format!("socket,id=fs,path={}", fs_vhost.display())])
+            .args(["-device", &format!("vhost-user-fs-device,chardev=fs,tag={}", tegmen_agent_api::SHARED_FS_TAG)])
+            .arg("-kernel")
+            .arg(&spec.kernel)
+            .arg("-initrd")
+            .arg(&spec.initramfs)
+            .args(["-append", &append])
+            .arg("-no-reboot");
+        cmd
+    }
+}
+
+impl Hypervisor for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn start(&mut self, spec: &VmSpec, record: &mut dyn FnMut(ProcessRecord)) -> Result<()> {
+        let vsock_vhost = spec.run_dir.join("vhost-vsock.sock");
+        let fs_vhost = spec.run_dir.join("vhost-fs.sock");
+
+        let vsock_log = spec.run_dir.join("vsock-backend.log");
+        let mut cmd = Command::new(helper_binary("tegmen-vsock-backend")?);
+        cmd.arg("--socket").arg(&vsock_vhost).arg("--uds-path").arg(&spec.vsock_socket);
+        self.spawn("tegmen-vsock-backend", cmd, &vsock_log, record)?;
+
+        let fs_log = spec.run_dir.join("fs-backend.log");
+        let mut cmd = Command::new(helper_binary("tegmen-fs-backend")?);
+        cmd.arg("--socket").arg(&fs_vhost).arg("--shared-dir").arg(&spec.shared_dir);
+        self.spawn("tegmen-fs-backend", cmd, &fs_log, record)?;
+
+        self.wait_socket("tegmen-vsock-backend", &vsock_vhost, &vsock_log)?;
+        self.wait_socket("tegmen-fs-backend", &fs_vhost, &fs_log)?;
+
+        let cmd = self.command_line(spec, &vsock_vhost, &fs_vhost);
+        self.spawn("qemu", cmd, &spec.run_dir.join("qemu.log"), record)?;
+        Ok(())
+    }
+
+    fn exited(&mut self) -> Option<String> {
+        if self.exit.is_none() {
+            if let Some(status) = self.child_exit("qemu") {
+                self.exit = Some(format!("qemu {status}"));
+            }
+        }
+        self.exit.clone()
+    }
+
+    fn wait(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.exited().is_none() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
+    fn kill(&mut self) {
+        // QEMU first: the backends end by themselves when it disconnects,
+        // then anything left is killed.
+        for (name, child) in self.children.iter_mut().rev() {
+            if matches!(child.try_wait(), Ok(None)) {
+                if name != "qemu" {
+                    // Give a backend a moment to notice the disconnect and
+                    // remove its sockets itself.
+                    let deadline = Instant::now() + Duration::from_millis(500);
+                    while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+        if self.exit.is_none() {
+            self.exit = Some("killed".into());
+        }
+        self.children.clear();
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        if !self.children.is_empty() {
+            self.kill();
+        }
+    }
+}

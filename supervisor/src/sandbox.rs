@@ -1,0 +1,569 @@
+//! A sandbox: one VM, its directory on the host, and the agent inside it.
+//!
+//! Layout of `<root>/sandboxes/<id>/`:
+//!
+//! | file | what |
+//! | --- | --- |
+//! | `state.json` | [`SandboxState`]: status, owner, every host process |
+//! | `vsock.sock` | hybrid-vsock socket: the host's way to the agent |
+//! | `vhost-vsock.sock`, `vhost-fs.sock` | vhost-user sockets of the backends |
+//! | `shared/` | the virtio-fs source, mounted in the guest at `/run/tegmen/shared` |
+//! | `console.log` | the guest's serial console |
+//! | `*-backend.log`, `qemu.log` | the host processes' own output |
+//!
+//! Teardown removes every process, socket, mount and directory the sandbox
+//! made, on success, on error, and — through [`cleanup_stale`] at the next
+//! start — after the supervisor that owned it was killed.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tegmen_agent_api::{AGENT_VSOCK_PORT, SANDBOX_ID_FILE};
+
+use crate::agent_client::AgentClient;
+use crate::config::Config;
+use crate::guest_image::GuestImage;
+use crate::hypervisor::{self, tail_lines, Hypervisor, VmSpec};
+use crate::process::{pid_alive, ProcessRecord};
+use crate::{Error, Result};
+
+/// `sun_path` holds 108 bytes including the terminating NUL.
+pub const SUN_PATH_MAX: usize = 107;
+/// Longest sandbox id: keeps every socket path well inside `sun_path`.
+pub const MAX_ID_LEN: usize = 64;
+/// Guest-initiated vsock connections go to `<vsock.sock>_<port>`.
+const PORT_SUFFIX_MAX: usize = "_4294967295".len();
+/// How long one agent RPC may take.
+const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a guest may take to power off after `Shutdown`.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Lines of the console shown in boot errors.
+const CONSOLE_TAIL: usize = 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Creating,
+    Running,
+    Stopped,
+}
+
+/// What `state.json` records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxState {
+    pub id: String,
+    pub status: Status,
+    pub hypervisor: String,
+    /// Seconds since the epoch.
+    pub created: u64,
+    /// The process that owns a throwaway sandbox: when it is gone, the
+    /// sandbox is stale and the next start removes it.
+    pub owner: Option<ProcessRecord>,
+    pub processes: Vec<ProcessRecord>,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    /// Milliseconds from starting the VM to the agent's first answer.
+    pub boot_to_agent_ms: Option<u64>,
+}
+
+/// Options of one sandbox beyond the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxOptions {
+    /// Tie the sandbox to this process: removed as stale once it is gone.
+    pub owned_by_current_process: bool,
+}
+
+pub struct Sandbox {
+    id: String,
+    dir: PathBuf,
+    state: SandboxState,
+    hypervisor: Box<dyn Hypervisor>,
+    agent: Option<AgentClient>,
+    boot_time: Duration,
+    torn_down: bool,
+}
+
+/// The paths of one sandbox.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub dir: PathBuf,
+}
+
+impl Layout {
+    pub fn new(config: &Config, id: &str) -> Layout {
+        Layout { dir: config.sandboxes_dir().join(id) }
+    }
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+    pub fn vsock_socket(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+    pub fn shared(&self) -> PathBuf {
+        self.dir.join("shared")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+
+    /// Fails if any socket this sandbox will bind does not fit `sun_path`.
+    pub fn check_socket_paths(&self) -> Result<()> {
+        let sockets = [
+            (self.vsock_socket(), PORT_SUFFIX_MAX),
+            (self.dir.join("vhost-vsock.sock"), 0),
+            (self.dir.join("vhost-fs.sock"), 0),
+        ];
+        for (path, suffix) in sockets {
+            let len = path.as_os_str().len() + suffix;
+            if len > SUN_PATH_MAX {
+                return Err(Error::SocketPathTooLong { path, len, max: SUN_PATH_MAX });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// runc's rule for container ids, plus a length bound.
+pub fn validate_id(id: &str) -> Result<()> {
+    let bad = |why| Err(Error::InvalidId { id: id.to_string(), why });
+    if id.is_empty() {
+        return bad("empty");
+    }
+    if id.len() > MAX_ID_LEN {
+        return bad("longer than 64 characters");
+    }
+    if id == "." || id == ".." {
+        return bad("a relative path component");
+    }
+    if !id.chars().all(|c| c.is_ascii_alphanumeric() || "_+-.".contains(c)) {
+        return bad("only letters, digits and _ + - . are allowed");
+    }
+    Ok(())
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn write_state(path: &Path, state: &SandboxState) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_vec_pretty(state).expect("sandbox state serializes");
+    std::fs::write(&tmp, text).map_err(|e| Error::io("writing", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io("renaming", path, e))
+}
+
+pub fn read_state(dir: &Path) -> Result<SandboxState> {
+    let path = dir.join("state.json");
+    let text = std::fs::read(&path).map_err(|e| Error::io("reading", &path, e))?;
+    serde_json::from_slice(&text).map_err(|e| Error::io("parsing", &path, std::io::Error::other(e)))
+}
+
+impl Sandbox {
+    /// Lays out the sandbox, boots its VM and waits for the agent. On any
+    /// error everything made so far is removed again.
+    pub fn create(config: &Config, id: &str, options: &SandboxOptions) -> Result<Sandbox> {
+        validate_id(id)?;
+        let layout = Layout::new(config, id);
+        layout.check_socket_paths()?;
+        let image = GuestImage::resolve(config)?;
+        let choice = hypervisor::choose_backend(config)?;
+        let hypervisor = hypervisor::new_hypervisor(config, &choice)?;
+        cleanup_stale(config)?;
+
+        let owner = if options.owned_by_current_process {
+            ProcessRecord::of("owner", std::process::id() as i32)
+        } else {
+            None
+        };
+        let state = SandboxState {
+            id: id.to_string(),
+            status: Status::Creating,
+            hypervisor: hypervisor.name().to_string(),
+            created: now_secs(),
+            owner,
+            processes: Vec::new(),
+            memory_mib: config.guest.memory_mib,
+            vcpus: config.guest.vcpus,
+            boot_to_agent_ms: None,
+        };
+        make_dir_atomically(config, id, &state)?;
+
+        let mut sandbox = Sandbox {
+            id: id.to_string(),
+            dir: layout.dir.clone(),
+            state,
+            hypervisor,
+            agent: None,
+            boot_time: Duration::ZERO,
+            torn_down: false,
+        };
+        match sandbox.boot(config, &layout, &image, choice.accel) {
+            Ok(()) => Ok(sandbox),
+            Err(e) => {
+                sandbox.teardown();
+                Err(e)
+            }
+        }
+    }
+
+    fn boot(&mut self, config: &Config, layout: &Layout, image: &GuestImage, accel: hypervisor::Accel) -> Result<()> {
+        let shared = layout.shared();
+        std::fs::create_dir(&shared).map_err(|e| Error::io("creating", &shared, e))?;
+        let id_file = shared.join(SANDBOX_ID_FILE);
+        std::fs::write(&id_file, &self.id).map_err(|e| Error::io("writing", &id_file, e))?;
+
+        let spec = VmSpec {
+            id: self.id.clone(),
+            kernel: image.kernel.clone(),
+            initramfs: image.initramfs.clone(),
+            memory_mib: config.guest.memory_mib,
+            vcpus: config.guest.vcpus,
+            kernel_params: config.guest.kernel_params.clone(),
+            run_dir: layout.dir.clone(),
+            vsock_socket: layout.vsock_socket(),
+            shared_dir: shared,
+            console_log: layout.console_log(),
+            accel,
+        };
+        let started = Instant::now();
+        let state_path = layout.state();
+        let state = &mut self.state;
+        self.hypervisor.start(&spec, &mut |rec| {
+            state.processes.push(rec);
+            // Best effort: a later teardown also finds processes by name.
+            let _ = write_state(&state_path, state);
+        })?;
+
+        let timeout = Duration::from_secs(config.guest.boot_timeout_secs);
+        let agent = self.wait_for_agent(layout, started, timeout)?;
+        self.boot_time = started.elapsed();
+        self.agent = Some(agent);
+        self.state.status = Status::Running;
+        self.state.boot_to_agent_ms = Some(self.boot_time.as_millis() as u64);
+        write_state(&state_path, &self.state)
+    }
+
+    fn wait_for_agent(&mut self, layout: &Layout, started: Instant, timeout: Duration) -> Result<AgentClient> {
+        let socket = layout.vsock_socket();
+        let deadline = started + timeout;
+        loop {
+            if let Some(status) = self.hypervisor.exited() {
+                return Err(Error::VmExitedDuringBoot {
+                    id: self.id.clone(),
+                    status,
+                    console: self.console_tail(),
+                });
+            }
+            if socket.exists() {
+                let left = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(5));
+                if let Ok(agent) = AgentClient::connect(&socket, AGENT_VSOCK_PORT, left.max(Duration::from_millis(100)), RPC_TIMEOUT) {
+                    if agent.check().is_ok() {
+                        return Ok(agent);
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::AgentTimeout { id: self.id.clone(), secs: timeout.as_secs(), console: self.console_tail() });
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    fn console_tail(&self) -> String {
+        let mut text = tail_lines(&self.dir.join("console.log"), CONSOLE_TAIL);
+        let qemu_log = self.dir.join("qemu.log");
+        if qemu_log.exists() {
+            let q = tail_lines(&qemu_log, 5);
+            if !q.ends_with("is empty)") {
+                text.push_str("\nqemu: ");
+                text.push_str(&q);
+            }
+        }
+        text
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn state(&self) -> &SandboxState {
+        &self.state
+    }
+
+    /// Time from starting the VM to the agent's first answer.
+    pub fn boot_time(&self) -> Duration {
+        self.boot_time
+    }
+
+    pub fn agent(&self) -> &AgentClient {
+        self.agent.as_ref().expect("a created sandbox has an agent")
+    }
+
+    /// Asks the agent to power the guest off, waits for the VM to end, then
+    /// removes everything. Forced if the guest does not comply in time.
+    pub fn shutdown(mut self) -> Result<()> {
+        let asked = self.agent.as_ref().map(|a| a.shutdown());
+        self.agent = None;
+        let ended = self.hypervisor.wait(SHUTDOWN_TIMEOUT);
+        self.teardown();
+        match asked {
+            Some(Err(e)) => Err(e),
+            _ if !ended => Err(Error::Hypervisor(format!(
+                "sandbox {}: the VM did not power off within {}s of Shutdown; it was killed",
+                self.id,
+                SHUTDOWN_TIMEOUT.as_secs()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Kills the VM and removes everything, without asking the guest.
+    pub fn destroy(mut self) {
+        self.teardown();
+    }
+
+    fn teardown(&mut self) {
+        if self.torn_down {
+            return;
+        }
+        self.torn_down = true;
+        self.agent = None;
+        self.hypervisor.kill();
+        remove_sandbox_dir(&self.dir, &self.state.processes);
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// Creates `<sandboxes>/<id>` with its `state.json` in one rename, so a
+/// sandbox directory without a state file never exists.
+fn make_dir_atomically(config: &Config, id: &str, state: &SandboxState) -> Result<()> {
+    let parent = config.sandboxes_dir();
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io("creating", &parent, e))?;
+    let tmp = parent.join(format!(".{id}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(|e| Error::io("creating", &tmp, e))?;
+    write_state(&tmp.join("state.json"), state)?;
+    let dest = parent.join(id);
+    // rename(2) onto an existing non-empty directory fails: the id is taken.
+    if dest.exists() || std::fs::rename(&tmp, &dest).is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(Error::SandboxExists(id.to_string()));
+    }
+    Ok(())
+}
+
+/// Kills what is left of a sandbox's processes, unmounts anything below
+/// its directory and removes it.
+fn remove_sandbox_dir(dir: &Path, recorded: &[ProcessRecord]) {
+    for p in recorded {
+        p.kill();
+    }
+    for p in recorded {
+        p.wait_gone(Duration::from_secs(2));
+    }
+    for p in find_processes_using(dir) {
+        p.kill();
+        p.wait_gone(Duration::from_secs(2));
+    }
+    unmount_below(dir);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Our own helper processes (QEMU and the backends) whose command line
+/// names a path inside `dir`: found even if the state file missed them.
+fn find_processes_using(dir: &Path) -> Vec<ProcessRecord> {
+    let needle = format!("{}/", dir.display());
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return found };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let mut args = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned());
+        let Some(program) = args.next() else { continue };
+        let base = Path::new(&program).file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let ours = base.starts_with("qemu-system-") || base.starts_with("tegmen-");
+        if ours && args.any(|a| a.contains(&needle)) {
+            if let Some(rec) = ProcessRecord::of(&base, pid) {
+                found.push(rec);
+            }
+        }
+    }
+    found
+}
+
+/// Unmounts every mount point at or below `dir`, deepest first.
+fn unmount_below(dir: &Path) {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let mut targets: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mount_path)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    targets.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    for t in targets {
+        let _ = nix::mount::umount2(&t, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// mountinfo escapes space, tab, newline and backslash as \ooo.
+fn unescape_mount_path(s: &str) -> PathBuf {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+            let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    use std::os::unix::ffi::OsStringExt;
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+/// All sandboxes under the configured root, as their state files say.
+pub fn list(config: &Config) -> Vec<SandboxState> {
+    let Ok(entries) = std::fs::read_dir(config.sandboxes_dir()) else { return Vec::new() };
+    let mut states: Vec<SandboxState> = entries
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .filter_map(|e| read_state(&e.path()).ok())
+        .collect();
+    states.sort_by(|a, b| a.id.cmp(&b.id));
+    states
+}
+
+/// True when nothing keeps this sandbox alive: its owner is gone.
+fn is_stale(state: &SandboxState) -> bool {
+    state.owner.as_ref().is_some_and(|o| !o.is_alive())
+}
+
+/// Removes sandboxes whose owning process died (the supervisor was killed),
+/// and half-made directories of dead processes. Returns the ids removed.
+pub fn cleanup_stale(config: &Config) -> Result<Vec<String>> {
+    let parent = config.sandboxes_dir();
+    let entries = match std::fs::read_dir(&parent) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io("reading", &parent, e)),
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if let Some(rest) = name.strip_prefix('.') {
+            // `.<id>.<pid>.tmp` from make_dir_atomically.
+            let pid = rest.strip_suffix(".tmp").and_then(|r| r.rsplit('.').next()).and_then(|p| p.parse::<i32>().ok());
+            if pid.is_some_and(|p| !pid_alive(p)) {
+                let _ = std::fs::remove_dir_all(&path);
+            }
+            continue;
+        }
+        match read_state(&path) {
+            Ok(state) if is_stale(&state) => {
+                remove_sandbox_dir(&path, &state.processes);
+                removed.push(name);
+            }
+            _ => {}
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_follow_runc_rules() {
+        for ok in ["a", "sandbox-1", "A_b+c.d", &"x".repeat(64)] {
+            validate_id(ok).unwrap();
+        }
+        for bad in ["", ".", "..", "a/b", "../x", "a b", "é", &"x".repeat(65)] {
+            assert!(validate_id(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn socket_paths_longer_than_sun_path_are_refused() {
+        let mut config = Config::default();
+        config.root = PathBuf::from(format!("/run/{}", "r".repeat(60)));
+        let e = Layout::new(&config, &"i".repeat(40)).check_socket_paths().unwrap_err().to_string();
+        assert!(e.contains("sun_path") && e.contains("vsock.sock"), "{e}");
+        Layout::new(&Config::default(), &"i".repeat(64)).check_socket_paths().unwrap();
+    }
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape_mount_path("/a\\040b"), PathBuf::from("/a b"));
+        assert_eq!(unescape_mount_path("/plain"), PathBuf::from("/plain"));
+        assert_eq!(unescape_mount_path("/x\\"), PathBuf::from("/x\\"));
+    }
+
+    fn test_config(dir: &Path) -> Config {
+        Config { root: dir.to_path_buf(), ..Config::default() }
+    }
+
+    fn state(id: &str, owner: Option<ProcessRecord>) -> SandboxState {
+        SandboxState {
+            id: id.into(),
+            status: Status::Running,
+            hypervisor: "qemu".into(),
+            created: 0,
+            owner,
+            processes: Vec::new(),
+            memory_mib: 256,
+            vcpus: 1,
+            boot_to_agent_ms: None,
+        }
+    }
+
+    #[test]
+    fn stale_sandboxes_of_dead_owners_are_removed_and_live_ones_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let config = test_config(root.path());
+        let mut dead = std::process::Command::new("true").spawn().unwrap();
+        let dead_owner = ProcessRecord::of("owner", dead.id() as i32).unwrap();
+        dead.wait().unwrap();
+        // A process recorded by the dead sandbox, still running: it must go.
+        let mut leftover = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut st = state("gone", Some(dead_owner));
+        st.processes.push(ProcessRecord::of("qemu", leftover.id() as i32).unwrap());
+        make_dir_atomically(&config, "gone", &st).unwrap();
+        let me = ProcessRecord::of("owner", std::process::id() as i32);
+        make_dir_atomically(&config, "live", &state("live", me)).unwrap();
+        make_dir_atomically(&config, "unowned", &state("unowned", None)).unwrap();
+        std::fs::create_dir_all(config.sandboxes_dir().join(".half.999999999.tmp")).unwrap();
+
+        let removed = cleanup_stale(&config).unwrap();
+        assert_eq!(removed, vec!["gone".to_string()]);
+        assert!(leftover.try_wait().unwrap().is_some(), "the stale sandbox's process was killed");
+        let left: Vec<String> = list(&config).into_iter().map(|s| s.id).collect();
+        assert_eq!(left, vec!["live".to_string(), "unowned".to_string()]);
+        assert!(!config.sandboxes_dir().join(".half.999999999.tmp").exists());
+    }
+
+    #[test]
+    fn an_id_in_use_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let config = test_config(root.path());
+        make_dir_atomically(&config, "one", &state("one", None)).unwrap();
+        let e = make_dir_atomically(&config, "one", &state("one", None)).unwrap_err();
+        assert!(matches!(e, Error::SandboxExists(_)), "{e}");
+        assert_eq!(std::fs::read_dir(config.sandboxes_dir()).unwrap().count(), 1, "no temp dir left");
+    }
+}
