@@ -5,7 +5,7 @@
 //! | file | what |
 //! | --- | --- |
 //! | `state.json` | [`SandboxState`]: status, owner, every host process |
-//! | `vsock.sock` | hybrid-vsock socket: the host's way to the agent |
+//! | `vsock` | hybrid-vsock socket: the host's way to the agent (guest-initiated connections to port P reach `vsock_P`) |
 //! | `vhost-vsock.sock`, `vhost-fs.sock` | vhost-user sockets of the backends |
 //! | `shared/` | the virtio-fs source, mounted in the guest at `/run/tegmen/shared` |
 //! | `console.log` | the guest's serial console |
@@ -32,7 +32,7 @@ use crate::{Error, Result};
 pub const SUN_PATH_MAX: usize = 107;
 /// Longest sandbox id: keeps every socket path well inside `sun_path`.
 pub const MAX_ID_LEN: usize = 64;
-/// Guest-initiated vsock connections go to `<vsock.sock>_<port>`.
+/// Guest-initiated vsock connections go to `<vsock>_<port>`.
 const PORT_SUFFIX_MAX: usize = "_4294967295".len();
 /// How long one agent RPC may take.
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
@@ -98,7 +98,7 @@ impl Layout {
         self.dir.join("state.json")
     }
     pub fn vsock_socket(&self) -> PathBuf {
-        self.dir.join("vsock.sock")
+        self.dir.join("vsock")
     }
     pub fn shared(&self) -> PathBuf {
         self.dir.join("shared")
@@ -503,7 +503,7 @@ mod tests {
         let mut config = Config::default();
         config.root = PathBuf::from(format!("/run/{}", "r".repeat(60)));
         let e = Layout::new(&config, &"i".repeat(40)).check_socket_paths().unwrap_err().to_string();
-        assert!(e.contains("sun_path") && e.contains("vsock.sock"), "{e}");
+        assert!(e.contains("sun_path") && e.contains("vsock"), "{e}");
         Layout::new(&Config::default(), &"i".repeat(64)).check_socket_paths().unwrap();
     }
 

@@ -1,1 +1,174 @@
+//! Shared helpers of Tegmen's end-to-end tests: configurations rooted in a
+//! private state directory per test, leftover checks, and tiny initramfs
+//! archives for fault tests.
 
+use std::path::{Path, PathBuf};
+
+use tegmen_supervisor::config::Config;
+
+/// A configuration whose state root is private to one test (short, so every
+/// socket path fits `sun_path`), removed when dropped.
+pub struct TestRoot {
+    pub config: Config,
+}
+
+impl TestRoot {
+    pub fn new(name: &str) -> TestRoot {
+        let root = PathBuf::from(format!("/run/tegmen-e2e/{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).expect("creating the test root");
+        let mut config = Config { root, ..Config::default() };
+        // Generous: several emulated guests may share two host cores.
+        config.guest.boot_timeout_secs = 180;
+        TestRoot { config }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.config.root
+    }
+
+    /// Panics naming whatever a sandbox left behind under this root: a
+    /// sandbox directory, a process whose command line names the root, or a
+    /// mount below it.
+    pub fn assert_nothing_left(&self) {
+        let root = self.root();
+        let sandboxes = self.config.sandboxes_dir();
+        if let Ok(entries) = std::fs::read_dir(&sandboxes) {
+            let names: Vec<String> = entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+            assert!(names.is_empty(), "left in {}: {names:?}", sandboxes.display());
+        }
+        let procs = processes_mentioning(root);
+        assert!(procs.is_empty(), "processes left behind: {procs:?}");
+        let mounts = mounts_below(root);
+        assert!(mounts.is_empty(), "mounts left behind: {mounts:?}");
+    }
+}
+
+impl Drop for TestRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.root());
+    }
+}
+
+/// (pid, command line) of every process whose arguments name `path`.
+pub fn processes_mentioning(path: &Path) -> Vec<(i32, String)> {
+    let needle = path.to_string_lossy().into_owned();
+    let me = std::process::id() as i32;
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+            .unwrap_or(true);
+        if text.contains(&needle) && !zombie {
+            found.push((pid, text));
+        }
+    }
+    found
+}
+
+pub fn mounts_below(path: &Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| Path::new(m).starts_with(path))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A `newc` cpio archive (uncompressed; the kernel takes it as is).
+pub struct Cpio {
+    data: Vec<u8>,
+    ino: u32,
+}
+
+impl Default for Cpio {
+    fn default() -> Self {
+        Cpio { data: Vec::new(), ino: 1 }
+    }
+}
+
+impl Cpio {
+    fn entry(&mut self, name: &str, mode: u32, body: &[u8], rdev: (u32, u32)) {
+        let header = format!(
+            "070701{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}",
+            self.ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            body.len(),
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() + 1,
+            0
+        );
+        self.ino += 1;
+        self.data.extend_from_slice(header.as_bytes());
+        self.data.extend_from_slice(name.as_bytes());
+        self.data.push(0);
+        self.pad();
+        self.data.extend_from_slice(body);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while self.data.len() % 4 != 0 {
+            self.data.push(0);
+        }
+    }
+
+    pub fn dir(mut self, name: &str) -> Self {
+        self.entry(name, 0o040755, &[], (0, 0));
+        self
+    }
+
+    pub fn file(mut self, name: &str, mode: u32, body: &[u8]) -> Self {
+        self.entry(name, 0o100000 | mode, body, (0, 0));
+        self
+    }
+
+    pub fn char_dev(mut self, name: &str, major: u32, minor: u32) -> Self {
+        self.entry(name, 0o020600, &[], (major, minor));
+        self
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, &[], (0, 0));
+        self.data
+    }
+}
+
+/// An initramfs whose /init is a busybox shell script: for guests that
+/// boot but never run the agent.
+pub fn busybox_initramfs(script: &str) -> Vec<u8> {
+    let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (Debian's busybox-static) is needed");
+    Cpio::default()
+        .dir("dev")
+        .char_dev("dev/console", 5, 1)
+        .dir("bin")
+        .file("bin/busybox", 0o755, &busybox)
+        .file("init", 0o755, format!("#!/bin/busybox sh\n{script}\n").as_bytes())
+        .finish()
+}
+
+/// The `supervisor` binary built beside the test executable.
+pub fn supervisor_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap();
+    for candidate in [dir.join("supervisor"), dir.join("../supervisor")] {
+        if candidate.exists() {
+            return candidate;
+        }
+    }
+    panic!("supervisor binary not found next to {}: run `cargo build --workspace --bins` first", exe.display());
+}

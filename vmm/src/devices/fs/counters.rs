@@ -64,7 +64,8 @@ pub(crate) enum Counter {
 }
 
 impl FsCounters {
-    pub(crate) fn bump(&self, counter: Counter) {
+    /// Add one to `counter`; returns the new value.
+    pub(crate) fn bump(&self, counter: Counter) -> u64 {
         let c = match counter {
             Counter::Chains => &self.chains,
             Counter::Replies => &self.replies,
@@ -77,7 +78,7 @@ impl FsCounters {
             Counter::Panics => &self.panics,
             Counter::QueueErrors => &self.queue_errors,
         };
-        c.fetch_add(1, Ordering::Relaxed);
+        c.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Read every counter.

@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+"""Tegmen's benchmarks (run by `make bench` through scripts/bench.sh).
+
+Measures, in one run on this machine, each number side by side with its
+reference:
+  * boot to agent ready of a Tegmen sandbox (`supervisor check --boot`)
+    next to plain QEMU booting the same kernel to a trivial /init;
+  * host memory (RSS) of Tegmen's vsock and fs vhost-user backends next to
+    vhost-device-vsock and virtiofsd serving the same guest.
+Writes docs/benchmarks.md.
+"""
+import argparse
+import datetime
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+RUNS = 5
+
+
+def cpio_newc(entries):
+    """entries: (name, mode, body, (major, minor)) -> newc archive bytes."""
+    out = bytearray()
+    ino = 1
+    for name, mode, body, rdev in entries + [("TRAILER!!!", 0, b"", (0, 0))]:
+        hdr = "070701" + "".join("%08X" % v for v in (
+            ino, mode, 0, 0, 1, 0, len(body), 0, 0, rdev[0], rdev[1], len(name) + 1, 0))
+        ino += 1
+        out += hdr.encode() + name.encode() + b"\0"
+        out += b"\0" * (-len(out) % 4)
+        out += body
+        out += b"\0" * (-len(out) % 4)
+    return bytes(out)
+
+
+def qemu_cmd(kernel, initrd, console, devices, mem=256, smp=1):
+    """The flags of supervisor/src/hypervisor/qemu.rs (TCG here)."""
+    accel = ["-accel", "tcg,thread=multi", "-cpu", "max"]
+    if has_hw_virt():
+        accel = ["-accel", "kvm", "-cpu", "host"]
+    return ["qemu-system-x86_64",
+            "-M", "microvm,x-option-roms=off,rtc=off,acpi=off,memory-backend=mem",
+            "-object", f"memory-backend-memfd,id=mem,size={mem}M,share=on",
+            *accel, "-m", f"{mem}M", "-smp", str(smp),
+            "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none",
+            "-chardev", f"file,id=console,path={console}", "-serial", "chardev:console",
+            *devices,
+            "-kernel", kernel, "-initrd", initrd,
+            "-append", "console=ttyS0 reboot=t panic=-1 quiet", "-no-reboot"]
+
+
+def has_hw_virt():
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags") and re.search(r"\b(vmx|svm)\b", line):
+                return True
+    return False
+
+
+def wait_for(pred, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.005)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def hybrid_connect(path, port, timeout=2.0):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+        s.sendall(f"CONNECT {port}\n".encode())
+        line = b""
+        while not line.endswith(b"\n"):
+            b = s.recv(1)
+            if not b:
+                return False
+            line += b
+        return line.startswith(b"OK ")
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def stop(procs):
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    for p in procs:
+        p.wait()
+
+
+def bench_tegmen_boot(repo, root):
+    sup = os.path.join(repo, "target/debug/supervisor")
+    times = []
+    for _ in range(RUNS):
+        out = subprocess.run([sup, "--root", root, "check", "--boot"], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError("supervisor check --boot failed:\n" + out.stdout + out.stderr)
+        m = re.search(r"boot to agent ready: ([0-9.]+) s", out.stdout)
+        times.append(float(m.group(1)))
+    return times
+
+
+def bench_plain_boot(kernel, tools, work):
+    init = open(os.path.join(tools, "trivial-init"), "rb").read()
+    initrd = os.path.join(work, "trivial.cpio")
+    with open(initrd, "wb") as f:
+        f.write(cpio_newc([("dev", 0o040755, b"", (0, 0)), ("dev/console", 0o020600, b"", (5, 1)),
+                           ("init", 0o100755, init, (0, 0))]))
+    times = []
+    for i in range(RUNS):
+        console = os.path.join(work, f"plain-{i}.log")
+        open(console, "w").close()
+        start = time.monotonic()
+        p = subprocess.Popen(qemu_cmd(kernel, initrd, console, []), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: b"TRIVIAL-INIT-READY" in open(console, "rb").read(), 120, "the trivial init")
+            times.append(time.monotonic() - start)
+        finally:
+            stop([p])
+    return times
+
+
+def backend_memory(kind, repo, tools, kernel, initrd, work):
+    """Boots our agent with one pair of backends; RSS of each once ready."""
+    d = os.path.join(work, kind)
+    shutil.rmtree(d, ignore_errors=True)
+    shared = os.path.join(d, "shared")
+    os.makedirs(shared)
+    with open(os.path.join(shared, "sandbox-id"), "w") as f:
+        f.write(kind)
+    vs_sock, fs_sock, uds = (os.path.join(d, n) for n in ("vhost-vsock.sock", "vhost-fs.sock", "vsock"))
+    if kind == "tegmen":
+        bins = os.path.join(repo, "target/release")
+        vsock_cmd = [os.path.join(bins, "tegmen-vsock-backend"), "--socket", vs_sock, "--uds-path", uds]
+        fs_cmd = [os.path.join(bins, "tegmen-fs-backend"), "--socket", fs_sock, "--shared-dir", shared]
+    else:
+        vsock_cmd = [os.path.join(tools, "bin/vhost-device-vsock"), "--vm", f"guest-cid=3,socket={vs_sock},uds-path={uds}"]
+        fs_cmd = [os.path.join(tools, "bin/virtiofsd"), f"--socket-path={fs_sock}", f"--shared-dir={shared}", "--cache=never"]
+    log = open(os.path.join(d, "backends.log"), "w")
+    procs = [subprocess.Popen(vsock_cmd, stdout=log, stderr=log), subprocess.Popen(fs_cmd, stdout=log, stderr=log)]
+    try:
+        wait_for(lambda: os.path.exists(vs_sock) and os.path.exists(fs_sock), 20, f"{kind} backend sockets")
+        devices = ["-chardev", f"socket,id=vsock,path={vs_sock}", "-device", "vhost-user-vsock-device,chardev=vsock",
+                   "-chardev", f"socket,id=fs,path={fs_sock}", "-device", "vhost-user-fs-device,chardev=fs,tag=tegmen"]
+        console = os.path.join(d, "console.log")
+        qemu = subprocess.Popen(qemu_cmd(kernel, initrd, console, devices), stdout=log, stderr=log)
+        procs.append(qemu)
+        wait_for(lambda: hybrid_connect(uds, 1024), 180, f"the agent behind {kind} backends")
+        time.sleep(1.0)
+        return rss_kib(procs[0].pid), rss_kib(procs[1].pid)
+    finally:
+        stop(list(reversed(procs)))
+
+
+def fmt(xs):
+    return f"{statistics.median(xs):.3f} s (min {min(xs):.3f}, max {max(xs):.3f}, n={len(xs)})"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repo", required=True)
+    ap.add_argument("--tools", required=True)
+    args = ap.parse_args()
+    repo, tools = args.repo, args.tools
+    kernel = os.path.realpath(os.path.join(repo, "build/guest/vmlinux"))
+    initrd = os.path.realpath(os.path.join(repo, "build/guest/initramfs.cpio.gz"))
+    work = "/run/tegmen-bench"
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    try:
+        print("bench: Tegmen sandbox boot to agent ready ...", flush=True)
+        tegmen = bench_tegmen_boot(repo, os.path.join(work, "root"))
+        print("bench: plain QEMU boot to a trivial /init ...", flush=True)
+        plain = bench_plain_boot(kernel, tools, work)
+        print("bench: backend memory ...", flush=True)
+        ours = backend_memory("tegmen", repo, tools, kernel, initrd, work)
+        ref = backend_memory("reference", repo, tools, kernel, initrd, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    qemu_version = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    accel = "KVM" if has_hw_virt() else "TCG (no vmx/svm on this host)"
+    ratio = statistics.median(tegmen) / statistics.median(plain)
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Produced by `make bench` (scripts/bench.sh → scripts/bench/bench.py) on {datetime.date.today()},",
+        f"{os.cpu_count()} CPUs, kernel {os.uname().release}, {qemu_version}, accel {accel}.",
+        "Each Tegmen number stands next to its reference, measured in the same run.",
+        "",
+        "## Boot to agent ready",
+        "",
+        "| what | median |",
+        "| --- | --- |",
+        f"| Tegmen sandbox: VM start → agent answers `Check` over vsock (`supervisor check --boot`, backends + QEMU + virtio-fs mount) | {fmt(tegmen)} |",
+        f"| reference: plain QEMU, same kernel and flags, no devices, trivial static /init prints a line | {fmt(plain)} |",
+        f"| ratio (our overhead) | {ratio:.2f}× |",
+        "",
+        "## Host memory of the device backends (RSS, guest idle after boot)",
+        "",
+        "| device | Tegmen | reference |",
+        "| --- | --- | --- |",
+        f"| vsock | tegmen-vsock-backend: {ours[0]} KiB | vhost-device-vsock 0.3: {ref[0]} KiB |",
+        f"| fs | tegmen-fs-backend: {ours[1]} KiB | virtiofsd 1.14: {ref[1]} KiB |",
+        "",
+        "Both sides are release builds: Tegmen's from `cargo build --release`, the",
+        "references from `cargo install`.",
+        "",
+    ]
+    os.makedirs(os.path.join(repo, "docs"), exist_ok=True)
+    with open(os.path.join(repo, "docs/benchmarks.md"), "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
