@@ -9,9 +9,7 @@ fn main() {
         .input("protos/agent.proto")
         .include("protos")
         .rust_protobuf()
-        .customize(ttrpc_codegen::Customize {
-            ..Default::default()
-        })
+        .customize(ttrpc_codegen::Customize { ..Default::default() })
         .rust_protobuf_customize(ttrpc_codegen::ProtobufCustomize::default().gen_mod_rs(false))
         .run()
         .expect("generating the agent API from protos/agent.proto");
@@ -20,7 +18,10 @@ fn main() {
     for name in ["agent.rs", "agent_ttrpc.rs"] {
         let path = std::path::Path::new(&out).join(name);
         let text = std::fs::read_to_string(&path).expect("reading generated code");
-        let kept: Vec<&str> = text.lines().filter(|l| !l.starts_with("#![") && !l.starts_with("//!")).collect();
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("#![") && !l.starts_with("//!"))
+            .collect();
         std::fs::write(&path, kept.join("\n")).expect("writing generated code");
     }
 }

@@ -28,7 +28,9 @@ fn parse_meminfo_total(text: &str) -> Option<u64> {
 }
 
 pub fn online_cpus() -> u32 {
-    std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
 }
 
 pub fn mounts() -> Vec<Mount> {

@@ -16,19 +16,59 @@ struct BaseMount {
     data: Option<&'static str>,
 }
 
-const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID
-    .union(MsFlags::MS_NODEV)
-    .union(MsFlags::MS_NOEXEC);
+const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC);
 
 fn base_mounts() -> [BaseMount; 7] {
     [
-        BaseMount { source: "proc", target: "/proc", fstype: "proc", flags: NOSUID_NODEV_NOEXEC, data: None },
-        BaseMount { source: "sysfs", target: "/sys", fstype: "sysfs", flags: NOSUID_NODEV_NOEXEC, data: None },
-        BaseMount { source: "devtmpfs", target: "/dev", fstype: "devtmpfs", flags: MsFlags::MS_NOSUID, data: Some("mode=0755") },
-        BaseMount { source: "devpts", target: "/dev/pts", fstype: "devpts", flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC), data: Some("newinstance,ptmxmode=0666,mode=0620,gid=5") },
-        BaseMount { source: "shm", target: "/dev/shm", fstype: "tmpfs", flags: NOSUID_NODEV_NOEXEC, data: Some("mode=1777") },
-        BaseMount { source: "tmpfs", target: "/run", fstype: "tmpfs", flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV), data: Some("mode=0755") },
-        BaseMount { source: "cgroup2", target: "/sys/fs/cgroup", fstype: "cgroup2", flags: NOSUID_NODEV_NOEXEC, data: None },
+        BaseMount {
+            source: "proc",
+            target: "/proc",
+            fstype: "proc",
+            flags: NOSUID_NODEV_NOEXEC,
+            data: None,
+        },
+        BaseMount {
+            source: "sysfs",
+            target: "/sys",
+            fstype: "sysfs",
+            flags: NOSUID_NODEV_NOEXEC,
+            data: None,
+        },
+        BaseMount {
+            source: "devtmpfs",
+            target: "/dev",
+            fstype: "devtmpfs",
+            flags: MsFlags::MS_NOSUID,
+            data: Some("mode=0755"),
+        },
+        BaseMount {
+            source: "devpts",
+            target: "/dev/pts",
+            fstype: "devpts",
+            flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+            data: Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        },
+        BaseMount {
+            source: "shm",
+            target: "/dev/shm",
+            fstype: "tmpfs",
+            flags: NOSUID_NODEV_NOEXEC,
+            data: Some("mode=1777"),
+        },
+        BaseMount {
+            source: "tmpfs",
+            target: "/run",
+            fstype: "tmpfs",
+            flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+            data: Some("mode=0755"),
+        },
+        BaseMount {
+            source: "cgroup2",
+            target: "/sys/fs/cgroup",
+            fstype: "cgroup2",
+            flags: NOSUID_NODEV_NOEXEC,
+            data: None,
+        },
     ]
 }
 
@@ -46,8 +86,14 @@ pub fn setup_guest() -> Result<()> {
     enable_cgroup_controllers();
 
     std::fs::create_dir_all(GUEST_SHARED_DIR).with_context(|| format!("creating {GUEST_SHARED_DIR}"))?;
-    mount(Some(SHARED_FS_TAG), GUEST_SHARED_DIR, Some("virtiofs"), MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV), None::<&str>)
-        .with_context(|| format!("mounting the virtio-fs share '{SHARED_FS_TAG}' on {GUEST_SHARED_DIR}"))?;
+    mount(
+        Some(SHARED_FS_TAG),
+        GUEST_SHARED_DIR,
+        Some("virtiofs"),
+        MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        None::<&str>,
+    )
+    .with_context(|| format!("mounting the virtio-fs share '{SHARED_FS_TAG}' on {GUEST_SHARED_DIR}"))?;
     log::info!("guest file systems ready, share '{SHARED_FS_TAG}' on {GUEST_SHARED_DIR}");
     Ok(())
 }

@@ -57,7 +57,10 @@ impl Agent for AgentService {
 
     fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<ShutdownResponse> {
         if !self.as_init {
-            return Err(status(ttrpc::Code::FAILED_PRECONDITION, "shutdown: the agent is not the guest's init"));
+            return Err(status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                "shutdown: the agent is not the guest's init",
+            ));
         }
         log::info!("shutdown requested: syncing and powering off");
         nix::unistd::sync();

@@ -30,12 +30,20 @@ pub fn hybrid_vsock_connect(socket: &Path, port: u32, timeout: Duration) -> std:
     let mut byte = [0u8; 1];
     loop {
         match stream.read(&mut byte)? {
-            0 => return Err(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, format!("vsock port {port}: connection closed by the guest side"))),
+            0 => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionRefused,
+                    format!("vsock port {port}: connection closed by the guest side"),
+                ))
+            }
             _ if byte[0] == b'\n' => break,
             _ => line.push(byte[0]),
         }
         if line.len() > MAX_HANDSHAKE_LINE {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "hybrid vsock: reply line too long"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "hybrid vsock: reply line too long",
+            ));
         }
     }
     if !line.starts_with(b"OK ") {
@@ -59,10 +67,18 @@ impl AgentClient {
     /// Connects once (no retries) to the agent on `port`; each later RPC
     /// may take up to `rpc_timeout`.
     pub fn connect(socket: &Path, port: u32, connect_timeout: Duration, rpc_timeout: Duration) -> Result<AgentClient> {
-        let stream = hybrid_vsock_connect(socket, port, connect_timeout)
-            .map_err(|e| Error::Agent(format!("connecting to vsock port {port} through {}: {e}", socket.display())))?;
-        let client = ttrpc::Client::new(stream.into_raw_fd()).map_err(|e| Error::Agent(format!("ttrpc client: {e}")))?;
-        Ok(AgentClient { stub: AgentStub::new(client), timeout: rpc_timeout })
+        let stream = hybrid_vsock_connect(socket, port, connect_timeout).map_err(|e| {
+            Error::Agent(format!(
+                "connecting to vsock port {port} through {}: {e}",
+                socket.display()
+            ))
+        })?;
+        let client =
+            ttrpc::Client::new(stream.into_raw_fd()).map_err(|e| Error::Agent(format!("ttrpc client: {e}")))?;
+        Ok(AgentClient {
+            stub: AgentStub::new(client),
+            timeout: rpc_timeout,
+        })
     }
 
     fn ctx(&self) -> ttrpc::context::Context {
@@ -70,19 +86,28 @@ impl AgentClient {
     }
 
     pub fn check(&self) -> Result<CheckResponse> {
-        self.stub.check(self.ctx(), &CheckRequest::new()).map_err(|e| rpc_error("Check", e))
+        self.stub
+            .check(self.ctx(), &CheckRequest::new())
+            .map_err(|e| rpc_error("Check", e))
     }
 
     pub fn version(&self) -> Result<VersionResponse> {
-        self.stub.version(self.ctx(), &VersionRequest::new()).map_err(|e| rpc_error("Version", e))
+        self.stub
+            .version(self.ctx(), &VersionRequest::new())
+            .map_err(|e| rpc_error("Version", e))
     }
 
     pub fn guest_details(&self) -> Result<GuestDetailsResponse> {
-        self.stub.guest_details(self.ctx(), &GuestDetailsRequest::new()).map_err(|e| rpc_error("GuestDetails", e))
+        self.stub
+            .guest_details(self.ctx(), &GuestDetailsRequest::new())
+            .map_err(|e| rpc_error("GuestDetails", e))
     }
 
     pub fn shutdown(&self) -> Result<()> {
-        self.stub.shutdown(self.ctx(), &ShutdownRequest::new()).map(|_| ()).map_err(|e| rpc_error("Shutdown", e))
+        self.stub
+            .shutdown(self.ctx(), &ShutdownRequest::new())
+            .map(|_| ())
+            .map_err(|e| rpc_error("Shutdown", e))
     }
 }
 

@@ -100,7 +100,9 @@ impl Default for GuestConfig {
 
 impl Default for QemuConfig {
     fn default() -> Self {
-        QemuConfig { path: "qemu-system-x86_64".into() }
+        QemuConfig {
+            path: "qemu-system-x86_64".into(),
+        }
     }
 }
 
@@ -130,9 +132,17 @@ impl Config {
     }
 
     fn validate(&self, path: &Path) -> Result<()> {
-        let bad = |msg: String| Err(Error::Config { path: path.to_path_buf(), msg });
+        let bad = |msg: String| {
+            Err(Error::Config {
+                path: path.to_path_buf(),
+                msg,
+            })
+        };
         if !(64..=1024 * 1024).contains(&self.guest.memory_mib) {
-            return bad(format!("guest.memory_mib = {} is outside 64..=1048576", self.guest.memory_mib));
+            return bad(format!(
+                "guest.memory_mib = {} is outside 64..=1048576",
+                self.guest.memory_mib
+            ));
         }
         if !(1..=255).contains(&self.guest.vcpus) {
             return bad(format!("guest.vcpus = {} is outside 1..=255", self.guest.vcpus));
@@ -180,19 +190,29 @@ mod tests {
 
     #[test]
     fn errors_name_the_file_and_the_field() {
-        let e = Config::parse("hypervisor = \"xen\"\n", Path::new("/etc/t.toml")).unwrap_err().to_string();
+        let e = Config::parse("hypervisor = \"xen\"\n", Path::new("/etc/t.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/etc/t.toml") && e.contains("xen"), "{e}");
-        let e = Config::parse("[guest]\nmemroy_mib = 1\n", Path::new("t.toml")).unwrap_err().to_string();
+        let e = Config::parse("[guest]\nmemroy_mib = 1\n", Path::new("t.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("memroy_mib"), "{e}");
-        let e = Config::parse("[guest]\nvcpus = 0\n", Path::new("t.toml")).unwrap_err().to_string();
+        let e = Config::parse("[guest]\nvcpus = 0\n", Path::new("t.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("guest.vcpus"), "{e}");
-        let e = Config::parse("root = \"rel\"\n", Path::new("t.toml")).unwrap_err().to_string();
+        let e = Config::parse("root = \"rel\"\n", Path::new("t.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("absolute"), "{e}");
     }
 
     #[test]
     fn missing_default_file_is_fine_but_missing_named_file_is_not() {
-        let e = Config::load(Some(Path::new("/nonexistent/tegmen.toml"))).unwrap_err().to_string();
+        let e = Config::load(Some(Path::new("/nonexistent/tegmen.toml")))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/nonexistent/tegmen.toml"), "{e}");
     }
 }

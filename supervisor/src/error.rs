@@ -27,7 +27,11 @@ pub enum Error {
     #[error("sandbox {0} does not exist")]
     SandboxNotFound(String),
     #[error("the VM of sandbox {id} exited during boot ({status}); last console lines:\n{console}")]
-    VmExitedDuringBoot { id: String, status: String, console: String },
+    VmExitedDuringBoot {
+        id: String,
+        status: String,
+        console: String,
+    },
     #[error("the agent of sandbox {id} did not answer within {secs}s; last console lines:\n{console}")]
     AgentTimeout { id: String, secs: u64, console: String },
     #[error("agent: {0}")]
@@ -38,6 +42,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { what, path: path.into(), source }
+        Error::Io {
+            what,
+            path: path.into(),
+            source,
+        }
     }
 }

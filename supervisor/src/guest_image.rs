@@ -24,7 +24,12 @@ impl GuestImage {
     pub fn resolve(config: &Config) -> Result<GuestImage> {
         let env_path = |k: &str| std::env::var_os(k).map(PathBuf::from);
         let dir = default_dir();
-        let kernel = config.guest.kernel.clone().or_else(|| env_path("TEGMEN_KERNEL")).unwrap_or_else(|| dir.join("vmlinux"));
+        let kernel = config
+            .guest
+            .kernel
+            .clone()
+            .or_else(|| env_path("TEGMEN_KERNEL"))
+            .unwrap_or_else(|| dir.join("vmlinux"));
         let initramfs = config
             .guest
             .initramfs
@@ -41,10 +46,16 @@ impl GuestImage {
     pub fn check(&self) -> Result<()> {
         let head = read_head(&self.kernel, "kernel")?;
         if head.len() < 20 || &head[..4] != b"\x7fELF" {
-            return Err(Error::GuestImage(format!("kernel {}: not an ELF vmlinux (bad magic)", self.kernel.display())));
+            return Err(Error::GuestImage(format!(
+                "kernel {}: not an ELF vmlinux (bad magic)",
+                self.kernel.display()
+            )));
         }
         if head[4] != 2 || u16::from_le_bytes([head[18], head[19]]) != EM_X86_64 {
-            return Err(Error::GuestImage(format!("kernel {}: not a 64-bit x86-64 ELF", self.kernel.display())));
+            return Err(Error::GuestImage(format!(
+                "kernel {}: not a 64-bit x86-64 ELF",
+                self.kernel.display()
+            )));
         }
         let head = read_head(&self.initramfs, "initramfs")?;
         let gzip = head.len() >= 2 && head[..2] == [0x1f, 0x8b];
@@ -61,7 +72,10 @@ impl GuestImage {
 
 fn read_head(path: &Path, what: &str) -> Result<Vec<u8>> {
     let mut f = std::fs::File::open(path).map_err(|e| {
-        Error::GuestImage(format!("{what} {}: {e} (build it with `make guest-image`)", path.display()))
+        Error::GuestImage(format!(
+            "{what} {}: {e} (build it with `make guest-image`)",
+            path.display()
+        ))
     })?;
     let mut head = vec![0u8; 64];
     let mut n = 0;
@@ -104,7 +118,10 @@ mod tests {
         let i = dir.join("initramfs.cpio.gz");
         std::fs::write(&k, kernel).unwrap();
         std::fs::write(&i, initramfs).unwrap();
-        GuestImage { kernel: k, initramfs: i }
+        GuestImage {
+            kernel: k,
+            initramfs: i,
+        }
     }
 
     fn elf64_x86() -> Vec<u8> {
@@ -125,17 +142,26 @@ mod tests {
     #[test]
     fn corrupt_or_missing_files_are_named() {
         let d = tempfile::tempdir().unwrap();
-        let e = image(d.path(), b"MZ not an elf at all....", &[0x1f, 0x8b]).check().unwrap_err().to_string();
+        let e = image(d.path(), b"MZ not an elf at all....", &[0x1f, 0x8b])
+            .check()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("vmlinux") && e.contains("not an ELF"), "{e}");
         let mut arm = elf64_x86();
         arm[18] = 183;
         let e = image(d.path(), &arm, &[0x1f, 0x8b]).check().unwrap_err().to_string();
         assert!(e.contains("x86-64"), "{e}");
-        let e = image(d.path(), &elf64_x86(), b"junkjunk").check().unwrap_err().to_string();
+        let e = image(d.path(), &elf64_x86(), b"junkjunk")
+            .check()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("initramfs") && e.contains("neither"), "{e}");
         let e = image(d.path(), &elf64_x86(), b"").check().unwrap_err().to_string();
         assert!(e.contains("empty"), "{e}");
-        let missing = GuestImage { kernel: d.path().join("none"), initramfs: d.path().join("none") };
+        let missing = GuestImage {
+            kernel: d.path().join("none"),
+            initramfs: d.path().join("none"),
+        };
         let e = missing.check().unwrap_err().to_string();
         assert!(e.contains("kernel") && e.contains("none"), "{e}");
     }

@@ -29,7 +29,9 @@ pub fn hardware_virtualization() -> HwVirt {
 
 pub fn hw_virt_from_cpuinfo(text: &str) -> HwVirt {
     for line in text.lines() {
-        let Some((key, value)) = line.split_once(':') else { continue };
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
         if key.trim() != "flags" {
             continue;
         }
@@ -62,7 +64,9 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
 
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    path.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    path.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
 }
 
 /// The first line of `qemu --version`, e.g. "QEMU emulator version 7.2.19".

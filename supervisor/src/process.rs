@@ -18,7 +18,11 @@ pub struct ProcessRecord {
 
 impl ProcessRecord {
     pub fn of(name: &str, pid: i32) -> Option<ProcessRecord> {
-        Some(ProcessRecord { name: name.into(), pid, start_time: start_time(pid)? })
+        Some(ProcessRecord {
+            name: name.into(),
+            pid,
+            start_time: start_time(pid)?,
+        })
     }
 
     /// True while the very process we started is alive (not a zombie, not
@@ -88,7 +92,10 @@ mod tests {
         let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
         let rec = ProcessRecord::of("sleep", child.id() as i32).unwrap();
         assert!(rec.is_alive());
-        let stranger = ProcessRecord { start_time: rec.start_time + 1, ..rec.clone() };
+        let stranger = ProcessRecord {
+            start_time: rec.start_time + 1,
+            ..rec.clone()
+        };
         assert!(!stranger.is_alive(), "a different start time is a different process");
         rec.kill();
         child.wait().unwrap();

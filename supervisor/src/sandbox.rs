@@ -92,7 +92,9 @@ pub struct Layout {
 
 impl Layout {
     pub fn new(config: &Config, id: &str) -> Layout {
-        Layout { dir: config.sandboxes_dir().join(id) }
+        Layout {
+            dir: config.sandboxes_dir().join(id),
+        }
     }
     pub fn state(&self) -> PathBuf {
         self.dir.join("state.json")
@@ -117,7 +119,11 @@ impl Layout {
         for (path, suffix) in sockets {
             let len = path.as_os_str().len() + suffix;
             if len > SUN_PATH_MAX {
-                return Err(Error::SocketPathTooLong { path, len, max: SUN_PATH_MAX });
+                return Err(Error::SocketPathTooLong {
+                    path,
+                    len,
+                    max: SUN_PATH_MAX,
+                });
             }
         }
         Ok(())
@@ -126,7 +132,12 @@ impl Layout {
 
 /// runc's rule for container ids, plus a length bound.
 pub fn validate_id(id: &str) -> Result<()> {
-    let bad = |why| Err(Error::InvalidId { id: id.to_string(), why });
+    let bad = |why| {
+        Err(Error::InvalidId {
+            id: id.to_string(),
+            why,
+        })
+    };
     if id.is_empty() {
         return bad("empty");
     }
@@ -143,7 +154,10 @@ pub fn validate_id(id: &str) -> Result<()> {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn write_state(path: &Path, state: &SandboxState) -> Result<()> {
@@ -256,15 +270,26 @@ impl Sandbox {
                 });
             }
             if socket.exists() {
-                let left = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(5));
-                if let Ok(agent) = AgentClient::connect(&socket, AGENT_VSOCK_PORT, left.max(Duration::from_millis(100)), RPC_TIMEOUT) {
+                let left = deadline
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_secs(5));
+                if let Ok(agent) = AgentClient::connect(
+                    &socket,
+                    AGENT_VSOCK_PORT,
+                    left.max(Duration::from_millis(100)),
+                    RPC_TIMEOUT,
+                ) {
                     if agent.check().is_ok() {
                         return Ok(agent);
                     }
                 }
             }
             if Instant::now() >= deadline {
-                return Err(Error::AgentTimeout { id: self.id.clone(), secs: timeout.as_secs(), console: self.console_tail() });
+                return Err(Error::AgentTimeout {
+                    id: self.id.clone(),
+                    secs: timeout.as_secs(),
+                    console: self.console_tail(),
+                });
             }
             std::thread::sleep(Duration::from_millis(25));
         }
@@ -384,13 +409,24 @@ fn remove_sandbox_dir(dir: &Path, recorded: &[ProcessRecord]) {
 fn find_processes_using(dir: &Path) -> Vec<ProcessRecord> {
     let needle = format!("{}/", dir.display());
     let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return found };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
-        let mut args = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned());
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let mut args = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned());
         let Some(program) = args.next() else { continue };
-        let base = Path::new(&program).file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let base = Path::new(&program)
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let ours = base.starts_with("qemu-system-") || base.starts_with("tegmen-");
         if ours && args.any(|a| a.contains(&needle)) {
             if let Some(rec) = ProcessRecord::of(&base, pid) {
@@ -403,7 +439,9 @@ fn find_processes_using(dir: &Path) -> Vec<ProcessRecord> {
 
 /// Unmounts every mount point at or below `dir`, deepest first.
 fn unmount_below(dir: &Path) {
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
     let mut targets: Vec<PathBuf> = text
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
@@ -437,7 +475,9 @@ fn unescape_mount_path(s: &str) -> PathBuf {
 
 /// All sandboxes under the configured root, as their state files say.
 pub fn list(config: &Config) -> Vec<SandboxState> {
-    let Ok(entries) = std::fs::read_dir(config.sandboxes_dir()) else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir(config.sandboxes_dir()) else {
+        return Vec::new();
+    };
     let mut states: Vec<SandboxState> = entries
         .flatten()
         .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
@@ -467,7 +507,10 @@ pub fn cleanup_stale(config: &Config) -> Result<Vec<String>> {
         let path = entry.path();
         if let Some(rest) = name.strip_prefix('.') {
             // `.<id>.<pid>.tmp` from make_dir_atomically.
-            let pid = rest.strip_suffix(".tmp").and_then(|r| r.rsplit('.').next()).and_then(|p| p.parse::<i32>().ok());
+            let pid = rest
+                .strip_suffix(".tmp")
+                .and_then(|r| r.rsplit('.').next())
+                .and_then(|p| p.parse::<i32>().ok());
             if pid.is_some_and(|p| !pid_alive(p)) {
                 let _ = std::fs::remove_dir_all(&path);
             }
@@ -500,11 +543,18 @@ mod tests {
 
     #[test]
     fn socket_paths_longer_than_sun_path_are_refused() {
-        let mut config = Config::default();
-        config.root = PathBuf::from(format!("/run/{}", "r".repeat(60)));
-        let e = Layout::new(&config, &"i".repeat(40)).check_socket_paths().unwrap_err().to_string();
+        let config = Config {
+            root: PathBuf::from(format!("/run/{}", "r".repeat(60))),
+            ..Config::default()
+        };
+        let e = Layout::new(&config, &"i".repeat(40))
+            .check_socket_paths()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("sun_path") && e.contains("vsock"), "{e}");
-        Layout::new(&Config::default(), &"i".repeat(64)).check_socket_paths().unwrap();
+        Layout::new(&Config::default(), &"i".repeat(64))
+            .check_socket_paths()
+            .unwrap();
     }
 
     #[test]
@@ -515,7 +565,10 @@ mod tests {
     }
 
     fn test_config(dir: &Path) -> Config {
-        Config { root: dir.to_path_buf(), ..Config::default() }
+        Config {
+            root: dir.to_path_buf(),
+            ..Config::default()
+        }
     }
 
     fn state(id: &str, owner: Option<ProcessRecord>) -> SandboxState {
@@ -542,7 +595,8 @@ mod tests {
         // A process recorded by the dead sandbox, still running: it must go.
         let mut leftover = std::process::Command::new("sleep").arg("30").spawn().unwrap();
         let mut st = state("gone", Some(dead_owner));
-        st.processes.push(ProcessRecord::of("qemu", leftover.id() as i32).unwrap());
+        st.processes
+            .push(ProcessRecord::of("qemu", leftover.id() as i32).unwrap());
         make_dir_atomically(&config, "gone", &st).unwrap();
         let me = ProcessRecord::of("owner", std::process::id() as i32);
         make_dir_atomically(&config, "live", &state("live", me)).unwrap();
@@ -551,7 +605,10 @@ mod tests {
 
         let removed = cleanup_stale(&config).unwrap();
         assert_eq!(removed, vec!["gone".to_string()]);
-        assert!(leftover.try_wait().unwrap().is_some(), "the stale sandbox's process was killed");
+        assert!(
+            leftover.try_wait().unwrap().is_some(),
+            "the stale sandbox's process was killed"
+        );
         let left: Vec<String> = list(&config).into_iter().map(|s| s.id).collect();
         assert_eq!(left, vec!["live".to_string(), "unowned".to_string()]);
         assert!(!config.sandboxes_dir().join(".half.999999999.tmp").exists());
@@ -564,6 +621,10 @@ mod tests {
         make_dir_atomically(&config, "one", &state("one", None)).unwrap();
         let e = make_dir_atomically(&config, "one", &state("one", None)).unwrap_err();
         assert!(matches!(e, Error::SandboxExists(_)), "{e}");
-        assert_eq!(std::fs::read_dir(config.sandboxes_dir()).unwrap().count(), 1, "no temp dir left");
+        assert_eq!(
+            std::fs::read_dir(config.sandboxes_dir()).unwrap().count(),
+            1,
+            "no temp dir left"
+        );
     }
 }

@@ -17,7 +17,10 @@ impl TestRoot {
         let root = PathBuf::from(format!("/run/tegmen-e2e/{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).expect("creating the test root");
-        let mut config = Config { root, ..Config::default() };
+        let mut config = Config {
+            root,
+            ..Config::default()
+        };
         // Generous: several emulated guests may share two host cores.
         config.guest.boot_timeout_secs = 180;
         TestRoot { config }
@@ -34,7 +37,10 @@ impl TestRoot {
         let root = self.root();
         let sandboxes = self.config.sandboxes_dir();
         if let Ok(entries) = std::fs::read_dir(&sandboxes) {
-            let names: Vec<String> = entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+            let names: Vec<String> = entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
             assert!(names.is_empty(), "left in {}: {names:?}", sandboxes.display());
         }
         let procs = processes_mentioning(root);
@@ -56,11 +62,15 @@ pub fn processes_mentioning(path: &Path) -> Vec<(i32, String)> {
     let me = std::process::id() as i32;
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
         if pid == me {
             continue;
         }
-        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
         let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
@@ -90,7 +100,10 @@ pub struct Cpio {
 
 impl Default for Cpio {
     fn default() -> Self {
-        Cpio { data: Vec::new(), ino: 1 }
+        Cpio {
+            data: Vec::new(),
+            ino: 1,
+        }
     }
 }
 
@@ -122,7 +135,7 @@ impl Cpio {
     }
 
     fn pad(&mut self) {
-        while self.data.len() % 4 != 0 {
+        while !self.data.len().is_multiple_of(4) {
             self.data.push(0);
         }
     }
@@ -170,5 +183,8 @@ pub fn supervisor_binary() -> PathBuf {
             return candidate;
         }
     }
-    panic!("supervisor binary not found next to {}: run `cargo build --workspace --bins` first", exe.display());
+    panic!(
+        "supervisor binary not found next to {}: run `cargo build --workspace --bins` first",
+        exe.display()
+    );
 }

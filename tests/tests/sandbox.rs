@@ -11,7 +11,9 @@ use tegmen_supervisor::Error;
 use tegmen_tests::{busybox_initramfs, processes_mentioning, supervisor_binary, TestRoot};
 
 fn options() -> SandboxOptions {
-    SandboxOptions { owned_by_current_process: true }
+    SandboxOptions {
+        owned_by_current_process: true,
+    }
 }
 
 /// Boots, checks what the guest reports, shuts down.
@@ -28,9 +30,17 @@ fn boot_and_verify(config: &Config, id: &str) {
         .unwrap_or_else(|| panic!("no mount on /run/tegmen/shared in {:?}", details.mounts));
     assert_eq!(share.fstype, "virtiofs");
     assert_eq!(share.source, "tegmen");
-    assert!(details.memory_total_bytes > 100 << 20, "memory {}", details.memory_total_bytes);
+    assert!(
+        details.memory_total_bytes > 100 << 20,
+        "memory {}",
+        details.memory_total_bytes
+    );
     assert_eq!(details.cpus, config.guest.vcpus);
-    assert!(details.kernel_release.starts_with("6."), "kernel {}", details.kernel_release);
+    assert!(
+        details.kernel_release.starts_with("6."),
+        "kernel {}",
+        details.kernel_release
+    );
     let dir = sb.dir().to_path_buf();
     sb.shutdown().expect("shutdown");
     assert!(!dir.exists(), "{} remains", dir.display());
@@ -139,7 +149,10 @@ fn qemu_missing_is_named() {
     let mut c = t.config.clone();
     c.qemu.path = "/nonexistent/qemu-system-x86_64".into();
     let e = expect_error(&c, "noqemu");
-    assert!(e.contains("QEMU not found") && e.contains("/nonexistent/qemu-system-x86_64"), "{e}");
+    assert!(
+        e.contains("QEMU not found") && e.contains("/nonexistent/qemu-system-x86_64"),
+        "{e}"
+    );
     t.assert_nothing_left();
 }
 
@@ -158,15 +171,26 @@ fn socket_paths_too_long_for_sun_path_are_refused() {
 fn an_agent_that_never_answers_times_out_with_the_console() {
     let t = TestRoot::new("mute");
     let initrd = t.root().join("mute.cpio");
-    std::fs::write(&initrd, busybox_initramfs("echo tegmen-test: this init never answers; exec /bin/busybox sleep 1000")).unwrap();
+    std::fs::write(
+        &initrd,
+        busybox_initramfs("echo tegmen-test: this init never answers; exec /bin/busybox sleep 1000"),
+    )
+    .unwrap();
     let mut c = t.config.clone();
     c.guest.initramfs = Some(initrd.clone());
     c.guest.boot_timeout_secs = 15;
     let started = Instant::now();
     let e = expect_error(&c, "mute");
-    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
     assert!(e.contains("did not answer within 15s"), "{e}");
-    assert!(e.contains("tegmen-test: this init never answers"), "the console tail is in the error: {e}");
+    assert!(
+        e.contains("tegmen-test: this init never answers"),
+        "the console tail is in the error: {e}"
+    );
     std::fs::remove_file(initrd).unwrap();
     t.assert_nothing_left();
 }
@@ -175,7 +199,11 @@ fn an_agent_that_never_answers_times_out_with_the_console() {
 fn a_guest_that_ends_during_boot_is_reported() {
     let t = TestRoot::new("reboot");
     let initrd = t.root().join("reboot.cpio");
-    std::fs::write(&initrd, busybox_initramfs("echo tegmen-test: rebooting at once; /bin/busybox reboot -f")).unwrap();
+    std::fs::write(
+        &initrd,
+        busybox_initramfs("echo tegmen-test: rebooting at once; /bin/busybox reboot -f"),
+    )
+    .unwrap();
     let mut c = t.config.clone();
     c.guest.initramfs = Some(initrd.clone());
     let e = expect_error(&c, "reboot");
@@ -247,8 +275,20 @@ fn supervisor_check_boot_reports_and_exits_zero() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
-    for expected in ["hardware virtualization:", "backend: qemu", "qemu: ", "guest kernel: ", "boot to agent ready:", "virtiofs", "shutdown: ok"] {
+    assert!(
+        out.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "hardware virtualization:",
+        "backend: qemu",
+        "qemu: ",
+        "guest kernel: ",
+        "boot to agent ready:",
+        "virtiofs",
+        "shutdown: ok",
+    ] {
         assert!(stdout.contains(expected), "{expected:?} missing from:\n{stdout}");
     }
     t.assert_nothing_left();

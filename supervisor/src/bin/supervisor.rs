@@ -13,7 +13,11 @@ use tegmen_supervisor::sandbox::{self, Sandbox, SandboxOptions};
 use tegmen_supervisor::{host, Error};
 
 #[derive(Parser)]
-#[command(name = "supervisor", version, about = "Tegmen sandbox supervisor: host checks and running VMs")]
+#[command(
+    name = "supervisor",
+    version,
+    about = "Tegmen sandbox supervisor: host checks and running VMs"
+)]
 struct Cli {
     /// Configuration file (default /etc/tegmen/config.toml, optional)
     #[arg(long, global = true)]
@@ -68,11 +72,17 @@ fn run(cli: Cli) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&states)?);
             } else {
-                println!("{:<24} {:<9} {:<6} {:>8} {:>5} {:>10}", "ID", "STATUS", "VMM", "MEM MiB", "CPUS", "BOOT ms");
+                println!(
+                    "{:<24} {:<9} {:<6} {:>8} {:>5} {:>10}",
+                    "ID", "STATUS", "VMM", "MEM MiB", "CPUS", "BOOT ms"
+                );
                 for s in states {
                     let boot = s.boot_to_agent_ms.map(|m| m.to_string()).unwrap_or_else(|| "-".into());
                     let status = format!("{:?}", s.status).to_lowercase();
-                    println!("{:<24} {:<9} {:<6} {:>8} {:>5} {:>10}", s.id, status, s.hypervisor, s.memory_mib, s.vcpus, boot);
+                    println!(
+                        "{:<24} {:<9} {:<6} {:>8} {:>5} {:>10}",
+                        s.id, status, s.hypervisor, s.memory_mib, s.vcpus, boot
+                    );
                 }
             }
             Ok(())
@@ -101,7 +111,11 @@ fn check(config: &Config, boot: bool) -> Result<()> {
     println!("hardware virtualization: {} ({why})", if hw { "yes" } else { "no" });
     println!(
         "/dev/kvm: {}",
-        if host::kvm_device_present() { "present" } else { "absent" }
+        if host::kvm_device_present() {
+            "present"
+        } else {
+            "absent"
+        }
     );
     let choice = match hypervisor::choose_backend(config) {
         Ok(c) => {
@@ -157,7 +171,9 @@ fn check(config: &Config, boot: bool) -> Result<()> {
 
     let id = format!("check-{}", std::process::id());
     println!("booting throwaway sandbox {id} ...");
-    let options = SandboxOptions { owned_by_current_process: true };
+    let options = SandboxOptions {
+        owned_by_current_process: true,
+    };
     let sandbox = Sandbox::create(config, &id, &options).with_context(|| format!("booting sandbox {id}"))?;
     let details = sandbox.agent().guest_details();
     let version = sandbox.agent().version();
@@ -174,15 +190,27 @@ fn check(config: &Config, boot: bool) -> Result<()> {
             version.api_version
         );
         for m in &details.mounts {
-            println!("  mount: {} on {} type {} ({})", m.source, m.target, m.fstype, m.options);
+            println!(
+                "  mount: {} on {} type {} ({})",
+                m.source, m.target, m.fstype, m.options
+            );
         }
-        let share = details.mounts.iter().find(|m| m.target == details.shared_mount && m.fstype == "virtiofs");
+        let share = details
+            .mounts
+            .iter()
+            .find(|m| m.target == details.shared_mount && m.fstype == "virtiofs");
         if share.is_none() {
-            bail!("the virtio-fs share is not mounted on {} in the guest", details.shared_mount);
+            bail!(
+                "the virtio-fs share is not mounted on {} in the guest",
+                details.shared_mount
+            );
         }
         println!("sandbox id read back through virtio-fs: {}", details.sandbox_id);
         if details.sandbox_id != id {
-            bail!("the guest read sandbox id {:?} through virtio-fs, expected {id:?}", details.sandbox_id);
+            bail!(
+                "the guest read sandbox id {:?} through virtio-fs, expected {id:?}",
+                details.sandbox_id
+            );
         }
         Ok(())
     })();

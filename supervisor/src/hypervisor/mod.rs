@@ -154,7 +154,10 @@ pub fn helper_binary(name: &str) -> Result<PathBuf> {
 }
 
 fn display_list(dirs: &[PathBuf]) -> String {
-    dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+    dirs.iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The last `max_lines` lines of a log file (bounded read), for errors.

@@ -29,7 +29,11 @@ impl Qemu {
     pub fn new(qemu: &str) -> Result<Qemu> {
         let path = crate::host::find_program(qemu)
             .ok_or_else(|| Error::Hypervisor(format!("QEMU not found: {qemu} (install Debian's qemu-system-x86)")))?;
-        Ok(Qemu { qemu: path, children: Vec::new(), exit: None })
+        Ok(Qemu {
+            qemu: path,
+            children: Vec::new(),
+            exit: None,
+        })
     }
 
     pub fn binary(&self) -> &Path {
@@ -108,12 +112,21 @@ impl Qemu {
             .args(["-accel", accel, "-cpu", cpu])
             .args(["-m", &mem, "-smp", &spec.vcpus.to_string()])
             .args(["-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none"])
-            .args(["-chardev", &format!("file,id=console,path={}", spec.console_log.display())])
+            .args([
+                "-chardev",
+                &format!("file,id=console,path={}", spec.console_log.display()),
+            ])
             .args(["-serial", "chardev:console"])
             .args(["-chardev", &format!("socket,id=vsock,path={}", vsock_vhost.display())])
             .args(["-device", "vhost-user-vsock-device,chardev=vsock"])
             .args(["-chardev", &format!("socket,id=fs,path={}", fs_vhost.display())])
-            .args(["-device", &format!("vhost-user-fs-device,chardev=fs,tag={}", tegmen_agent_api::SHARED_FS_TAG)])
+            .args([
+                "-device",
+                &format!(
+                    "vhost-user-fs-device,chardev=fs,tag={}",
+                    tegmen_agent_api::SHARED_FS_TAG
+                ),
+            ])
             .arg("-kernel")
             .arg(&spec.kernel)
             .arg("-initrd")
@@ -135,12 +148,18 @@ impl Hypervisor for Qemu {
 
         let vsock_log = spec.run_dir.join("vsock-backend.log");
         let mut cmd = Command::new(helper_binary("tegmen-vsock-backend")?);
-        cmd.arg("--socket").arg(&vsock_vhost).arg("--uds-path").arg(&spec.vsock_socket);
+        cmd.arg("--socket")
+            .arg(&vsock_vhost)
+            .arg("--uds-path")
+            .arg(&spec.vsock_socket);
         self.spawn("tegmen-vsock-backend", cmd, &vsock_log, record)?;
 
         let fs_log = spec.run_dir.join("fs-backend.log");
         let mut cmd = Command::new(helper_binary("tegmen-fs-backend")?);
-        cmd.arg("--socket").arg(&fs_vhost).arg("--shared-dir").arg(&spec.shared_dir);
+        cmd.arg("--socket")
+            .arg(&fs_vhost)
+            .arg("--shared-dir")
+            .arg(&spec.shared_dir);
         self.spawn("tegmen-fs-backend", cmd, &fs_log, record)?;
 
         self.wait_socket("tegmen-vsock-backend", &vsock_vhost, &vsock_log)?;

@@ -1,1 +1,160 @@
-fn main() {}
+//! `tegmen-vsock-backend`: Tegmen's virtio-vsock device as a vhost-user
+//! backend, with a hybrid-vsock host side.
+//!
+//! It listens on the vhost-user socket `--socket` for QEMU (which connects
+//! as the client, `-chardev socket,path=...` with `vhost-user-vsock-device`)
+//! and on the hybrid-vsock socket `--uds-path` for host programs
+//! (`CONNECT <port>\n`); guest connections to host port `P` go to
+//! `<uds-path>_<P>`. It serves exactly one front-end and exits when that
+//! front-end disconnects, removing both socket files. It deliberately does
+//! not die with its parent: the VM outlives the command that started it.
+//!
+//! Logs go to stderr; `TEGMEN_LOG` (or `RUST_LOG`) = `error`, `warn`,
+//! `info` (default), `debug` or `trace`.
+
+use std::ffi::CString;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::OnceLock;
+
+use clap::Parser;
+use log::{LevelFilter, Log, Metadata, Record};
+
+use tegmen_vmm::devices::vsock::{check_sun_path, VsockConfig, VsockDevice, DEFAULT_GUEST_CID};
+use tegmen_vmm::vhost_user::vsock::serve;
+
+/// virtio-vsock vhost-user backend with a hybrid-vsock host side.
+#[derive(Debug, Parser)]
+#[command(name = "tegmen-vsock-backend", version)]
+struct Args {
+    /// vhost-user socket to listen on (QEMU connects to it).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// Hybrid-vsock Unix socket to listen on; guest connections to host
+    /// port P go to `<PATH>_<P>`.
+    #[arg(long, value_name = "PATH")]
+    uds_path: PathBuf,
+    /// The guest's CID.
+    #[arg(long, value_name = "CID", default_value_t = DEFAULT_GUEST_CID)]
+    guest_cid: u64,
+}
+
+/// Smallest useful logger: one line per record on stderr.
+struct StderrLogger;
+
+impl Log for StderrLogger {
+    fn enabled(&self, metadata: &Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &Record) {
+        if self.enabled(record.metadata()) {
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "tegmen-vsock-backend: {}: {}",
+                record.level(),
+                record.args()
+            );
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+fn init_logging() {
+    let level = std::env::var("TEGMEN_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .ok()
+        .and_then(|v| v.trim().parse::<LevelFilter>().ok())
+        .unwrap_or(LevelFilter::Info);
+    static LOGGER: StderrLogger = StderrLogger;
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
+/// Socket files to remove if a signal ends us early, as C strings so the
+/// handler needs no allocation.
+static CLEANUP_PATHS: OnceLock<Vec<CString>> = OnceLock::new();
+
+extern "C" fn on_fatal_signal(sig: libc::c_int) {
+    if let Some(paths) = CLEANUP_PATHS.get() {
+        for p in paths {
+            // SAFETY: unlink(2) is async-signal-safe and `p` is a valid C
+            // string that lives for the rest of the program.
+            unsafe { libc::unlink(p.as_ptr()) };
+        }
+    }
+    // SAFETY: _exit(2) is async-signal-safe and ends the process at once.
+    unsafe { libc::_exit(128 + sig) };
+}
+
+fn install_cleanup(paths: &[&Path]) {
+    let cpaths = paths
+        .iter()
+        .filter_map(|p| CString::new(p.as_os_str().as_bytes()).ok())
+        .collect();
+    let _ = CLEANUP_PATHS.set(cpaths);
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: `sa` is fully initialised before use; the handler only
+        // calls async-signal-safe functions.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_fatal_signal as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+fn remove_if_socket(path: &Path) {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    // Check both paths before binding either, so a bad one leaves nothing
+    // behind.
+    check_sun_path(&args.socket).map_err(|e| format!("--socket: {e}"))?;
+    check_sun_path(&args.uds_path).map_err(|e| format!("--uds-path: {e}"))?;
+    if args.socket == args.uds_path {
+        return Err(format!("--socket and --uds-path are both {}", args.socket.display()));
+    }
+
+    let config = VsockConfig::new(&args.uds_path).with_guest_cid(args.guest_cid);
+    let device = VsockDevice::new(config).map_err(|e| format!("--uds-path: {e}"))?;
+    log::info!(
+        "guest CID {}, hybrid vsock on {}",
+        args.guest_cid,
+        args.uds_path.display()
+    );
+    // The device removes uds_path when dropped, serve() the vhost-user
+    // socket; this covers SIGINT/SIGTERM/SIGHUP.
+    install_cleanup(&[&args.socket, &args.uds_path]);
+
+    serve(device, &args.socket).map_err(|e| e.to_string())?;
+    log::info!("front-end disconnected; exiting");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging();
+    let result = run(&args);
+    // Whatever happened, leave no socket files of ours behind (and nothing
+    // that is not a socket is ours).
+    for path in [&args.socket, &args.uds_path] {
+        remove_if_socket(path);
+    }
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -46,7 +46,7 @@ pub type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
 pub enum FsBackendError {
     /// The thread pool could not be started.
     #[error("cannot start fs worker thread: {0}")]
-    SpawnWorker(#[source] io::Error),
+    SpawnWorker(io::Error),
     /// The vhost-user daemon could not be created.
     #[error("cannot create the vhost-user daemon: {0}")]
     NewDaemon(String),
@@ -368,9 +368,7 @@ mod tests {
         let guard = atomic.memory();
         let vq = MockSplitQueue::new(&*guard, 16);
 
-        let vrings: Vec<VringRwLock> = (0..2)
-            .map(|_| VringRwLock::new(atomic.clone(), 16).unwrap())
-            .collect();
+        let vrings: Vec<VringRwLock> = (0..2).map(|_| VringRwLock::new(atomic.clone(), 16).unwrap()).collect();
         let ring = &vrings[1];
         ring.set_queue_size(16);
         ring.set_queue_info(vq.desc_table_addr().0, vq.avail_addr().0, vq.used_addr().0)

@@ -107,9 +107,7 @@ where
                 .writable
                 .checked_add(len as usize)
                 .filter(|&n| n <= MAX_DIRECTION_BYTES)
-                .ok_or(ChainError::TooLarge {
-                    direction: "writable",
-                })?;
+                .ok_or(ChainError::TooLarge { direction: "writable" })?;
         } else {
             if seen_writable {
                 return Err(ChainError::ReadableAfterWritable { index });
@@ -118,9 +116,7 @@ where
                 .readable
                 .checked_add(len as usize)
                 .filter(|&n| n <= MAX_DIRECTION_BYTES)
-                .ok_or(ChainError::TooLarge {
-                    direction: "readable",
-                })?;
+                .ok_or(ChainError::TooLarge { direction: "readable" })?;
         }
     }
     if layout.descriptors == 0 {

@@ -141,11 +141,11 @@ impl FsConfig {
             Ok(m) if m.is_dir() => Ok(()),
             Ok(_) => Err(FsError::SharedDir {
                 path: self.shared_dir.clone(),
-                source: std::io::Error::from_raw_os_error(libc::ENOTDIR),
+                error: std::io::Error::from_raw_os_error(libc::ENOTDIR),
             }),
-            Err(source) => Err(FsError::SharedDir {
+            Err(error) => Err(FsError::SharedDir {
                 path: self.shared_dir.clone(),
-                source,
+                error,
             }),
         }
     }
@@ -173,9 +173,7 @@ pub fn validate_tag(tag: &str) -> Result<(), FsError> {
         )));
     }
     if tag.as_bytes().contains(&0) {
-        return Err(FsError::InvalidConfig(format!(
-            "tag {tag:?} contains a NUL byte"
-        )));
+        return Err(FsError::InvalidConfig(format!("tag {tag:?} contains a NUL byte")));
     }
     Ok(())
 }

@@ -36,9 +36,7 @@ use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{ByteValued, GuestMemory};
 
 pub use self::chain::{ChainError, ChainLayout};
-pub use self::config::{
-    CachePolicy, FsConfig, VirtioFsConfigSpace, DEFAULT_TAG, HIPRIO_QUEUE_INDEX, TAG_MAX_LEN,
-};
+pub use self::config::{CachePolicy, FsConfig, VirtioFsConfigSpace, DEFAULT_TAG, HIPRIO_QUEUE_INDEX, TAG_MAX_LEN};
 pub use self::counters::{FsCounters, FsStats};
 
 use self::chain::{inspect_chain, IN_HEADER_LEN, OUT_HEADER_LEN};
@@ -55,20 +53,25 @@ pub enum FsError {
     #[error("invalid virtio-fs configuration: {0}")]
     InvalidConfig(String),
     /// The shared directory cannot be served.
-    #[error("shared directory {}: {source}", path.display())]
+    #[error("shared directory {}: {error}", path.display())]
     SharedDir {
         /// The directory.
         path: PathBuf,
         /// What stat() said.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// fuse-backend-rs could not set up the passthrough file system.
     #[error("cannot set up the passthrough file system: {0}")]
-    Passthrough(#[source] std::io::Error),
+    Passthrough(std::io::Error),
     /// The virtqueue itself failed (used ring not writable, ...).
     #[error("virtqueue error: {0}")]
-    Queue(#[from] virtio_queue::Error),
+    Queue(virtio_queue::Error),
+}
+
+impl From<virtio_queue::Error> for FsError {
+    fn from(e: virtio_queue::Error) -> Self {
+        FsError::Queue(e)
+    }
 }
 
 /// The virtio-fs device core.
@@ -83,17 +86,16 @@ impl FsDevice {
     /// `config.shared_dir`. The directory is opened when the guest sends
     /// FUSE_INIT; fds to `/proc/self/fd` are opened here, so a process that
     /// sandboxes itself builds the device before (with `shared_dir` = `/`)
-    /// and enters the sandbox after.
+    /// and enters the sandbox after. Note that FUSE_INIT sets the process
+    /// umask to 0 (fuse-backend-rs does, so the modes the guest asks for
+    /// apply as given): host the device in a process of its own.
     pub fn new(config: FsConfig) -> Result<Self, FsError> {
         config.validate()?;
         let root_dir = config
             .shared_dir
             .to_str()
             .ok_or_else(|| {
-                FsError::InvalidConfig(format!(
-                    "shared_dir {} is not valid UTF-8",
-                    config.shared_dir.display()
-                ))
+                FsError::InvalidConfig(format!("shared_dir {} is not valid UTF-8", config.shared_dir.display()))
             })?
             .to_string();
         let timeout = config.cache.timeout();
@@ -240,8 +242,7 @@ impl FsDevice {
         }
 
         let outcome = catch_unwind(AssertUnwindSafe(|| {
-            self.server
-                .handle_message(reader, Writer::VirtioFs(writer), None, None)
+            self.server.handle_message(reader, Writer::VirtioFs(writer), None, None)
         }));
         match outcome {
             Ok(Ok(written)) => {
@@ -256,10 +257,7 @@ impl FsDevice {
                 let errno = errno_for(&e);
                 self.note(
                     Counter::ServerErrors,
-                    format_args!(
-                        "FUSE opcode {} unique {} failed: {e}",
-                        header.opcode, header.unique
-                    ),
+                    format_args!("FUSE opcode {} unique {} failed: {e}", header.opcode, header.unique),
                 );
                 self.reply_error(mem, chain, &header, layout, errno)
             }
@@ -333,9 +331,7 @@ impl FsDevice {
 
 /// Whether the kernel waits for a reply to `opcode`.
 fn expects_reply(opcode: u32) -> bool {
-    opcode != Opcode::Forget as u32
-        && opcode != Opcode::BatchForget as u32
-        && opcode != Opcode::Interrupt as u32
+    opcode != Opcode::Forget as u32 && opcode != Opcode::BatchForget as u32 && opcode != Opcode::Interrupt as u32
 }
 
 /// The errno to report for a server-side failure.

@@ -45,9 +45,7 @@ impl std::str::FromStr for SandboxMode {
         match s {
             "none" => Ok(SandboxMode::None),
             "chroot" => Ok(SandboxMode::Chroot),
-            other => Err(format!(
-                "unknown sandbox mode {other:?} (expected none or chroot)"
-            )),
+            other => Err(format!("unknown sandbox mode {other:?} (expected none or chroot)")),
         }
     }
 }
@@ -69,15 +67,14 @@ pub enum SandboxError {
     #[error("cannot sandbox: the process has {0} threads, it must enter the sandbox before starting any")]
     Threaded(usize),
     /// A system call failed.
-    #[error("cannot sandbox into {}: {step}: {source}", dir.display())]
+    #[error("cannot sandbox into {}: {step}: {error}", dir.display())]
     Step {
         /// The shared directory.
         dir: PathBuf,
         /// Which step failed.
         step: &'static str,
         /// The errno.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// After the pivot, `/` is not the shared directory.
     #[error("sandbox check failed: / is not {} after the pivot", .0.display())]
@@ -101,10 +98,10 @@ fn check(ret: libc::c_int) -> io::Result<()> {
 /// single-threaded. On success the working directory is `/`.
 pub fn enter_chroot(dir: &Path) -> Result<(), SandboxError> {
     let step = |step: &'static str| {
-        move |source: io::Error| SandboxError::Step {
+        move |error: io::Error| SandboxError::Step {
             dir: dir.to_path_buf(),
             step,
-            source,
+            error,
         }
     };
 
@@ -117,7 +114,7 @@ pub fn enter_chroot(dir: &Path) -> Result<(), SandboxError> {
     let want = std::fs::metadata(&dir).map_err(step("stat the shared directory"))?;
     let step = |step: &'static str| {
         let dir = dir.clone();
-        move |source: io::Error| SandboxError::Step { dir, step, source }
+        move |error: io::Error| SandboxError::Step { dir, step, error }
     };
     let cdir = CString::new(dir.as_os_str().as_bytes())
         .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
@@ -155,15 +152,12 @@ pub fn enter_chroot(dir: &Path) -> Result<(), SandboxError> {
     check(unsafe { libc::chdir(cdir.as_ptr()) }).map_err(step("chdir into the shared directory"))?;
 
     // SAFETY: pivot_root takes two C strings that outlive the call.
-    let pivot = check(unsafe {
-        libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int
-    });
+    let pivot = check(unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int });
     match pivot {
         Ok(()) => {
             // The old root now sits on top of the new one; detach it.
             // SAFETY: "." is a valid C string.
-            check(unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) })
-                .map_err(step("detach the old root"))?;
+            check(unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) }).map_err(step("detach the old root"))?;
         }
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
             log::warn!("pivot_root refused ({e}); falling back to chroot");
@@ -189,10 +183,7 @@ mod tests {
     #[test]
     fn fs_sandbox_mode_parse() {
         assert_eq!("none".parse::<SandboxMode>().unwrap(), SandboxMode::None);
-        assert_eq!(
-            "chroot".parse::<SandboxMode>().unwrap(),
-            SandboxMode::Chroot
-        );
+        assert_eq!("chroot".parse::<SandboxMode>().unwrap(), SandboxMode::Chroot);
         assert!("jail".parse::<SandboxMode>().is_err());
         assert_eq!(SandboxMode::default(), SandboxMode::Chroot);
     }

@@ -19,6 +19,8 @@ const QUEUE_SIZE: u16 = 16;
 const REQ_ADDR: u64 = 0x10_0000;
 const REPLY_ADDR: u64 = 0x20_0000;
 const EXTRA_ADDR: u64 = 0x30_0000;
+/// The used ring (the mock's own overlaps the avail ring's tail).
+const USED_ADDR: u64 = 0x8000;
 
 // FUSE opcodes (include/uapi/linux/fuse.h).
 const LOOKUP: u32 = 1;
@@ -125,7 +127,10 @@ impl Guest {
             GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
         ));
         let vq = MockSplitQueue::new(mem, QUEUE_SIZE);
-        let queue: Queue = vq.create_queue().unwrap();
+        let mut queue: Queue = vq.create_queue().unwrap();
+        // The mock places the used ring over the avail ring's used_event
+        // field; keep the used ring apart.
+        queue.set_used_ring_address(Some(USED_ADDR as u32), Some(0));
         let mut config = FsConfig::new(shared);
         config.cache = CachePolicy::Never;
         let dev = FsDevice::new(config).unwrap();
@@ -177,20 +182,38 @@ impl Guest {
     /// Make `raw` one available chain, run the device; returns the used
     /// length and whether the device asked for an interrupt.
     fn submit_chain(&mut self, raw: &[RawDescriptor]) -> (u32, bool) {
-        let before = self.vq.used().idx().load();
-        self.vq.add_desc_chains(raw, 0).unwrap();
+        let before = self.used_idx();
+        self.publish(raw);
         let notify = self.dev.process_queue(&mut self.queue, self.mem).unwrap();
-        let after = self.vq.used().idx().load();
+        let after = self.used_idx();
         assert_eq!(after, before.wrapping_add(1), "exactly one chain used");
-        let elem = self
-            .vq
-            .used()
-            .ring()
-            .ref_at((before % QUEUE_SIZE) as usize)
-            .unwrap()
-            .load();
-        assert_eq!(elem.id(), 0, "used id is the chain head");
-        (elem.len(), notify)
+        // struct virtq_used_elem { le32 id; le32 len; } after flags and idx.
+        let elem = USED_ADDR + 4 + 8 * u64::from(before % QUEUE_SIZE);
+        let id: u32 = self.mem.read_obj(GuestAddress(elem)).unwrap();
+        let len: u32 = self.mem.read_obj(GuestAddress(elem + 4)).unwrap();
+        assert_eq!(id, 0, "used id is the chain head");
+        (len, notify)
+    }
+
+    /// Write `raw` at the start of the descriptor table and make its head
+    /// available, as a driver does (the mock's own helper does not wrap
+    /// the avail ring).
+    fn publish(&self, raw: &[RawDescriptor]) {
+        for (i, d) in raw.iter().enumerate() {
+            self.vq.desc_table().store(i as u16, *d).unwrap();
+        }
+        let avail = self.vq.avail_addr().0;
+        let idx: u16 = self.mem.read_obj(GuestAddress(avail + 2)).unwrap();
+        let slot = avail + 4 + 2 * u64::from(idx % QUEUE_SIZE);
+        self.mem.write_obj(0u16, GuestAddress(slot)).unwrap();
+        self.mem
+            .write_obj(idx.wrapping_add(1), GuestAddress(avail + 2))
+            .unwrap();
+    }
+
+    /// `used->idx` as the device last published it.
+    fn used_idx(&self) -> u16 {
+        self.mem.read_obj(GuestAddress(USED_ADDR + 2)).unwrap()
     }
 
     /// Set `used_event` (the driver's interrupt threshold with EVENT_IDX).
@@ -212,9 +235,7 @@ impl Guest {
         let used_len = self.submit(&descs);
         assert!(used_len as usize <= cap, "used len beyond the buffer");
         let mut bytes = vec![0; used_len as usize];
-        self.mem
-            .read_slice(&mut bytes, GuestAddress(REPLY_ADDR))
-            .unwrap();
+        self.mem.read_slice(&mut bytes, GuestAddress(REPLY_ADDR)).unwrap();
         Reply { used_len, bytes }
     }
 
@@ -278,6 +299,22 @@ fn fs_init_handshake() {
 }
 
 #[test]
+fn fs_init_negotiates_large_requests() {
+    const BIG_WRITES: u32 = 0x20;
+    const MAX_PAGES: u32 = 0x40_0000;
+    let dir = share_with_hello();
+    let mut g = Guest::new(dir.path());
+    let r = g.call(INIT, 0, &le32s(&[7, 31, 0x20000, BIG_WRITES | MAX_PAGES]), 256);
+    r.ok();
+    let flags = r.u32_at(16 + 12);
+    assert_eq!(flags & (BIG_WRITES | MAX_PAGES), BIG_WRITES | MAX_PAGES);
+    assert_eq!(r.u32_at(16 + 20), 1 << 20, "max_write");
+    // Nothing the driver did not offer is turned on.
+    let r = g.call(INIT, 0, &le32s(&[7, 31, 0x20000, 0]), 256);
+    assert_eq!(r.u32_at(16 + 12) & (BIG_WRITES | MAX_PAGES), 0);
+}
+
+#[test]
 fn fs_lookup_open_read() {
     let dir = share_with_hello();
     let mut g = Guest::ready(dir.path());
@@ -312,9 +349,7 @@ fn fs_request_split_over_descriptors() {
     let unique = g.next_unique();
     let req = fuse_req(LOOKUP, unique, ROOT, &cstr("hello.txt"));
     g.mem.write_slice(&req[..40], GuestAddress(REQ_ADDR)).unwrap();
-    g.mem
-        .write_slice(&req[40..], GuestAddress(EXTRA_ADDR))
-        .unwrap();
+    g.mem.write_slice(&req[40..], GuestAddress(EXTRA_ADDR)).unwrap();
     let used = g.submit(&[
         rd(REQ_ADDR, 40),
         rd(EXTRA_ADDR, req.len() - 40),
@@ -327,9 +362,7 @@ fn fs_request_split_over_descriptors() {
     assert_eq!(i32::from_le_bytes(out[4..8].try_into().unwrap()), 0);
     assert_eq!(u64::from_le_bytes(out[8..16].try_into().unwrap()), unique);
     let mut entry = [0u8; 128];
-    g.mem
-        .read_slice(&mut entry, GuestAddress(REPLY_ADDR + 0x1000))
-        .unwrap();
+    g.mem.read_slice(&mut entry, GuestAddress(REPLY_ADDR + 0x1000)).unwrap();
     assert_eq!(u64::from_le_bytes(entry[48..56].try_into().unwrap()), 20);
 }
 
@@ -506,7 +539,11 @@ fn fs_bogus_inode_and_handle() {
     let (ino, _, _) = g.lookup_ok(ROOT, "hello.txt");
     let r = g.read(ino, 0x1234_5678, 0, 64);
     assert_eq!(r.error(), -libc::EBADF);
-    let r = g.read(ino, u64::MAX, u64::MAX, u32::MAX >> 8);
+    // A huge read on a bogus handle with little reply room.
+    let mut body = u64::MAX.to_le_bytes().to_vec();
+    body.extend_from_slice(&u64::MAX.to_le_bytes());
+    body.extend_from_slice(&le32s(&[u32::MAX, 0, 0, 0, 0, 0]));
+    let r = g.call(READ, ino, &body, 64);
     assert!(r.error() < 0);
     // FORGET of an unknown inode: no reply, no harm.
     let r = g.call(FORGET, 0xdead_beef, &1u64.to_le_bytes(), 64);
@@ -530,10 +567,7 @@ fn fs_descriptor_outside_guest_memory() {
         0
     );
     // Straddling the end of memory.
-    assert_eq!(
-        g.submit(&[rd(MEM_SIZE as u64 - 16, 64), wr(REPLY_ADDR, 256)]),
-        0
-    );
+    assert_eq!(g.submit(&[rd(MEM_SIZE as u64 - 16, 64), wr(REPLY_ADDR, 256)]), 0);
     // Absurd length.
     assert_eq!(g.submit(&[rd(REQ_ADDR, u32::MAX as usize), wr(REPLY_ADDR, 256)]), 0);
     assert_eq!(g.dev.stats().malformed_chains, base + 4);
@@ -588,25 +622,17 @@ fn fs_event_idx_queue() {
             VRING_DESC_F_NEXT as u16,
             1,
         )),
-        RawDescriptor::from(SplitDescriptor::new(
-            REPLY_ADDR,
-            256,
-            VRING_DESC_F_WRITE as u16,
-            0,
-        )),
+        RawDescriptor::from(SplitDescriptor::new(REPLY_ADDR, 256, VRING_DESC_F_WRITE as u16, 0)),
     ];
     // The driver wants an interrupt once the used index passes its current
     // value: it gets one.
-    let idx = g.vq.used().idx().load();
+    let idx = g.used_idx();
     g.set_used_event(idx);
     let (len, notify) = g.submit_chain(&chain);
-    let mut ue = 0u16;
-    ue = g.mem.read_obj(GuestAddress(g.vq.avail_addr().0 + 4 + 32)).unwrap();
-    eprintln!("DEBUG idx {idx} ue {ue} used {} avail {:?} q {:?}", g.vq.used().idx().load(), g.vq.avail_addr(), g.queue);
     assert_eq!(len, 16 + 128);
     assert!(notify);
     // The driver asks to be told only much later: no interrupt now.
-    let idx = g.vq.used().idx().load();
+    let idx = g.used_idx();
     g.set_used_event(idx.wrapping_add(5));
     let (len, notify) = g.submit_chain(&chain);
     assert_eq!(len, 16 + 128);
@@ -618,4 +644,101 @@ fn fs_empty_queue_needs_no_interrupt() {
     let dir = share_with_hello();
     let mut g = Guest::new(dir.path());
     assert!(!g.dev.process_queue(&mut g.queue, g.mem).unwrap());
+}
+
+#[test]
+fn fs_mknod_device_is_refused() {
+    const MKNOD: u32 = 8;
+    let dir = share_with_hello();
+    let mut g = Guest::ready(dir.path());
+    // fuse_mknod_in: mode, rdev, umask, padding; then the name.
+    let mut body = le32s(&[libc::S_IFCHR | 0o600, (1 << 8) | 3, 0, 0]);
+    body.extend_from_slice(&cstr("null"));
+    assert_eq!(g.call(MKNOD, ROOT, &body, 256).error(), -libc::EPERM);
+    assert!(!dir.path().join("null").exists());
+    let mut body = le32s(&[libc::S_IFIFO | 0o600, 0, 0, 0]);
+    body.extend_from_slice(&cstr("fifo"));
+    g.call(MKNOD, ROOT, &body, 256).ok();
+    assert!(dir.path().join("fifo").exists());
+}
+
+/// Deterministic garbage: random opcodes, node ids, handles, lengths and
+/// chain shapes. Nothing may panic, every chain must be used with a length
+/// inside its reply buffer, and the device must still serve afterwards.
+#[test]
+fn fs_random_requests_never_panic() {
+    let parent = tempfile::tempdir().unwrap();
+    let share = parent.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    std::fs::write(share.join("hello.txt"), b"hello").unwrap();
+    std::fs::write(parent.path().join("outside.txt"), b"outside").unwrap();
+    let mut g = Guest::ready(&share);
+
+    let mut state: u64 = std::env::var("TEGMEN_FS_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&s| s != 0)
+        .unwrap_or(0x9e37_79b9_7f4a_7c15);
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    // TEGMEN_FS_FUZZ_ITERS / _SEED vary the run locally.
+    let iters: usize = std::env::var("TEGMEN_FS_FUZZ_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3000);
+    for _ in 0..iters {
+        let opcode = match next() % 4 {
+            0 => (next() % 64) as u32,
+            _ => [
+                1u32, 3, 4, 8, 9, 10, 11, 12, 13, 14, 15, 16, 18, 20, 22, 27, 28, 29, 35, 38, 44, 45, 46,
+            ][(next() % 23) as usize],
+        };
+        let nodeid = match next() % 4 {
+            0 => next(),
+            _ => next() % 8,
+        };
+        let body_len = (next() % 200) as usize;
+        let mut body: Vec<u8> = (0..body_len).map(|_| next() as u8).collect();
+        if next() % 3 == 0 && body.len() > 4 {
+            // Plausible names in the tail.
+            let names: [&[u8]; 6] = [
+                b"..\0",
+                b"../outside.txt\0",
+                b"hello.txt\0",
+                b"a/b\0",
+                b".\0",
+                b"x\0y\0",
+            ];
+            let n = names[(next() % 6) as usize];
+            let at = body.len().saturating_sub(n.len());
+            let take = n.len().min(body.len() - at);
+            body[at..].copy_from_slice(&n[..take]);
+        }
+        let mut req = fuse_req(opcode, next(), nodeid, &body);
+        if next() % 5 == 0 {
+            let bogus = (next() % 400) as u32;
+            req[..4].copy_from_slice(&bogus.to_le_bytes());
+        }
+        if next() % 10 == 0 {
+            req.truncate((next() % 40) as usize);
+        }
+        let cap = match next() % 4 {
+            0 => 0,
+            1 => (next() % 64) as usize,
+            _ => 4096,
+        };
+        let r = g.raw(&req, cap);
+        assert!(r.used_len as usize <= cap);
+    }
+    let s = g.dev.stats();
+    assert_eq!(s.panics, 0);
+    assert!(s.replies > 100 && s.malformed_chains > 0 && s.bad_headers > 0);
+    assert_eq!(std::fs::read(parent.path().join("outside.txt")).unwrap(), b"outside");
+    // Whatever happened to the share, the device still answers.
+    g.call(INIT, 0, &le32s(&[7, 31, 0x20000, 0]), 256).ok();
+    assert_eq!(g.call(GETATTR, ROOT, &[0u8; 16], 256).error(), 0);
 }

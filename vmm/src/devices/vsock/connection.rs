@@ -29,9 +29,9 @@ use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice};
 use vmm_sys_util::epoll::EventSet;
 
 use super::defs::{
-    CLOSE_FLUSH_TIMEOUT, CONN_BUF_ALLOC, CREDIT_UPDATE_THRESHOLD, MAX_PKT_BUF_SIZE,
-    OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN,
-    SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, VSOCK_HOST_CID,
+    CLOSE_FLUSH_TIMEOUT, CONN_BUF_ALLOC, CREDIT_UPDATE_THRESHOLD, MAX_PKT_BUF_SIZE, OP_CREDIT_REQUEST,
+    OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND,
+    TYPE_STREAM, VSOCK_HOST_CID,
 };
 use super::metrics::VsockCounters;
 use super::packet::VsockHeader;
@@ -299,11 +299,11 @@ impl VsockConnection {
 
     /// Handle one packet from the guest for this connection. The header has
     /// passed [`check_tx_header`](super::packet::check_tx_header); `data` is
-    /// the payload of an `OP_RW`.
+    /// the payload of an `OP_RW`, possibly in several pieces.
     pub fn send_pkt<B: BitmapSlice>(
         &mut self,
         hdr: &VsockHeader,
-        data: Option<&VolatileSlice<'_, B>>,
+        data: &[VolatileSlice<'_, B>],
         c: &mut VsockCounters,
     ) {
         // Every header carries the guest's view of its receive buffer.
@@ -368,15 +368,9 @@ impl VsockConnection {
         }
     }
 
-    fn recv_guest_data<B: BitmapSlice>(
-        &mut self,
-        data: Option<&VolatileSlice<'_, B>>,
-        c: &mut VsockCounters,
-    ) {
-        let Some(data) = data else {
-            return;
-        };
-        if data.is_empty() {
+    fn recv_guest_data<B: BitmapSlice>(&mut self, data: &[VolatileSlice<'_, B>], c: &mut VsockCounters) {
+        let len: usize = data.iter().map(|d| d.len()).sum();
+        if len == 0 {
             return;
         }
         if self.peer_shut & SHUTDOWN_SEND != 0 {
@@ -389,7 +383,6 @@ impl VsockConnection {
             self.kill();
             return;
         };
-        let len = data.len();
         if self.tx_buf.len().saturating_add(len) > self.buf_alloc as usize {
             c.credit_violations += 1;
             self.kill();
@@ -397,27 +390,35 @@ impl VsockConnection {
         }
         c.tx_bytes += len as u64;
 
+        // Straight from guest memory to the socket while it takes it (and
+        // nothing older is waiting), then into the buffer.
+        let mut direct = self.tx_buf.is_empty();
         let mut written = 0;
-        if self.tx_buf.is_empty() {
-            match send_volatile(fd, data) {
-                Ok(n) => written = n.min(len),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => {
-                    c.stream_errors += 1;
+        for piece in data {
+            let mut done = 0;
+            if direct {
+                match send_volatile(fd, piece) {
+                    Ok(n) => done = n.min(piece.len()),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        c.stream_errors += 1;
+                        self.kill();
+                        return;
+                    }
+                }
+                written += done;
+                direct = done == piece.len();
+            }
+            if done < piece.len() {
+                let Ok(rest) = piece.offset(done) else {
                     self.kill();
                     return;
-                }
+                };
+                let mut tmp = vec![0u8; rest.len()];
+                let copied = rest.copy_to(&mut tmp[..]);
+                tmp.truncate(copied);
+                self.tx_buf.extend(tmp);
             }
-        }
-        if written < len {
-            let Ok(rest) = data.offset(written) else {
-                self.kill();
-                return;
-            };
-            let mut tmp = vec![0u8; rest.len()];
-            let copied = rest.copy_to(&mut tmp[..]);
-            tmp.truncate(copied);
-            self.tx_buf.extend(tmp);
         }
         self.forwarded(written);
     }
@@ -637,10 +638,7 @@ impl VsockConnection {
                 Some(hdr)
             }
             Err(VolatileMemoryError::IOError(e))
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) =>
+                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) =>
             {
                 None
             }
@@ -659,6 +657,7 @@ mod tests {
     use std::io::{Read, Write};
 
     const GUEST_CID: u64 = 3;
+    const NO_DATA: &[VolatileSlice<'static, ()>] = &[];
 
     fn key() -> ConnKey {
         ConnKey {
@@ -698,7 +697,7 @@ mod tests {
         let mut h = guest_hdr(OP_RW);
         h.len = bytes.len() as u32;
         let slice = VolatileSlice::from(bytes);
-        conn.send_pkt(&h, Some(&slice), c);
+        conn.send_pkt(&h, &[slice], c);
     }
 
     #[test]
@@ -754,7 +753,7 @@ mod tests {
         }
         assert_eq!(conn.state(), ConnState::Killed);
         assert_eq!(c.credit_violations, 1);
-        let mut rbuf = vec![0u8; 16];
+        let mut rbuf = [0u8; 16];
         let h = conn.recv_pkt(&VolatileSlice::from(&mut rbuf[..]), &mut c).unwrap();
         assert_eq!(h.op, OP_RST);
         assert!(conn.is_done());
@@ -766,7 +765,7 @@ mod tests {
         // Guest says: 10 bytes of buffer.
         let mut h = guest_hdr(OP_CREDIT_UPDATE);
         h.buf_alloc = 10;
-        conn.send_pkt(&h, None::<&VolatileSlice<()>>, &mut c);
+        conn.send_pkt(&h, NO_DATA, &mut c);
         theirs.write_all(b"0123456789abcdef").unwrap();
         conn.notify(EventSet::IN, &mut c);
         let mut rbuf = vec![0u8; 4096];
@@ -784,7 +783,7 @@ mod tests {
         let mut h = guest_hdr(OP_CREDIT_UPDATE);
         h.buf_alloc = 10;
         h.fwd_cnt = 10;
-        conn.send_pkt(&h, None::<&VolatileSlice<()>>, &mut c);
+        conn.send_pkt(&h, NO_DATA, &mut c);
         assert_eq!(conn.polled_evset(), Some(EventSet::IN));
         conn.notify(EventSet::IN, &mut c);
         let h = conn.recv_pkt(&VolatileSlice::from(&mut rbuf[..]), &mut c).unwrap();
@@ -797,7 +796,7 @@ mod tests {
         let (mut conn, _theirs, mut c) = established();
         let mut h = guest_hdr(OP_CREDIT_UPDATE);
         h.fwd_cnt = 1000; // more than we ever sent
-        conn.send_pkt(&h, None::<&VolatileSlice<()>>, &mut c);
+        conn.send_pkt(&h, NO_DATA, &mut c);
         assert_eq!(conn.peer_credit(), 0);
     }
 
@@ -806,14 +805,14 @@ mod tests {
         let (mut conn, theirs, mut c) = established();
         theirs.shutdown(std::net::Shutdown::Write).unwrap();
         conn.notify(EventSet::IN, &mut c);
-        let mut rbuf = vec![0u8; 64];
+        let mut rbuf = [0u8; 64];
         let h = conn.recv_pkt(&VolatileSlice::from(&mut rbuf[..]), &mut c).unwrap();
         assert_eq!((h.op, h.flags), (OP_SHUTDOWN, SHUTDOWN_SEND));
         assert_eq!(conn.state(), ConnState::Established);
         // Guest shuts its sending side too: nothing can flow, reset.
         let mut h = guest_hdr(OP_SHUTDOWN);
         h.flags = SHUTDOWN_SEND;
-        conn.send_pkt(&h, None::<&VolatileSlice<()>>, &mut c);
+        conn.send_pkt(&h, NO_DATA, &mut c);
         assert_eq!(conn.state(), ConnState::Killed);
         assert!(conn.stream_unneeded());
         let h = conn.recv_pkt(&VolatileSlice::from(&mut rbuf[..]), &mut c).unwrap();
@@ -825,14 +824,14 @@ mod tests {
         let (mut conn, mut theirs, mut c) = established();
         let mut h = guest_hdr(OP_SHUTDOWN);
         h.flags = SHUTDOWN_SEND;
-        conn.send_pkt(&h, None::<&VolatileSlice<()>>, &mut c);
+        conn.send_pkt(&h, NO_DATA, &mut c);
         assert_eq!(conn.state(), ConnState::Established);
         let mut buf = [0u8; 8];
         assert_eq!(theirs.read(&mut buf).unwrap(), 0, "host sees EOF");
         // The other direction still works.
         theirs.write_all(b"up").unwrap();
         conn.notify(EventSet::IN, &mut c);
-        let mut rbuf = vec![0u8; 64];
+        let mut rbuf = [0u8; 64];
         let h = conn.recv_pkt(&VolatileSlice::from(&mut rbuf[..]), &mut c).unwrap();
         assert_eq!((h.op, h.len), (OP_RW, 2));
         // Data after SHUTDOWN(SEND) is a protocol error.
@@ -849,11 +848,11 @@ mod tests {
         let deadline = Instant::now() + std::time::Duration::from_secs(5);
         let mut conn = VsockConnection::new_local(key(), GUEST_CID, ours, deadline);
         // A response before our request went out is bogus.
-        let mut rbuf = vec![0u8; 64];
+        let mut rbuf = [0u8; 64];
         let h = conn.recv_pkt(&VolatileSlice::from(&mut rbuf[..]), &mut c).unwrap();
         assert_eq!(h.op, OP_REQUEST);
         assert_eq!(h.buf_alloc, CONN_BUF_ALLOC);
-        conn.send_pkt(&guest_hdr(OP_RESPONSE), None::<&VolatileSlice<()>>, &mut c);
+        conn.send_pkt(&guest_hdr(OP_RESPONSE), NO_DATA, &mut c);
         assert_eq!(conn.state(), ConnState::Established);
         let mut line = [0u8; 8];
         theirs.read_exact(&mut line).unwrap();
@@ -869,7 +868,7 @@ mod tests {
         let mut c = VsockCounters::default();
         let now = Instant::now();
         let mut conn = VsockConnection::new_local(key(), GUEST_CID, ours, now);
-        let mut rbuf = vec![0u8; 64];
+        let mut rbuf = [0u8; 64];
         conn.recv_pkt(&VolatileSlice::from(&mut rbuf[..]), &mut c).unwrap();
         conn.on_deadline(now, &mut c);
         assert_eq!(conn.state(), ConnState::Killed);

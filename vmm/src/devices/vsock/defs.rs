@@ -33,8 +33,10 @@ pub const TXQ_INDEX: usize = 1;
 /// Index of the event queue. Virtio spec 5.10.2.
 pub const EVQ_INDEX: usize = 2;
 
-/// Largest queue size the device accepts (QEMU's vhost-user-vsock uses 128).
-pub const QUEUE_SIZE: u16 = 256;
+/// Largest queue size the device accepts. QEMU's `vhost-vsock-common` sets
+/// up its rx and tx rings with 1024 entries (`VHOST_VSOCK_QUEUE_SIZE` in
+/// QEMU 7.2) and a backend offering less is refused at `SET_VRING_NUM`.
+pub const QUEUE_SIZE: u16 = 1024;
 
 /// Size of the packet header, `struct virtio_vsock_hdr`. Virtio spec 5.10.6.
 pub const PKT_HEADER_SIZE: usize = virtio_vsock::packet::PKT_HEADER_SIZE;

@@ -19,7 +19,7 @@
 //! [`VsockMuxer::handle_host_events`]. Packets owed to the guest are queued
 //! as references to connections (each at most once) plus a bounded number
 //! of stand-alone resets, so the receive backlog is bounded by
-//! [`MAX_CONNECTIONS`] + [`MAX_PENDING_RST`].
+//! the connection limit + [`MAX_PENDING_RST`].
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
@@ -37,8 +37,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::connection::{ConnKey, VsockConnection};
 use super::defs::{
-    CONNECT_PREFIX, LOCAL_PORT_BASE, MAX_ACCEPTS_PER_EVENT, MAX_CONNECTIONS, MAX_CONNECT_LINE,
-    MAX_PENDING_RST, OP_REQUEST, OP_RST,
+    CONNECT_PREFIX, LOCAL_PORT_BASE, MAX_ACCEPTS_PER_EVENT, MAX_CONNECT_LINE, MAX_PENDING_RST, OP_REQUEST, OP_RST,
 };
 use super::metrics::VsockCounters;
 use super::packet::VsockHeader;
@@ -85,6 +84,7 @@ pub struct VsockMuxer {
     timer_deadline: Option<Instant>,
     deadlines_dirty: bool,
     connect_timeout: Duration,
+    max_connections: usize,
     conns: HashMap<ConnKey, VsockConnection>,
     /// Epoll interest currently registered for each connection's stream.
     registered: HashMap<ConnKey, EventSet>,
@@ -102,12 +102,15 @@ impl VsockMuxer {
     /// `listener` (bound at `uds_path`; it is made non-blocking). Guest
     /// connections to port `P` go to `<uds_path>_<P>`. When
     /// `remove_path_on_drop` is set, dropping the muxer removes `uds_path`.
+    /// Host clients get `connect_timeout` to send their line, and the guest
+    /// as long to answer; at most `max_connections` live at once.
     pub fn new(
         guest_cid: u64,
         uds_path: PathBuf,
         listener: UnixListener,
         remove_path_on_drop: bool,
         connect_timeout: Duration,
+        max_connections: usize,
     ) -> Result<Self, Error> {
         listener.set_nonblocking(true).map_err(|source| Error::Bind {
             path: uds_path.clone(),
@@ -117,11 +120,7 @@ impl VsockMuxer {
         let timer = TimerFd::new().map_err(|e| Error::Timer(e.into()))?;
         for fd in [listener.as_raw_fd(), timer.as_raw_fd()] {
             epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, fd as u64),
-                )
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, fd as u64))
                 .map_err(Error::Epoll)?;
         }
         Ok(VsockMuxer {
@@ -134,6 +133,7 @@ impl VsockMuxer {
             timer_deadline: None,
             deadlines_dirty: false,
             connect_timeout,
+            max_connections,
             conns: HashMap::new(),
             registered: HashMap::new(),
             fd_owners: HashMap::new(),
@@ -175,15 +175,11 @@ impl VsockMuxer {
     pub fn reset(&mut self) {
         for (key, conn) in self.conns.drain() {
             if let (Some(fd), Some(_)) = (conn.stream_fd(), self.registered.remove(&key)) {
-                let _ = self
-                    .epoll
-                    .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
             }
         }
         for (fd, _) in self.pending_streams.drain() {
-            let _ = self
-                .epoll
-                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
         }
         self.registered.clear();
         self.fd_owners.clear();
@@ -209,7 +205,8 @@ impl VsockMuxer {
 
     /// Handle one validated guest packet (see
     /// [`check_tx_header`](super::packet::check_tx_header)).
-    pub fn send_pkt<B: BitmapSlice>(&mut self, hdr: &VsockHeader, data: Option<&VolatileSlice<'_, B>>) {
+    /// `data` is the payload, possibly in several pieces.
+    pub fn send_pkt<B: BitmapSlice>(&mut self, hdr: &VsockHeader, data: &[VolatileSlice<'_, B>]) {
         let key = ConnKey {
             local_port: hdr.dst_port,
             peer_port: hdr.src_port,
@@ -363,7 +360,7 @@ impl VsockMuxer {
                     return;
                 }
             };
-            if self.connection_count() >= MAX_CONNECTIONS {
+            if self.connection_count() >= self.max_connections {
                 self.counters.conn_limit_hits += 1;
                 continue; // dropping the stream closes it
             }
@@ -371,11 +368,10 @@ impl VsockMuxer {
                 continue;
             }
             let fd = stream.as_raw_fd();
-            if let Err(e) = self.epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, fd as u64),
-            ) {
+            if let Err(e) = self
+                .epoll
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, fd as u64))
+            {
                 warn!("vsock: cannot poll a host client: {e}");
                 continue;
             }
@@ -394,9 +390,7 @@ impl VsockMuxer {
     fn drop_pending_stream(&mut self, fd: RawFd) {
         if self.pending_streams.remove(&fd).is_some() {
             // Closing the fd would drop it from the set anyway; be explicit.
-            let _ = self
-                .epoll
-                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
             self.deadlines_dirty = true;
         }
     }
@@ -439,15 +433,10 @@ impl VsockMuxer {
         };
         self.deadlines_dirty = true;
         let Some(local_port) = self.alloc_local_port(peer_port) else {
-            let _ = self
-                .epoll
-                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
             return;
         };
-        let key = ConnKey {
-            local_port,
-            peer_port,
-        };
+        let key = ConnKey { local_port, peer_port };
         debug!("vsock: host client connects to guest port {peer_port} from host port {local_port}");
         let deadline = Instant::now() + self.connect_timeout;
         let conn = VsockConnection::new_local(key, self.guest_cid, p.stream, deadline);
@@ -459,7 +448,7 @@ impl VsockMuxer {
     }
 
     fn alloc_local_port(&mut self, peer_port: u32) -> Option<u32> {
-        for _ in 0..=MAX_CONNECTIONS {
+        for _ in 0..=self.max_connections {
             let port = self.next_local_port;
             self.next_local_port = port.checked_add(1).unwrap_or(LOCAL_PORT_BASE);
             let key = ConnKey {
@@ -474,7 +463,7 @@ impl VsockMuxer {
     }
 
     fn guest_connect(&mut self, key: ConnKey, hdr: &VsockHeader) {
-        if self.connection_count() >= MAX_CONNECTIONS {
+        if self.connection_count() >= self.max_connections {
             self.counters.conn_limit_hits += 1;
             self.push_rst(hdr);
             return;
@@ -492,11 +481,10 @@ impl VsockMuxer {
             }
         };
         let fd = stream.as_raw_fd();
-        if let Err(e) = self.epoll.ctl(
-            ControlOperation::Add,
-            fd,
-            EpollEvent::new(EventSet::empty(), fd as u64),
-        ) {
+        if let Err(e) = self
+            .epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::empty(), fd as u64))
+        {
             warn!("vsock: cannot poll {}: {e}", path.display());
             self.push_rst(hdr);
             return;
@@ -520,9 +508,7 @@ impl VsockMuxer {
         if conn.stream_unneeded() {
             if let Some(fd) = conn.stream_fd() {
                 if self.registered.remove(&key).is_some() {
-                    let _ = self
-                        .epoll
-                        .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                    let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
                 }
                 self.fd_owners.remove(&fd);
             }
@@ -539,17 +525,12 @@ impl VsockMuxer {
         let have = self.registered.get(&key).copied();
         if let Some(fd) = conn.stream_fd() {
             let res = match (have, want) {
-                (None, Some(w)) => self
-                    .epoll
-                    .ctl(ControlOperation::Add, fd, EpollEvent::new(w, fd as u64)),
+                (None, Some(w)) => self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(w, fd as u64)),
                 (Some(h), Some(w)) if h != w => {
                     self.epoll
                         .ctl(ControlOperation::Modify, fd, EpollEvent::new(w, fd as u64))
                 }
-                (Some(_), None) => {
-                    self.epoll
-                        .ctl(ControlOperation::Delete, fd, EpollEvent::default())
-                }
+                (Some(_), None) => self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default()),
                 _ => Ok(()),
             };
             match res {

@@ -3,18 +3,28 @@
 //!
 //! Descriptor chains are parsed by the `virtio-vsock` crate's
 //! [`VsockPacket`], which already refuses chains that are too short, point
-//! the wrong way, lie about lengths, or leave guest memory. What is left is
-//! the header itself: it lives in guest memory, which the guest may rewrite
-//! at any time, so it is copied once into a [`VsockHeader`] and only the copy
-//! is looked at. [`check_tx_header`] then decides whether the header is one
-//! the device will act on. Receive packets are written the other way round:
-//! the device builds a `VsockHeader` and stores it in one go.
+//! the wrong way, lie about lengths, or leave guest memory. It only knows
+//! two layouts, though — header and payload in one descriptor, or in two —
+//! while Linux guests also send a payload scattered over several
+//! descriptors (the pages of a non-linear skb). [`parse_tx_chain`] hands
+//! such chains, and only those, to a scatter-gather parser that applies
+//! the same checks to every descriptor.
+//!
+//! The header lives in guest memory, which the guest may rewrite at any
+//! time, so it is copied once into a [`VsockHeader`] and only the copy is
+//! looked at. [`check_tx_header`] then decides whether the header is one the
+//! device will act on. Receive packets are written the other way round: the
+//! device builds a `VsockHeader` and stores it in one go.
 
+use std::ops::Deref;
+
+use virtio_queue::DescriptorChain;
 use virtio_vsock::packet::{Error as PacketError, VsockPacket};
 use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{Address, Bytes, GuestMemory, GuestMemoryMmap, VolatileSlice};
 
 use super::defs::{
-    OP_CREDIT_REQUEST, OP_REQUEST, OP_RST, PKT_HEADER_SIZE, TYPE_STREAM, VSOCK_HOST_CID,
+    MAX_PKT_BUF_SIZE, OP_CREDIT_REQUEST, OP_REQUEST, OP_RST, PKT_HEADER_SIZE, TYPE_STREAM, VSOCK_HOST_CID,
 };
 
 /// A host-side copy of a packet header (`struct virtio_vsock_hdr`, virtio
@@ -123,6 +133,84 @@ impl VsockHeader {
     }
 }
 
+/// A packet from the transmit queue: the header copy and the payload, as
+/// one or more slices of guest memory (exactly `hdr.len` bytes in all).
+#[derive(Debug)]
+pub struct TxPacket<'a> {
+    /// The header, copied out of guest memory.
+    pub hdr: VsockHeader,
+    /// The payload, in order.
+    pub data: Vec<VolatileSlice<'a, ()>>,
+}
+
+/// Parse a transmit chain, refusing anything malformed: a short or
+/// device-writable header descriptor, a payload longer than
+/// [`MAX_PKT_BUF_SIZE`] or than the buffers holding it, a device-writable
+/// payload descriptor, or any buffer not entirely inside guest memory.
+pub fn parse_tx_chain<'a, T>(
+    mem: &'a GuestMemoryMmap,
+    mut chain: DescriptorChain<T>,
+) -> Result<TxPacket<'a>, PacketError>
+where
+    T: Deref + Clone,
+    T::Target: GuestMemory,
+{
+    let spare = chain.clone();
+    match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_BUF_SIZE) {
+        Ok(pkt) => Ok(TxPacket {
+            hdr: VsockHeader::from_packet(&pkt),
+            data: pkt.data_slice().into_iter().copied().collect(),
+        }),
+        // The payload may be spread over more descriptors than
+        // `VsockPacket` looks at.
+        Err(e @ (PacketError::DescriptorLengthTooSmall | PacketError::DescriptorChainTooShort)) => {
+            parse_scattered(mem, spare).ok_or(e)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Header in the head descriptor; payload in whatever follows the header
+/// there and in the next descriptors, all device-readable.
+fn parse_scattered<'a, T>(mem: &'a GuestMemoryMmap, mut chain: DescriptorChain<T>) -> Option<TxPacket<'a>>
+where
+    T: Deref,
+    T::Target: GuestMemory,
+{
+    let head = chain.next()?;
+    if head.is_write_only() || (head.len() as usize) < PKT_HEADER_SIZE {
+        return None;
+    }
+    let mut raw = [0u8; PKT_HEADER_SIZE];
+    mem.read_slice(&mut raw, head.addr()).ok()?;
+    let hdr = VsockHeader::from_bytes(&raw);
+    if hdr.len == 0 || hdr.len > MAX_PKT_BUF_SIZE {
+        return None;
+    }
+    let mut need = hdr.len as usize;
+    let mut data = Vec::new();
+    let in_head = (head.len() as usize - PKT_HEADER_SIZE).min(need);
+    if in_head > 0 {
+        let addr = head.addr().checked_add(PKT_HEADER_SIZE as u64)?;
+        data.push(mem.get_slice(addr, in_head).ok()?);
+        need -= in_head;
+    }
+    // The chain iterator stops after at most queue-size descriptors, so a
+    // looping chain ends here too.
+    while need > 0 {
+        let desc = chain.next()?;
+        if desc.is_write_only() {
+            return None;
+        }
+        let n = (desc.len() as usize).min(need);
+        if n > 0 {
+            data.push(mem.get_slice(desc.addr(), n).ok()?);
+            need -= n;
+        }
+    }
+    Some(TxPacket { hdr, data })
+}
+
 /// Why a guest packet is not acted on as it stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TxVerdict {
@@ -206,10 +294,7 @@ mod tests {
 
         let mut h = hdr();
         h.dst_cid = 7;
-        assert_eq!(
-            check_tx_header(&h, 3),
-            TxVerdict::BadDstCid { reset: false }
-        );
+        assert_eq!(check_tx_header(&h, 3), TxVerdict::BadDstCid { reset: false });
         h.op = OP_REQUEST;
         assert_eq!(check_tx_header(&h, 3), TxVerdict::BadDstCid { reset: true });
 

@@ -37,12 +37,10 @@ pub fn check_sun_path(path: &Path) -> Result<(), Error> {
 /// else at that path is an error: it is not ours to delete.
 pub fn remove_stale_socket(path: &Path) -> Result<(), Error> {
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            std::fs::remove_file(path).map_err(|source| Error::RemoveStale {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(|source| Error::RemoveStale {
+            path: path.to_path_buf(),
+            source,
+        }),
         Ok(_) => Err(Error::NotASocket {
             path: path.to_path_buf(),
         }),
@@ -62,12 +60,10 @@ pub fn bind_listener(path: &Path) -> Result<UnixListener, Error> {
         path: path.to_path_buf(),
         source,
     })?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|source| Error::Bind {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    listener.set_nonblocking(true).map_err(|source| Error::Bind {
+        path: path.to_path_buf(),
+        source,
+    })?;
     Ok(listener)
 }
 
@@ -182,9 +178,7 @@ mod tests {
         assert!(msg.contains("107"), "{msg}");
         assert!(bind_listener(Path::new(&long)).is_err());
         assert_eq!(
-            connect_nonblocking(Path::new(&long))
-                .unwrap_err()
-                .raw_os_error(),
+            connect_nonblocking(Path::new(&long)).unwrap_err().raw_os_error(),
             Some(libc::ENAMETOOLONG)
         );
     }
@@ -206,10 +200,7 @@ mod tests {
 
         let file = dir.path().join("f");
         std::fs::write(&file, b"keep me").unwrap();
-        assert!(matches!(
-            bind_listener(&file),
-            Err(Error::NotASocket { .. })
-        ));
+        assert!(matches!(bind_listener(&file), Err(Error::NotASocket { .. })));
         assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
     }
 
