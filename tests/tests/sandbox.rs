@@ -167,20 +167,25 @@ fn socket_paths_too_long_for_sun_path_are_refused() {
     t.assert_nothing_left();
 }
 
+/// Boots an initramfs whose /init is a busybox script (it never runs the
+/// agent); returns the error the boot ended with.
+fn boot_busybox_init(t: &TestRoot, name: &str, script: &str, timeout_secs: u64) -> String {
+    let initrd = t.root().join(format!("{name}.cpio"));
+    std::fs::write(&initrd, busybox_initramfs(script)).unwrap();
+    let mut c = t.config.clone();
+    c.guest.initramfs = Some(initrd.clone());
+    c.guest.boot_timeout_secs = timeout_secs;
+    let e = expect_error(&c, name);
+    std::fs::remove_file(initrd).unwrap();
+    e
+}
+
 #[test]
 fn an_agent_that_never_answers_times_out_with_the_console() {
     let t = TestRoot::new("mute");
-    let initrd = t.root().join("mute.cpio");
-    std::fs::write(
-        &initrd,
-        busybox_initramfs("echo tegmen-test: this init never answers; exec /bin/busybox sleep 1000"),
-    )
-    .unwrap();
-    let mut c = t.config.clone();
-    c.guest.initramfs = Some(initrd.clone());
-    c.guest.boot_timeout_secs = 15;
     let started = Instant::now();
-    let e = expect_error(&c, "mute");
+    let script = "echo tegmen-test: this init never answers; exec /bin/busybox sleep 1000";
+    let e = boot_busybox_init(&t, "mute", script, 15);
     assert!(
         started.elapsed() < Duration::from_secs(60),
         "took {:?}",
@@ -191,25 +196,20 @@ fn an_agent_that_never_answers_times_out_with_the_console() {
         e.contains("tegmen-test: this init never answers"),
         "the console tail is in the error: {e}"
     );
-    std::fs::remove_file(initrd).unwrap();
     t.assert_nothing_left();
 }
 
 #[test]
 fn a_guest_that_ends_during_boot_is_reported() {
     let t = TestRoot::new("reboot");
-    let initrd = t.root().join("reboot.cpio");
-    std::fs::write(
-        &initrd,
-        busybox_initramfs("echo tegmen-test: rebooting at once; /bin/busybox reboot -f"),
-    )
-    .unwrap();
-    let mut c = t.config.clone();
-    c.guest.initramfs = Some(initrd.clone());
-    let e = expect_error(&c, "reboot");
+    let e = boot_busybox_init(
+        &t,
+        "reboot",
+        "echo tegmen-test: rebooting at once; /bin/busybox reboot -f",
+        180,
+    );
     assert!(e.contains("exited during boot"), "{e}");
     assert!(e.contains("tegmen-test: rebooting at once"), "{e}");
-    std::fs::remove_file(initrd).unwrap();
     t.assert_nothing_left();
 }
 

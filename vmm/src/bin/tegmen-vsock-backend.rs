@@ -9,11 +9,10 @@
 //! front-end disconnects, removing both socket files. It deliberately does
 //! not die with its parent: the VM outlives the command that started it.
 //!
-//! Logs go to stderr; `TEGMEN_LOG` (or `RUST_LOG`) = `error`, `warn`,
+//! Logs go to stderr; `RUST_LOG` = `error`, `warn`,
 //! `info` (default), `debug` or `trace`.
 
 use std::ffi::CString;
-use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
@@ -21,7 +20,6 @@ use std::process::ExitCode;
 use std::sync::OnceLock;
 
 use clap::Parser;
-use log::{LevelFilter, Log, Metadata, Record};
 
 use tegmen_vmm::devices::vsock::{check_sun_path, VsockConfig, VsockDevice, DEFAULT_GUEST_CID};
 use tegmen_vmm::vhost_user::vsock::serve;
@@ -42,38 +40,10 @@ struct Args {
     guest_cid: u64,
 }
 
-/// Smallest useful logger: one line per record on stderr.
-struct StderrLogger;
-
-impl Log for StderrLogger {
-    fn enabled(&self, metadata: &Metadata) -> bool {
-        metadata.level() <= log::max_level()
-    }
-
-    fn log(&self, record: &Record) {
-        if self.enabled(record.metadata()) {
-            let _ = writeln!(
-                std::io::stderr().lock(),
-                "tegmen-vsock-backend: {}: {}",
-                record.level(),
-                record.args()
-            );
-        }
-    }
-
-    fn flush(&self) {}
-}
-
 fn init_logging() {
-    let level = std::env::var("TEGMEN_LOG")
-        .or_else(|_| std::env::var("RUST_LOG"))
-        .ok()
-        .and_then(|v| v.trim().parse::<LevelFilter>().ok())
-        .unwrap_or(LevelFilter::Info);
-    static LOGGER: StderrLogger = StderrLogger;
-    if log::set_logger(&LOGGER).is_ok() {
-        log::set_max_level(level);
-    }
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
 }
 
 /// Socket files to remove if a signal ends us early, as C strings so the

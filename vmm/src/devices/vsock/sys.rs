@@ -120,37 +120,31 @@ pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
 
 /// `send(2)` with `MSG_NOSIGNAL`, retrying on `EINTR`.
 pub fn send_nosignal(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: `buf` is a valid readable slice of `buf.len()` bytes.
-        let ret = unsafe {
-            libc::send(
-                fd,
-                buf.as_ptr().cast::<libc::c_void>(),
-                buf.len(),
-                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-            )
-        };
-        if ret >= 0 {
-            return Ok(ret as usize);
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
+    // SAFETY: `buf` is a valid readable slice of `buf.len()` bytes.
+    unsafe { send_raw(fd, buf.as_ptr(), buf.len()) }
 }
 
 /// [`send_nosignal`] straight out of guest memory.
 pub fn send_volatile<B: BitmapSlice>(fd: RawFd, buf: &VolatileSlice<'_, B>) -> io::Result<usize> {
     let guard = buf.ptr_guard();
+    // SAFETY: `guard` keeps the mapping behind `buf` alive and valid for
+    // reads of `buf.len()` bytes; send(2) only reads from it.
+    unsafe { send_raw(fd, guard.as_ptr(), buf.len()) }
+}
+
+/// Non-blocking `send(2)` of `len` bytes at `ptr` without SIGPIPE,
+/// retrying on `EINTR`.
+///
+/// # Safety
+/// `ptr` must be valid for reads of `len` bytes for the whole call.
+unsafe fn send_raw(fd: RawFd, ptr: *const u8, len: usize) -> io::Result<usize> {
     loop {
-        // SAFETY: `guard` keeps the mapping behind `buf` alive and valid for
-        // reads of `buf.len()` bytes; send(2) only reads from it.
+        // SAFETY: the caller guarantees `ptr..ptr+len` is readable.
         let ret = unsafe {
             libc::send(
                 fd,
-                guard.as_ptr().cast::<libc::c_void>(),
-                buf.len(),
+                ptr.cast::<libc::c_void>(),
+                len,
                 libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
             )
         };
