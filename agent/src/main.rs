@@ -7,17 +7,20 @@
 //! `unix:///run/agent.sock`) without touching the host's mounts, which is how
 //! the container layer is tested on the host.
 
+mod container;
 mod fatal;
 mod guest;
 mod init;
 mod logger;
 mod reaper;
 mod service;
+mod streams;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use tegmen_agent_api::AGENT_VSOCK_PORT;
+use tegmen_agent_api::{AGENT_VSOCK_PORT, GUEST_SHARED_DIR, STREAM_VSOCK_PORT};
 
 fn main() {
     logger::init();
@@ -33,36 +36,90 @@ fn main() {
 }
 
 fn run(as_init: bool) -> Result<()> {
-    let listen = listen_address(as_init)?;
+    let opts = Options::parse(as_init)?;
     // Block SIGCHLD before any thread exists so that only the reaper thread
     // receives it.
     reaper::block_sigchld().context("blocking SIGCHLD")?;
     if as_init {
         init::setup_guest().context("setting up the guest")?;
+    } else {
+        // On a host whose cgroup v2 is not at /sys/fs/cgroup, give this
+        // agent a private mount namespace where it is (before any thread).
+        container::mount_private_cgroup2().context("mounting cgroup v2 for the container layer")?;
     }
-    reaper::spawn(as_init).context("starting the reaper")?;
 
-    let service = Arc::new(service::AgentService::new(as_init));
+    let (events_tx, events_rx) = std::sync::mpsc::channel();
+    let containers = Arc::new(
+        container::ContainerManager::new(opts.state_root.clone(), events_tx).context("starting the container layer")?,
+    );
+    let listener = containers.clone();
+    reaper::set_child_listener(Box::new(move |pid, status| listener.child_exited(pid, status)));
+    reaper::spawn(as_init).context("starting the reaper")?;
+    streams::spawn(streams::StreamListener::bind(&opts.stream_listen)?, containers.clone())
+        .context("starting the stream listener")?;
+
+    let service = Arc::new(service::AgentService::new(
+        as_init,
+        opts.shared_dir,
+        containers,
+        events_rx,
+    ));
     let methods = tegmen_agent_api::agent_ttrpc::create_agent(service);
+    // Wait and GetEvent block a handler thread each until something
+    // happens: allow many per connection.
     let mut server = ttrpc::Server::new()
-        .bind(&listen)
-        .with_context(|| format!("listening on {listen}"))?
+        .bind(&opts.listen)
+        .with_context(|| format!("listening on {}", opts.listen))?
+        .set_thread_count_min(2)
+        .set_thread_count_default(4)
+        .set_thread_count_max(256)
         .register_service(methods);
     server
         .start()
-        .with_context(|| format!("serving the agent API on {listen}"))?;
-    log::info!("agent {} serving on {listen}", env!("CARGO_PKG_VERSION"));
+        .with_context(|| format!("serving the agent API on {}", opts.listen))?;
+    log::info!("agent {} serving on {}", env!("CARGO_PKG_VERSION"), opts.listen);
     loop {
         std::thread::park();
     }
 }
 
-/// `vsock://-1:1024` as init; else the address given with `--listen`.
-fn listen_address(as_init: bool) -> Result<String> {
-    let mut args = std::env::args().skip(1);
-    match (args.next().as_deref(), args.next()) {
-        (Some("--listen"), Some(addr)) => Ok(addr),
-        (None, _) if as_init => Ok(format!("vsock://-1:{AGENT_VSOCK_PORT}")),
-        _ => anyhow::bail!("usage: tegmen-agent --listen unix:///PATH|vsock://CID:PORT (or run as PID 1)"),
+const USAGE: &str = "usage: tegmen-agent --listen unix:///PATH --stream-listen unix:///PATH \
+[--shared-dir DIR] [--state-root DIR]   (or run as the guest's PID 1 without arguments)";
+
+/// Where the agent serves, and the directories it works in.
+struct Options {
+    listen: String,
+    stream_listen: String,
+    shared_dir: PathBuf,
+    state_root: PathBuf,
+}
+
+impl Options {
+    /// As PID 1: vsock ports 1024/1025, the virtio-fs share; on the host
+    /// the addresses must be given.
+    fn parse(as_init: bool) -> Result<Options> {
+        let mut opts = Options {
+            listen: format!("vsock://-1:{AGENT_VSOCK_PORT}"),
+            stream_listen: format!("vsock://-1:{STREAM_VSOCK_PORT}"),
+            shared_dir: PathBuf::from(GUEST_SHARED_DIR),
+            state_root: PathBuf::from("/run/tegmen/containers"),
+        };
+        let mut args = std::env::args().skip(1);
+        let mut given = false;
+        while let Some(flag) = args.next() {
+            let value = args.next().with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
+            match flag.as_str() {
+                "--listen" => opts.listen = value,
+                "--stream-listen" => opts.stream_listen = value,
+                "--shared-dir" => opts.shared_dir = value.into(),
+                "--state-root" => opts.state_root = value.into(),
+                _ => anyhow::bail!("unknown argument {flag}\n{USAGE}"),
+            }
+            given = true;
+        }
+        if !as_init && (!given || opts.listen.starts_with("vsock") != opts.stream_listen.starts_with("vsock")) {
+            anyhow::bail!("{USAGE}");
+        }
+        Ok(opts)
     }
 }

@@ -1,23 +1,100 @@
 //! The agent API service: answers the supervisor's ttrpc requests.
 
-use std::path::Path;
-use std::time::Duration;
+use std::path::{Component, Path, PathBuf};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tegmen_agent_api::agent::*;
 use tegmen_agent_api::agent_ttrpc::Agent;
-use tegmen_agent_api::{API_VERSION, GUEST_SHARED_DIR};
+use tegmen_agent_api::API_VERSION;
 use ttrpc::TtrpcContext;
 
+use crate::container::{self, ContainerError, ContainerManager, StdioStream};
 use crate::guest;
 
 pub struct AgentService {
     /// True when the agent is the guest's PID 1 (Shutdown powers off).
     as_init: bool,
+    /// The shared directory (the virtio-fs mount in the guest).
+    shared_dir: PathBuf,
+    containers: Arc<ContainerManager>,
+    events: Mutex<Receiver<container::Event>>,
 }
 
 impl AgentService {
-    pub fn new(as_init: bool) -> Self {
-        Self { as_init }
+    pub fn new(
+        as_init: bool,
+        shared_dir: PathBuf,
+        containers: Arc<ContainerManager>,
+        events: Receiver<container::Event>,
+    ) -> Self {
+        Self {
+            as_init,
+            shared_dir,
+            containers,
+            events: Mutex::new(events),
+        }
+    }
+
+    /// `rootfs` must name a directory inside the shared directory: relative,
+    /// no `..`, and no symlink leading out of it.
+    fn resolve_rootfs(&self, rootfs: &str) -> ttrpc::Result<PathBuf> {
+        let rel = Path::new(rootfs);
+        if rootfs.is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+            return Err(status(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("rootfs {rootfs:?} must be a relative path inside the shared directory, without '..'"),
+            ));
+        }
+        let base = self.shared_dir.canonicalize().map_err(|e| {
+            status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                format!("shared directory {}: {e}", self.shared_dir.display()),
+            )
+        })?;
+        let full = base.join(rel).canonicalize().map_err(|e| {
+            status(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("rootfs {rootfs:?} in the shared directory: {e}"),
+            )
+        })?;
+        if !full.starts_with(&base) || !full.is_dir() {
+            return Err(status(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("rootfs {rootfs:?} is not a directory inside the shared directory"),
+            ));
+        }
+        Ok(full)
+    }
+}
+
+fn container_status(e: ContainerError) -> ttrpc::Error {
+    let code = match &e {
+        ContainerError::NotFound(_) => ttrpc::Code::NOT_FOUND,
+        ContainerError::AlreadyExists(_) => ttrpc::Code::ALREADY_EXISTS,
+        ContainerError::InvalidSpec(_)
+        | ContainerError::InvalidArgument(_)
+        | ContainerError::ExecutableNotFound(..) => ttrpc::Code::INVALID_ARGUMENT,
+        ContainerError::WrongState { .. } => ttrpc::Code::FAILED_PRECONDITION,
+        _ => ttrpc::Code::INTERNAL,
+    };
+    status(code, e.to_string())
+}
+
+fn exec_opt(exec_id: &str) -> Option<&str> {
+    (!exec_id.is_empty()).then_some(exec_id)
+}
+
+fn unix_nanos(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+/// Without stdin the process reads EOF at once: its pipe's write end is
+/// closed right away.
+fn close_unused_stdin(containers: &ContainerManager, id: &str, exec_id: Option<&str>, stdin: bool, terminal: bool) {
+    if !stdin && !terminal {
+        drop(containers.take_stdio(id, exec_id, StdioStream::Stdin));
     }
 }
 
@@ -49,8 +126,8 @@ impl Agent for AgentService {
         resp.cpus = guest::online_cpus();
         resp.agent_version = env!("CARGO_PKG_VERSION").to_string();
         resp.mounts = guest::mounts();
-        resp.shared_mount = GUEST_SHARED_DIR.to_string();
-        resp.sandbox_id = guest::sandbox_id(Path::new(GUEST_SHARED_DIR))
+        resp.shared_mount = self.shared_dir.display().to_string();
+        resp.sandbox_id = guest::sandbox_id(&self.shared_dir)
             .map_err(|e| status(ttrpc::Code::FAILED_PRECONDITION, format!("sandbox id: {e}")))?;
         Ok(resp)
     }
@@ -72,5 +149,152 @@ impl Agent for AgentService {
             let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
         });
         Ok(ShutdownResponse::new())
+    }
+
+    fn create_container(&self, _ctx: &TtrpcContext, req: CreateContainerRequest) -> ttrpc::Result<Empty> {
+        let rootfs = self.resolve_rootfs(&req.rootfs)?;
+        let id = &req.container_id;
+        self.containers
+            .create(id, &req.spec_json, &rootfs, req.terminal)
+            .map_err(container_status)?;
+        close_unused_stdin(&self.containers, id, None, req.stdin, req.terminal);
+        Ok(Empty::new())
+    }
+
+    fn start_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers.start(&req.container_id).map_err(container_status)?;
+        Ok(Empty::new())
+    }
+
+    fn exec_process(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<ExecProcessResponse> {
+        if req.exec_id.is_empty() {
+            return Err(status(ttrpc::Code::INVALID_ARGUMENT, "exec id must not be empty"));
+        }
+        let (id, exec) = (&req.container_id, &req.exec_id);
+        let pid = self
+            .containers
+            .exec(id, exec, &req.process_json, req.terminal)
+            .map_err(container_status)?;
+        close_unused_stdin(&self.containers, id, Some(exec), req.stdin, req.terminal);
+        let mut resp = ExecProcessResponse::new();
+        resp.pid = pid;
+        Ok(resp)
+    }
+
+    fn signal_process(&self, _ctx: &TtrpcContext, req: SignalProcessRequest) -> ttrpc::Result<Empty> {
+        let signal = i32::try_from(req.signal)
+            .ok()
+            .filter(|s| (1..=64).contains(s))
+            .ok_or_else(|| status(ttrpc::Code::INVALID_ARGUMENT, format!("invalid signal {}", req.signal)))?;
+        self.containers
+            .signal(&req.container_id, exec_opt(&req.exec_id), signal, req.all)
+            .map_err(container_status)?;
+        Ok(Empty::new())
+    }
+
+    fn wait_process(&self, _ctx: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<WaitProcessResponse> {
+        let exit = self
+            .containers
+            .wait(&req.container_id, exec_opt(&req.exec_id))
+            .map_err(container_status)?;
+        let mut resp = WaitProcessResponse::new();
+        resp.pid = exit.pid;
+        resp.exit_code = exit.exit_code;
+        resp.exited_at_unix_nanos = unix_nanos(exit.exited_at);
+        Ok(resp)
+    }
+
+    fn list_processes(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<ListProcessesResponse> {
+        let mut resp = ListProcessesResponse::new();
+        resp.pids = self.containers.processes(&req.container_id).map_err(container_status)?;
+        Ok(resp)
+    }
+
+    fn stats_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<ContainerStats> {
+        let s = self.containers.stats(&req.container_id).map_err(container_status)?;
+        let mut r = ContainerStats::new();
+        r.cpu_usage_usec = s.cpu_usage_usec;
+        r.cpu_user_usec = s.cpu_user_usec;
+        r.cpu_system_usec = s.cpu_system_usec;
+        r.cpu_nr_throttled = s.cpu_nr_throttled;
+        r.cpu_throttled_usec = s.cpu_throttled_usec;
+        r.memory_usage = s.memory_usage;
+        r.memory_limit = s.memory_limit;
+        r.memory_max_usage = s.memory_max_usage;
+        r.oom_kills = s.oom_kills;
+        r.pids_current = s.pids_current;
+        r.pids_limit = s.pids_limit;
+        r.io_read_bytes = s.io_read_bytes;
+        r.io_write_bytes = s.io_write_bytes;
+        Ok(r)
+    }
+
+    fn pause_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers.pause(&req.container_id).map_err(container_status)?;
+        Ok(Empty::new())
+    }
+
+    fn resume_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers.resume(&req.container_id).map_err(container_status)?;
+        Ok(Empty::new())
+    }
+
+    fn update_container(&self, _ctx: &TtrpcContext, req: UpdateContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers
+            .update(&req.container_id, &req.resources_json)
+            .map_err(container_status)?;
+        Ok(Empty::new())
+    }
+
+    fn resize_tty(&self, _ctx: &TtrpcContext, req: ResizeTtyRequest) -> ttrpc::Result<Empty> {
+        let rows = u16::try_from(req.rows).map_err(|_| status(ttrpc::Code::INVALID_ARGUMENT, "rows out of range"))?;
+        let cols = u16::try_from(req.cols).map_err(|_| status(ttrpc::Code::INVALID_ARGUMENT, "cols out of range"))?;
+        self.containers
+            .resize_tty(&req.container_id, exec_opt(&req.exec_id), rows, cols)
+            .map_err(container_status)?;
+        Ok(Empty::new())
+    }
+
+    fn close_stdin(&self, _ctx: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<Empty> {
+        self.containers
+            .close_stdin(&req.container_id, exec_opt(&req.exec_id))
+            .map_err(container_status)?;
+        Ok(Empty::new())
+    }
+
+    fn remove_container(&self, _ctx: &TtrpcContext, req: RemoveContainerRequest) -> ttrpc::Result<Empty> {
+        self.containers
+            .remove(&req.container_id, req.force)
+            .map_err(container_status)?;
+        Ok(Empty::new())
+    }
+
+    fn get_event(&self, _ctx: &TtrpcContext, _req: GetEventRequest) -> ttrpc::Result<Event> {
+        let next = self.events.lock().unwrap_or_else(|p| p.into_inner()).recv();
+        let mut event = Event::new();
+        match next {
+            Ok(container::Event::Exit {
+                id,
+                exec_id,
+                pid,
+                exit_code,
+                exited_at,
+            }) => {
+                let mut e = ExitEvent::new();
+                e.container_id = id;
+                e.exec_id = exec_id;
+                e.pid = pid;
+                e.exit_code = exit_code;
+                e.exited_at_unix_nanos = unix_nanos(exited_at);
+                event.set_exit(e);
+            }
+            Ok(container::Event::Oom { id }) => {
+                let mut e = OomEvent::new();
+                e.container_id = id;
+                event.set_oom(e);
+            }
+            Err(_) => return Err(status(ttrpc::Code::UNAVAILABLE, "the event source has closed")),
+        }
+        Ok(event)
     }
 }

@@ -9,8 +9,11 @@
 use std::io::{Read, Write};
 use std::os::unix::io::IntoRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use tegmen_agent_api::stream::{open_stream, StreamHeader, StreamKind};
+use tegmen_agent_api::STREAM_VSOCK_PORT;
 
 use tegmen_agent_api::agent::*;
 use tegmen_agent_api::agent_ttrpc::AgentClient as AgentStub;
@@ -81,6 +84,19 @@ impl AgentClient {
         })
     }
 
+    /// Connects to an agent serving on a Unix socket (the agent run on the
+    /// host, as the container tests do).
+    pub fn connect_unix(socket: &Path, rpc_timeout: Duration) -> Result<AgentClient> {
+        let stream = UnixStream::connect(socket)
+            .map_err(|e| Error::Agent(format!("connecting to {}: {e}", socket.display())))?;
+        let client =
+            ttrpc::Client::new(stream.into_raw_fd()).map_err(|e| Error::Agent(format!("ttrpc client: {e}")))?;
+        Ok(AgentClient {
+            stub: AgentStub::new(client),
+            timeout: rpc_timeout,
+        })
+    }
+
     fn ctx(&self) -> ttrpc::context::Context {
         ttrpc::context::with_timeout(self.timeout.as_nanos() as i64)
     }
@@ -108,6 +124,192 @@ impl AgentClient {
             .shutdown(self.ctx(), &ShutdownRequest::new())
             .map(|_| ())
             .map_err(|e| rpc_error("Shutdown", e))
+    }
+}
+
+/// Containers in the guest. Calls that block until something happens
+/// (`wait_process`, `get_event`) carry no deadline.
+impl AgentClient {
+    fn no_deadline(&self) -> ttrpc::context::Context {
+        ttrpc::context::Context::default()
+    }
+
+    pub fn create_container(&self, req: &CreateContainerRequest) -> Result<()> {
+        self.stub
+            .create_container(self.ctx(), req)
+            .map(drop)
+            .map_err(|e| rpc_error("CreateContainer", e))
+    }
+
+    pub fn start_container(&self, id: &str) -> Result<()> {
+        let req = ContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        self.stub
+            .start_container(self.ctx(), &req)
+            .map(drop)
+            .map_err(|e| rpc_error("StartContainer", e))
+    }
+
+    pub fn exec_process(&self, req: &ExecProcessRequest) -> Result<i32> {
+        self.stub
+            .exec_process(self.ctx(), req)
+            .map(|r| r.pid)
+            .map_err(|e| rpc_error("ExecProcess", e))
+    }
+
+    pub fn signal_process(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        let req = SignalProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            signal,
+            all,
+            ..Default::default()
+        };
+        self.stub
+            .signal_process(self.ctx(), &req)
+            .map(drop)
+            .map_err(|e| rpc_error("SignalProcess", e))
+    }
+
+    pub fn wait_process(&self, id: &str, exec_id: &str) -> Result<WaitProcessResponse> {
+        let req = ProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        self.stub
+            .wait_process(self.no_deadline(), &req)
+            .map_err(|e| rpc_error("WaitProcess", e))
+    }
+
+    pub fn list_processes(&self, id: &str) -> Result<Vec<i32>> {
+        let req = ContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        self.stub
+            .list_processes(self.ctx(), &req)
+            .map(|r| r.pids)
+            .map_err(|e| rpc_error("ListProcesses", e))
+    }
+
+    pub fn stats_container(&self, id: &str) -> Result<ContainerStats> {
+        let req = ContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        self.stub
+            .stats_container(self.ctx(), &req)
+            .map_err(|e| rpc_error("StatsContainer", e))
+    }
+
+    pub fn pause_container(&self, id: &str) -> Result<()> {
+        let req = ContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        self.stub
+            .pause_container(self.ctx(), &req)
+            .map(drop)
+            .map_err(|e| rpc_error("PauseContainer", e))
+    }
+
+    pub fn resume_container(&self, id: &str) -> Result<()> {
+        let req = ContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        self.stub
+            .resume_container(self.ctx(), &req)
+            .map(drop)
+            .map_err(|e| rpc_error("ResumeContainer", e))
+    }
+
+    pub fn update_container(&self, id: &str, resources_json: &str) -> Result<()> {
+        let req = UpdateContainerRequest {
+            container_id: id.into(),
+            resources_json: resources_json.into(),
+            ..Default::default()
+        };
+        self.stub
+            .update_container(self.ctx(), &req)
+            .map(drop)
+            .map_err(|e| rpc_error("UpdateContainer", e))
+    }
+
+    pub fn resize_tty(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<()> {
+        let req = ResizeTtyRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            rows,
+            cols,
+            ..Default::default()
+        };
+        self.stub
+            .resize_tty(self.ctx(), &req)
+            .map(drop)
+            .map_err(|e| rpc_error("ResizeTty", e))
+    }
+
+    pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
+        let req = ProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        self.stub
+            .close_stdin(self.ctx(), &req)
+            .map(drop)
+            .map_err(|e| rpc_error("CloseStdin", e))
+    }
+
+    pub fn remove_container(&self, id: &str, force: bool) -> Result<()> {
+        let req = RemoveContainerRequest {
+            container_id: id.into(),
+            force,
+            ..Default::default()
+        };
+        self.stub
+            .remove_container(self.ctx(), &req)
+            .map(drop)
+            .map_err(|e| rpc_error("RemoveContainer", e))
+    }
+
+    /// Blocks until the agent reports the next exit or OOM kill.
+    pub fn get_event(&self) -> Result<Event> {
+        self.stub
+            .get_event(self.no_deadline(), &GetEventRequest::new())
+            .map_err(|e| rpc_error("GetEvent", e))
+    }
+}
+
+/// How the host reaches the agent's stream port.
+#[derive(Debug, Clone)]
+pub enum StreamEndpoint {
+    /// Through a VM's hybrid-vsock socket, to vsock port [`STREAM_VSOCK_PORT`].
+    HybridVsock(PathBuf),
+    /// An agent on the host listening on a Unix socket.
+    Unix(PathBuf),
+}
+
+impl StreamEndpoint {
+    /// Opens one stdio stream of a process; the returned socket carries its
+    /// raw bytes.
+    pub fn open(&self, container_id: &str, exec_id: &str, kind: StreamKind) -> Result<UnixStream> {
+        let mut conn = match self {
+            StreamEndpoint::HybridVsock(path) => hybrid_vsock_connect(path, STREAM_VSOCK_PORT, Duration::from_secs(10)),
+            StreamEndpoint::Unix(path) => UnixStream::connect(path),
+        }
+        .map_err(|e| Error::Agent(format!("opening the {} stream of {container_id}: {e}", kind.as_str())))?;
+        let header = StreamHeader {
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
+            kind,
+        };
+        open_stream(&mut conn, &header).map_err(|e| Error::Agent(e.to_string()))?;
+        Ok(conn)
     }
 }
 

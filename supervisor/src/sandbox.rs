@@ -296,7 +296,7 @@ impl Sandbox {
     }
 
     fn console_tail(&self) -> String {
-        let mut text = tail_lines(&self.dir.join("console.log"), CONSOLE_TAIL);
+        let mut text = tail_lines(&self.layout().console_log(), CONSOLE_TAIL);
         let qemu_log = self.dir.join("qemu.log");
         if qemu_log.exists() {
             let q = tail_lines(&qemu_log, 5);
@@ -318,6 +318,21 @@ impl Sandbox {
 
     pub fn state(&self) -> &SandboxState {
         &self.state
+    }
+
+    /// The host side of the virtio-fs share (`/run/tegmen/shared` in the
+    /// guest): container root file systems go below it.
+    pub fn shared_dir(&self) -> PathBuf {
+        self.layout().shared()
+    }
+
+    fn layout(&self) -> Layout {
+        Layout { dir: self.dir.clone() }
+    }
+
+    /// Where the host opens the agent's stdio streams.
+    pub fn stream_endpoint(&self) -> crate::agent_client::StreamEndpoint {
+        crate::agent_client::StreamEndpoint::HybridVsock(self.layout().vsock_socket())
     }
 
     /// Time from starting the VM to the agent's first answer.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tegmen_supervisor::config::Config;
 use tegmen_supervisor::sandbox::{self, Sandbox, SandboxOptions};
 use tegmen_supervisor::Error;
-use tegmen_tests::{busybox_initramfs, processes_mentioning, supervisor_binary, TestRoot};
+use tegmen_tests::{busybox_initramfs, processes_mentioning, workspace_binary, TestRoot};
 
 fn options() -> SandboxOptions {
     SandboxOptions {
@@ -244,7 +244,7 @@ fn qemu_killed_mid_boot_is_reported_and_cleaned() {
 #[test]
 fn a_supervisor_killed_with_sigkill_is_cleaned_up_at_the_next_start() {
     let t = TestRoot::new("sigkill");
-    let mut child = std::process::Command::new(supervisor_binary())
+    let mut child = std::process::Command::new(workspace_binary("supervisor"))
         .arg("--root")
         .arg(t.root())
         .args(["check", "--boot"])
@@ -268,7 +268,7 @@ fn a_supervisor_killed_with_sigkill_is_cleaned_up_at_the_next_start() {
 #[test]
 fn supervisor_check_boot_reports_and_exits_zero() {
     let t = TestRoot::new("cli");
-    let out = std::process::Command::new(supervisor_binary())
+    let out = std::process::Command::new(workspace_binary("supervisor"))
         .arg("--root")
         .arg(t.root())
         .args(["check", "--boot"])

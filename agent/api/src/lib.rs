@@ -22,6 +22,9 @@ pub const API_VERSION: u32 = 1;
 /// The vsock port the agent serves the API on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// The vsock port of the agent's stdio streams (see [`stream`]).
+pub const STREAM_VSOCK_PORT: u32 = 1025;
+
 /// The virtio-fs tag of the sandbox's shared directory.
 pub const SHARED_FS_TAG: &str = "tegmen";
 
@@ -31,3 +34,5 @@ pub const GUEST_SHARED_DIR: &str = "/run/tegmen/shared";
 /// File in the shared directory that holds the sandbox id, written by the
 /// supervisor before boot and read back by the agent through virtio-fs.
 pub const SANDBOX_ID_FILE: &str = "sandbox-id";
+
+pub mod stream;

@@ -1,0 +1,528 @@
+//! End-to-end: OCI containers created by the agent inside a real guest,
+//! driven through the agent API and the stdio streams exactly as the
+//! runtime will drive them.
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tegmen_agent_api::agent::{event, CreateContainerRequest, ExecProcessRequest};
+use tegmen_agent_api::stream::StreamKind;
+use tegmen_supervisor::agent_client::{AgentClient, StreamEndpoint};
+use tegmen_supervisor::sandbox::{Sandbox, SandboxOptions};
+use tegmen_tests::{busybox_rootfs, processes_mentioning, runc_like_spec, workspace_binary, TestRoot};
+
+/// Where the containers run: inside a real guest (QEMU, vsock, virtio-fs),
+/// or in the same agent binary run on the host over Unix sockets. Every
+/// scenario below runs on both.
+struct Target {
+    guest: Option<(TestRoot, Sandbox)>,
+    host: Option<HostAgent>,
+}
+
+/// `tegmen-agent --listen unix://...` on the host, as root, in its own
+/// state directory.
+struct HostAgent {
+    dir: PathBuf,
+    child: std::process::Child,
+    agent: AgentClient,
+}
+
+impl Target {
+    fn guest(name: &str) -> Target {
+        let root = TestRoot::new(name);
+        let sandbox = Sandbox::create(
+            &root.config,
+            name,
+            &SandboxOptions {
+                owned_by_current_process: true,
+            },
+        )
+        .unwrap_or_else(|e| panic!("booting {name}: {e}"));
+        Target {
+            guest: Some((root, sandbox)),
+            host: None,
+        }
+    }
+
+    fn host(name: &str) -> Target {
+        let dir = PathBuf::from(format!("/run/tegmen-e2e/host-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("shared")).unwrap();
+        let api = dir.join("agent.sock");
+        let child = std::process::Command::new(workspace_binary("tegmen-agent"))
+            .arg("--listen")
+            .arg(format!("unix://{}", api.display()))
+            .arg("--stream-listen")
+            .arg(format!("unix://{}", dir.join("streams.sock").display()))
+            .arg("--shared-dir")
+            .arg(dir.join("shared"))
+            .arg("--state-root")
+            .arg(dir.join("state"))
+            .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
+            .spawn()
+            .expect("starting tegmen-agent on the host");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let agent = loop {
+            if let Ok(a) = AgentClient::connect_unix(&api, Duration::from_secs(30)) {
+                if a.check().is_ok() {
+                    break a;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the host agent did not start: {:?}",
+                std::fs::read_to_string(dir.join("agent.log"))
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Target {
+            guest: None,
+            host: Some(HostAgent { dir, child, agent }),
+        }
+    }
+
+    fn is_guest(&self) -> bool {
+        self.guest.is_some()
+    }
+
+    fn agent(&self) -> &AgentClient {
+        match (&self.guest, &self.host) {
+            (Some((_, sb)), _) => sb.agent(),
+            (_, Some(h)) => &h.agent,
+            _ => unreachable!(),
+        }
+    }
+
+    fn shared_dir(&self) -> PathBuf {
+        match (&self.guest, &self.host) {
+            (Some((_, sb)), _) => sb.shared_dir(),
+            (_, Some(h)) => h.dir.join("shared"),
+            _ => unreachable!(),
+        }
+    }
+
+    fn endpoint(&self) -> StreamEndpoint {
+        match (&self.guest, &self.host) {
+            (Some((_, sb)), _) => sb.stream_endpoint(),
+            (_, Some(h)) => StreamEndpoint::Unix(h.dir.join("streams.sock")),
+            _ => unreachable!(),
+        }
+    }
+
+    fn create_rootfs(&self, id: &str) {
+        let rootfs = self.shared_dir().join(id).join("rootfs");
+        if !rootfs.exists() {
+            busybox_rootfs(&rootfs);
+        }
+    }
+
+    /// Creates container `id` running `spec` on a fresh busybox rootfs in
+    /// the share; stdin attached when `stdin`.
+    fn create(&self, id: &str, spec: &serde_json::Value, stdin: bool) {
+        self.create_rootfs(id);
+        let req = CreateContainerRequest {
+            container_id: id.into(),
+            spec_json: spec.to_string(),
+            rootfs: format!("{id}/rootfs"),
+            terminal: spec["process"]["terminal"].as_bool().unwrap_or(false),
+            stdin,
+            ..Default::default()
+        };
+        self.agent()
+            .create_container(&req)
+            .unwrap_or_else(|e| panic!("create {id}: {e}"));
+    }
+
+    fn stream(&self, id: &str, exec: &str, kind: StreamKind) -> UnixStream {
+        self.endpoint()
+            .open(id, exec, kind)
+            .unwrap_or_else(|e| panic!("{id} {kind:?}: {e}"))
+    }
+
+    /// Runs `args` to completion: (exit code, stdout, stderr).
+    fn run(&self, id: &str, spec: &serde_json::Value) -> (i32, Vec<u8>, Vec<u8>) {
+        self.create(id, spec, false);
+        let out = read_all_in_thread(self.stream(id, "", StreamKind::Stdout));
+        let err = read_all_in_thread(self.stream(id, "", StreamKind::Stderr));
+        let agent = self.agent();
+        agent.start_container(id).unwrap();
+        let code = agent.wait_process(id, "").unwrap().exit_code;
+        let (out, err) = (out.join().unwrap(), err.join().unwrap());
+        agent.remove_container(id, false).unwrap();
+        (code, out, err)
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some((root, sb)) = self.guest.take() {
+            let _ = sb.shutdown();
+            if !std::thread::panicking() {
+                root.assert_nothing_left();
+            }
+        }
+        if let Some(mut h) = self.host.take() {
+            let _ = h.child.kill();
+            let _ = h.child.wait();
+            let left = processes_mentioning(&h.dir);
+            let _ = std::fs::remove_dir_all(&h.dir);
+            if !std::thread::panicking() {
+                assert!(left.is_empty(), "processes left behind by the host agent: {left:?}");
+            }
+        }
+    }
+}
+
+/// Each scenario as `<name>::host` (the agent on the host over Unix
+/// sockets) and `<name>::guest` (inside a real VM).
+macro_rules! on_host_and_in_guest {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn host() {
+                super::$name(super::Target::host(stringify!($name)));
+            }
+            #[test]
+            fn guest() {
+                super::$name(super::Target::guest(&stringify!($name).replace('_', "-")));
+            }
+        }
+    )*};
+}
+
+on_host_and_in_guest!(
+    exit_codes,
+    pause_resume,
+    large_output,
+    stdin_piped,
+    terminal,
+    exec,
+    oom_and_stats,
+    spec_fields,
+    bad_input,
+);
+
+fn read_all_in_thread(mut s: UnixStream) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut v = Vec::new();
+        s.read_to_end(&mut v).unwrap();
+        v
+    })
+}
+
+fn spec(args: &[&str]) -> serde_json::Value {
+    runc_like_spec(args, false)
+}
+
+/// Exit codes as a shell sees them (0, 1, 3, 137 for SIGKILL), the exit
+/// event, waits after the exit, and removal.
+fn exit_codes(g: Target) {
+    assert_eq!(g.run("ok", &spec(&["true"])).0, 0);
+    assert_eq!(g.run("fail", &spec(&["sh", "-c", "exit 1"])).0, 1);
+    let (code, out, err) = g.run("hello", &spec(&["sh", "-c", "echo hello; echo oops >&2; exit 3"]));
+    assert_eq!(
+        (code, out.as_slice(), err.as_slice()),
+        (3, &b"hello\n"[..], &b"oops\n"[..])
+    );
+
+    // SIGKILL: 137, and the exit event arrives.
+    g.create("killed", &spec(&["sleep", "1000"]), false);
+    let agent = g.agent();
+    agent.start_container("killed").unwrap();
+    agent.signal_process("killed", "", 9, false).unwrap();
+    assert_eq!(agent.wait_process("killed", "").unwrap().exit_code, 137);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let e = agent.get_event().unwrap();
+        if let Some(event::Event::Exit(x)) = e.event {
+            if x.container_id == "killed" {
+                assert_eq!(x.exit_code, 137);
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline);
+    }
+    // A wait after the exit returns at once with the same status.
+    assert_eq!(agent.wait_process("killed", "").unwrap().exit_code, 137);
+    agent.remove_container("killed", false).unwrap();
+    let e = agent.wait_process("killed", "").unwrap_err().to_string();
+    assert!(e.contains("does not exist"), "{e}");
+    let e = agent.list_processes("killed").unwrap_err().to_string();
+    assert!(e.contains("does not exist"), "{e}");
+    if g.is_guest() {
+        // Nothing of the removed containers stays mounted in the agent's view.
+        let mounts = agent.guest_details().unwrap().mounts;
+        let inside: Vec<_> = mounts
+            .iter()
+            .filter(|m| m.target.starts_with("/run/tegmen/shared/"))
+            .collect();
+        assert!(inside.is_empty(), "mounts left: {inside:?}");
+    }
+}
+
+/// The expected bytes of `seq 1 n`.
+fn seq_bytes(n: u64) -> Vec<u8> {
+    let mut v = Vec::new();
+    for i in 1..=n {
+        writeln!(v, "{i}").unwrap();
+    }
+    v
+}
+
+/// A paused container uses no CPU; resumed, it works again.
+fn pause_resume(g: Target) {
+    let agent = g.agent();
+    g.create("spin", &spec(&["sh", "-c", "while :; do :; done"]), false);
+    agent.start_container("spin").unwrap();
+    let usage = || agent.stats_container("spin").unwrap().cpu_usage_usec;
+    std::thread::sleep(Duration::from_millis(300));
+    agent.pause_container("spin").unwrap();
+    let paused = usage();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(usage(), paused, "no CPU time while paused");
+    agent.resume_container("spin").unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(usage() > paused, "CPU time moves again after resume");
+    agent.signal_process("spin", "", 9, false).unwrap();
+    assert_eq!(agent.wait_process("spin", "").unwrap().exit_code, 137);
+    agent.remove_container("spin", false).unwrap();
+}
+
+/// More than 100 MiB on stdout and on stderr arrive complete and in order.
+fn large_output(g: Target) {
+    // `seq 1 13000000` writes 105.9 MB (> 100 MiB); stdout first, then
+    // stderr, so the host must drain both at once; the process exits right
+    // after writing.
+    let n = 13_000_000u64;
+    let (code, out, err) = g.run("bulk", &spec(&["sh", "-c", &format!("seq 1 {n}; seq 1 {n} >&2")]));
+    assert_eq!(code, 0);
+    let expected = seq_bytes(n);
+    assert!(expected.len() > 100 << 20);
+    assert_eq!(out.len(), expected.len(), "stdout length");
+    assert!(out == expected, "stdout differs from seq output");
+    assert_eq!(err.len(), expected.len(), "stderr length");
+    assert!(err == expected, "stderr differs from seq output");
+}
+
+/// stdin is piped through and its close reaches the process.
+fn stdin_piped(g: Target) {
+    g.create("cat", &spec(&["cat"]), true);
+    let out = read_all_in_thread(g.stream("cat", "", StreamKind::Stdout));
+    let mut input = g.stream("cat", "", StreamKind::Stdin);
+    g.agent().start_container("cat").unwrap();
+    let data: Vec<u8> = (0..1_000_000u32).flat_map(|i| i.to_le_bytes()).collect();
+    input.write_all(&data).unwrap();
+    input.shutdown(Shutdown::Write).unwrap();
+    drop(input);
+    assert_eq!(
+        g.agent().wait_process("cat", "").unwrap().exit_code,
+        0,
+        "cat ends on EOF"
+    );
+    assert!(out.join().unwrap() == data, "cat echoed the input");
+}
+
+/// A terminal: one tty stream, and resizes reach the process.
+fn terminal(g: Target) {
+    let s = runc_like_spec(&["sh", "-c", "stty size; read x; stty size; tty"], true);
+    g.create("tty", &s, true);
+    let mut tty = g.stream("tty", "", StreamKind::Tty);
+    let agent = g.agent();
+    agent.resize_tty("tty", "", 30, 90).unwrap();
+    agent.start_container("tty").unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("30 90") {
+        let n = tty.read(&mut buf).unwrap();
+        assert!(n > 0, "tty closed early: {:?}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    agent.resize_tty("tty", "", 50, 120).unwrap();
+    tty.write_all(b"go\n").unwrap();
+    let mut rest = Vec::new();
+    let _ = tty.read_to_end(&mut rest);
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.contains("50 120"), "{rest}");
+    assert!(rest.contains("/dev/pts/"), "{rest}");
+    assert_eq!(agent.wait_process("tty", "").unwrap().exit_code, 0);
+}
+
+/// exec runs in the running container, also past its request.
+fn exec(g: Target) {
+    let agent = g.agent();
+    g.create(
+        "main",
+        &spec(&["sh", "-c", "echo ready > /tmp/mark; sleep 1000"]),
+        false,
+    );
+    agent.start_container("main").unwrap();
+    let exec = |exec_id: &str, args: &[&str]| {
+        let process = serde_json::json!({"args": args, "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}});
+        let req = ExecProcessRequest {
+            container_id: "main".into(),
+            exec_id: exec_id.into(),
+            process_json: process.to_string(),
+            ..Default::default()
+        };
+        agent
+            .exec_process(&req)
+            .unwrap_or_else(|e| panic!("exec {exec_id}: {e}"))
+    };
+    // Retry until the init has written its mark (it runs concurrently).
+    let mut out = Vec::new();
+    for attempt in 0..50 {
+        exec(&format!("cat{attempt}"), &["cat", "/tmp/mark"]);
+        let o = read_all_in_thread(g.stream("main", &format!("cat{attempt}"), StreamKind::Stdout));
+        let code = agent.wait_process("main", &format!("cat{attempt}")).unwrap().exit_code;
+        out = o.join().unwrap();
+        if code == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(out, b"ready\n", "the exec sees the container's /tmp");
+    // An exec that outlives its request.
+    exec("late", &["sh", "-c", "sleep 2; exit 7"]);
+    assert_eq!(agent.wait_process("main", "late").unwrap().exit_code, 7);
+    let pids = agent.list_processes("main").unwrap();
+    assert!(!pids.is_empty());
+    agent.signal_process("main", "", 9, true).unwrap();
+    assert_eq!(agent.wait_process("main", "").unwrap().exit_code, 137);
+    agent.remove_container("main", false).unwrap();
+}
+
+/// True where the cgroup v2 hierarchy the agent uses has the memory
+/// controller: always in the guest; on a host with hybrid cgroups it may not.
+fn memory_controller_available(g: &Target) -> bool {
+    if g.is_guest() {
+        return true;
+    }
+    [
+        "/sys/fs/cgroup/cgroup.controllers",
+        "/sys/fs/cgroup/unified/cgroup.controllers",
+    ]
+    .iter()
+    .filter_map(|p| std::fs::read_to_string(p).ok())
+    .any(|c| c.split_whitespace().any(|w| w == "memory"))
+}
+
+/// Stats move while a process works; past its memory limit it is
+/// OOM-killed and the OOM event arrives.
+fn oom_and_stats(g: Target) {
+    let agent = g.agent();
+    // Busy until /tmp/go exists, then allocate without bound.
+    let mut s = spec(&["sh", "-c", "while [ ! -e /tmp/go ]; do :; done; tail /dev/zero"]);
+    let limits = memory_controller_available(&g);
+    if limits {
+        s["linux"]["resources"]["memory"] = serde_json::json!({"limit": 32 << 20, "swap": 32 << 20});
+        s["linux"]["resources"]["pids"] = serde_json::json!({"limit": 100});
+    }
+    g.create("hog", &s, false);
+    agent.start_container("hog").unwrap();
+
+    let first = agent.stats_container("hog").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let second = agent.stats_container("hog").unwrap();
+    assert!(
+        second.cpu_usage_usec > first.cpu_usage_usec,
+        "cpu usage moves: {first:?} -> {second:?}"
+    );
+    if !limits {
+        eprintln!("skipped the OOM part: the memory controller is not in this host's cgroup v2 (hybrid cgroups)");
+        agent.signal_process("hog", "", 9, true).unwrap();
+        agent.wait_process("hog", "").unwrap();
+        agent.remove_container("hog", false).unwrap();
+        return;
+    }
+    assert_eq!(second.memory_limit, 32 << 20, "{second:?}");
+    assert_eq!(second.pids_limit, 100, "{second:?}");
+    assert!(second.pids_current >= 1, "{second:?}");
+    assert!(second.memory_usage > 0, "{second:?}");
+
+    let go = serde_json::json!({"args": ["touch", "/tmp/go"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}});
+    let req = ExecProcessRequest {
+        container_id: "hog".into(),
+        exec_id: "go".into(),
+        process_json: go.to_string(),
+        ..Default::default()
+    };
+    agent.exec_process(&req).unwrap();
+    let code = agent.wait_process("hog", "").unwrap().exit_code;
+    assert_eq!(code, 137, "killed by the OOM killer");
+    let (mut oom, mut exit) = (false, false);
+    while !(oom && exit) {
+        match agent.get_event().unwrap().event {
+            Some(event::Event::Oom(o)) if o.container_id == "hog" => oom = true,
+            Some(event::Event::Exit(x)) if x.container_id == "hog" && x.exec_id.is_empty() => {
+                assert_eq!(x.exit_code, 137);
+                exit = true
+            }
+            _ => {}
+        }
+    }
+    let after = agent.stats_container("hog").unwrap();
+    assert!(after.oom_kills >= 1, "{after:?}");
+    agent.remove_container("hog", false).unwrap();
+}
+
+/// hostname, uid/gid/groups, env, cwd, readonly root, masked paths.
+fn spec_fields(g: Target) {
+    let script = "hostname; id -u; id -g; id -G; echo $FOO; pwd; wc -c < /etc/secret; touch /x 2>/dev/null || echo ro";
+    let mut s = spec(&["sh", "-c", script]);
+    s["linux"]["maskedPaths"]
+        .as_array_mut()
+        .unwrap()
+        .push("/etc/secret".into());
+    s["hostname"] = "box".into();
+    s["process"]["user"] = serde_json::json!({"uid": 1000, "gid": 1000, "additionalGids": [10]});
+    s["process"]["env"] = serde_json::json!(["PATH=/bin", "FOO=bar"]);
+    s["process"]["cwd"] = "/tmp".into();
+    s["root"]["readonly"] = true.into();
+    g.create_rootfs("fields");
+    std::fs::write(g.shared_dir().join("fields/rootfs/etc/secret"), "top secret").unwrap();
+    let (code, out, _) = g.run("fields", &s);
+    let out = String::from_utf8_lossy(&out);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(&lines[..6], ["box", "1000", "1000", "1000 10", "bar", "/tmp"], "{out}");
+    assert_eq!(lines[6].trim(), "0", "masked /etc/secret reads empty: {out}");
+    assert_eq!(lines.last().copied(), Some("ro"), "{out}");
+    assert_eq!(code, 0);
+}
+
+/// Bad specs, bad rootfs paths, missing executables and unknown ids are
+/// errors a runc user recognises.
+fn bad_input(g: Target) {
+    let agent = g.agent();
+    let dir = g.shared_dir().join("x");
+    busybox_rootfs(&dir.join("rootfs"));
+    let req = |id: &str, spec_json: String, rootfs: &str| CreateContainerRequest {
+        container_id: id.into(),
+        spec_json,
+        rootfs: rootfs.into(),
+        ..Default::default()
+    };
+    let e = agent
+        .create_container(&req("b1", "{not json".into(), "x/rootfs"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("INVALID_ARGUMENT"), "{e}");
+    let e = agent
+        .create_container(&req("b2", spec(&["true"]).to_string(), "../etc"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("rootfs"), "{e}");
+    let e = agent
+        .create_container(&req("b3", spec(&["/no/such/program"]).to_string(), "x/rootfs"))
+        .and_then(|_| agent.start_container("b3"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no such file or directory") || e.contains("not found"),
+        "{e}"
+    );
+    let e = agent.start_container("nope").unwrap_err().to_string();
+    assert!(e.contains("does not exist"), "{e}");
+}
