@@ -72,6 +72,44 @@ fn base_mounts() -> [BaseMount; 7] {
     ]
 }
 
+/// Set in the environment of the re-executed agent once the root is no
+/// longer the initramfs.
+const ROOT_SWITCHED_ENV: &str = "TEGMEN_ROOT_SWITCHED";
+
+/// Moves PID 1 off the initramfs onto a tmpfs root, then re-executes it.
+///
+/// The initramfs is the root of the mount tree, and pivot_root(2) refuses
+/// to move away from it, so containers could only be chroot-ed (runc's
+/// `--no-pivot`). On a tmpfs moved over `/` they get a real pivot_root.
+/// Returns only when the switch has already happened (or on error).
+pub fn switch_root_off_initramfs() -> Result<()> {
+    if std::env::var_os(ROOT_SWITCHED_ENV).is_some() {
+        return Ok(());
+    }
+    let new_root = Path::new("/newroot");
+    std::fs::create_dir_all(new_root).context("creating /newroot")?;
+    mount(
+        Some("tmpfs"),
+        new_root,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .context("mounting a tmpfs on /newroot")?;
+    for dir in ["dev", "proc", "sys", "run", "tmp", "etc"] {
+        std::fs::create_dir_all(new_root.join(dir)).with_context(|| format!("creating /newroot/{dir}"))?;
+    }
+    std::fs::copy("/init", new_root.join("init")).context("copying /init to the new root")?;
+    // The initramfs cannot be unmounted; free what it holds instead.
+    let _ = std::fs::remove_file("/init");
+    std::env::set_current_dir(new_root).context("entering /newroot")?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).context("moving the new root onto /")?;
+    nix::unistd::chroot(".").context("chroot into the new root")?;
+    std::env::set_current_dir("/").context("entering the new root")?;
+    let err = std::os::unix::process::CommandExt::exec(std::process::Command::new("/init").env(ROOT_SWITCHED_ENV, "1"));
+    Err(err).context("re-executing /init on the new root")
+}
+
 pub fn setup_guest() -> Result<()> {
     for m in base_mounts() {
         std::fs::create_dir_all(m.target).with_context(|| format!("creating {}", m.target))?;

@@ -36,6 +36,9 @@ fn main() {
 }
 
 fn run(as_init: bool) -> Result<()> {
+    if as_init {
+        init::switch_root_off_initramfs().context("leaving the initramfs")?;
+    }
     let opts = Options::parse(as_init)?;
     // Block SIGCHLD before any thread exists so that only the reaper thread
     // receives it.
