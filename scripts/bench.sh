@@ -8,12 +8,17 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 tools="$repo/build/bench-tools"
 mkdir -p "$tools"
 
-if ! dpkg-query -W -f='${Status}' libcap-ng-dev 2>/dev/null | grep -q "install ok installed"; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libcap-ng-dev libseccomp-dev >/dev/null
+# References only the benchmark needs: runc, and what virtiofsd builds with.
+need=()
+for p in runc libcap-ng-dev libseccomp-dev; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 [ -x "$tools/bin/virtiofsd" ] || cargo install --quiet --root "$tools" --locked virtiofsd@1.14.0 || cargo install --quiet --root "$tools" virtiofsd
 [ -x "$tools/bin/vhost-device-vsock" ] || cargo install --quiet --root "$tools" --locked vhost-device-vsock@0.3.0 || cargo install --quiet --root "$tools" vhost-device-vsock
 
-( cd "$repo" && cargo build --quiet --release -p tegmen-vmm --bins )
+( cd "$repo" && cargo build --quiet --release -p tegmen-vmm -p tegmen-agent -p tegmen-tests --bins )
 gcc -O2 -static -o "$tools/trivial-init" "$repo/scripts/bench/trivial_init.c"
 exec python3 "$repo/scripts/bench/bench.py" --repo "$repo" --tools "$tools" "$@"

@@ -3,7 +3,9 @@
 //! archives for fault tests.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
+use tegmen_supervisor::agent_client::{AgentClient, StreamEndpoint};
 use tegmen_supervisor::config::Config;
 
 /// A configuration whose state root is private to one test (short, so every
@@ -251,4 +253,67 @@ pub fn runc_like_spec(args: &[&str], terminal: bool) -> serde_json::Value {
             "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
         }
     })
+}
+
+/// The agent run on the host, as root, over Unix sockets
+/// (`tegmen-agent --listen unix://...`), in its own state directory: the
+/// same container code as in the guest, without a VM. Stopped, and checked
+/// to have left no process behind, when dropped.
+pub struct HostAgent {
+    dir: PathBuf,
+    child: std::process::Child,
+    pub agent: AgentClient,
+}
+
+impl HostAgent {
+    pub fn start(name: &str) -> HostAgent {
+        let dir = PathBuf::from(format!("/run/tegmen-e2e/host-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("shared")).unwrap();
+        let api = dir.join("agent.sock");
+        let child = std::process::Command::new(workspace_binary("tegmen-agent"))
+            .arg("--listen")
+            .arg(format!("unix://{}", api.display()))
+            .arg("--stream-listen")
+            .arg(format!("unix://{}", dir.join("streams.sock").display()))
+            .arg("--shared-dir")
+            .arg(dir.join("shared"))
+            .arg("--state-root")
+            .arg(dir.join("state"))
+            .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
+            .spawn()
+            .expect("starting tegmen-agent on the host");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let agent = loop {
+            if let Ok(a) = AgentClient::connect_unix(&api, Duration::from_secs(30)) {
+                if a.check().is_ok() {
+                    break a;
+                }
+            }
+            let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+            assert!(Instant::now() < deadline, "the host agent did not start: {log}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        HostAgent { dir, child, agent }
+    }
+
+    pub fn shared_dir(&self) -> PathBuf {
+        self.dir.join("shared")
+    }
+
+    pub fn endpoint(&self) -> StreamEndpoint {
+        StreamEndpoint::Unix(self.dir.join("streams.sock"))
+    }
+}
+
+impl Drop for HostAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let left = processes_mentioning(&self.dir);
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if !std::thread::panicking() {
+            assert!(left.is_empty(), "processes left behind by the host agent: {left:?}");
+        }
+    }
 }

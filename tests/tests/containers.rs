@@ -12,7 +12,7 @@ use tegmen_agent_api::agent::{event, CreateContainerRequest, ExecProcessRequest}
 use tegmen_agent_api::stream::StreamKind;
 use tegmen_supervisor::agent_client::{AgentClient, StreamEndpoint};
 use tegmen_supervisor::sandbox::{Sandbox, SandboxOptions};
-use tegmen_tests::{busybox_rootfs, processes_mentioning, runc_like_spec, workspace_binary, TestRoot};
+use tegmen_tests::{busybox_rootfs, runc_like_spec, HostAgent, TestRoot};
 
 /// Where the containers run: inside a real guest (QEMU, vsock, virtio-fs),
 /// or in the same agent binary run on the host over Unix sockets. Every
@@ -20,14 +20,6 @@ use tegmen_tests::{busybox_rootfs, processes_mentioning, runc_like_spec, workspa
 struct Target {
     guest: Option<(TestRoot, Sandbox)>,
     host: Option<HostAgent>,
-}
-
-/// `tegmen-agent --listen unix://...` on the host, as root, in its own
-/// state directory.
-struct HostAgent {
-    dir: PathBuf,
-    child: std::process::Child,
-    agent: AgentClient,
 }
 
 impl Target {
@@ -48,39 +40,9 @@ impl Target {
     }
 
     fn host(name: &str) -> Target {
-        let dir = PathBuf::from(format!("/run/tegmen-e2e/host-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("shared")).unwrap();
-        let api = dir.join("agent.sock");
-        let child = std::process::Command::new(workspace_binary("tegmen-agent"))
-            .arg("--listen")
-            .arg(format!("unix://{}", api.display()))
-            .arg("--stream-listen")
-            .arg(format!("unix://{}", dir.join("streams.sock").display()))
-            .arg("--shared-dir")
-            .arg(dir.join("shared"))
-            .arg("--state-root")
-            .arg(dir.join("state"))
-            .stderr(std::fs::File::create(dir.join("agent.log")).unwrap())
-            .spawn()
-            .expect("starting tegmen-agent on the host");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let agent = loop {
-            if let Ok(a) = AgentClient::connect_unix(&api, Duration::from_secs(30)) {
-                if a.check().is_ok() {
-                    break a;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the host agent did not start: {:?}",
-                std::fs::read_to_string(dir.join("agent.log"))
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
         Target {
             guest: None,
-            host: Some(HostAgent { dir, child, agent }),
+            host: Some(HostAgent::start(name)),
         }
     }
 
@@ -99,7 +61,7 @@ impl Target {
     fn shared_dir(&self) -> PathBuf {
         match (&self.guest, &self.host) {
             (Some((_, sb)), _) => sb.shared_dir(),
-            (_, Some(h)) => h.dir.join("shared"),
+            (_, Some(h)) => h.shared_dir(),
             _ => unreachable!(),
         }
     }
@@ -107,7 +69,7 @@ impl Target {
     fn endpoint(&self) -> StreamEndpoint {
         match (&self.guest, &self.host) {
             (Some((_, sb)), _) => sb.stream_endpoint(),
-            (_, Some(h)) => StreamEndpoint::Unix(h.dir.join("streams.sock")),
+            (_, Some(h)) => h.endpoint(),
             _ => unreachable!(),
         }
     }
@@ -164,15 +126,7 @@ impl Drop for Target {
                 root.assert_nothing_left();
             }
         }
-        if let Some(mut h) = self.host.take() {
-            let _ = h.child.kill();
-            let _ = h.child.wait();
-            let left = processes_mentioning(&h.dir);
-            let _ = std::fs::remove_dir_all(&h.dir);
-            if !std::thread::panicking() {
-                assert!(left.is_empty(), "processes left behind by the host agent: {left:?}");
-            }
-        }
+        drop(self.host.take());
     }
 }
 
