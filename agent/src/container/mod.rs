@@ -281,6 +281,24 @@ fn fail(e: LibcontainerError) -> Failure {
     Failure::from_libcontainer(&e)
 }
 
+/// libcontainer's builder for container `id` under `root`, with the
+/// process's stdio: the pipes' child ends, or a console socket for a pty.
+fn builder(
+    id: String,
+    root: PathBuf,
+    console: Option<PathBuf>,
+    pipes: Option<stdio::ChildPipes>,
+) -> Result<ContainerBuilder, Failure> {
+    let mut builder = ContainerBuilder::new(id, SyscallType::Linux)
+        .with_root_path(root)
+        .map_err(fail)?
+        .with_console_socket(console);
+    if let Some(p) = pipes {
+        builder = builder.with_stdin(p.stdin).with_stdout(p.stdout).with_stderr(p.stderr);
+    }
+    builder.validate_id().map_err(fail)
+}
+
 impl ContainerManager {
     /// `state_root`: libcontainer's root dir (e.g. /run/tegmen/containers);
     /// `events`: where exits and OOM kills go as they happen.
@@ -418,16 +436,7 @@ impl ContainerManager {
 
         let fork_guard = fork_lock_shared();
         let pid = helper::run("create container", id, move || {
-            let mut builder = ContainerBuilder::new(id_owned, SyscallType::Linux)
-                .with_root_path(root)
-                .map_err(fail)?
-                .with_console_socket(console_path);
-            if let Some(p) = child {
-                builder = builder.with_stdin(p.stdin).with_stdout(p.stdout).with_stderr(p.stderr);
-            }
-            let container = builder
-                .validate_id()
-                .map_err(fail)?
+            let container = builder(id_owned, root, console_path, child)?
                 .as_init(bundle_owned)
                 .with_systemd(false)
                 .with_detach(true)
@@ -578,16 +587,7 @@ impl ContainerManager {
 
         let fork_guard = fork_lock_shared();
         let result = helper::run("exec in container", id, move || {
-            let mut builder = ContainerBuilder::new(id_owned, SyscallType::Linux)
-                .with_root_path(root)
-                .map_err(fail)?
-                .with_console_socket(console_path);
-            if let Some(p) = child {
-                builder = builder.with_stdin(p.stdin).with_stdout(p.stdout).with_stderr(p.stderr);
-            }
-            let pid = builder
-                .validate_id()
-                .map_err(fail)?
+            let pid = builder(id_owned, root, console_path, child)?
                 .as_tenant()
                 .with_detach(true)
                 .as_sibling(true)
