@@ -1,8 +1,8 @@
 //! Tegmen's host side.
 //!
 //! A request travels in a straight line through these modules: a face (the
-//! `supervisor` CLI today; the `tegmen` OCI runtime and the containerd shim
-//! later) asks for a [`sandbox::Sandbox`], which lays out its directory,
+//! `supervisor` CLI, the `tegmen` OCI runtime in [`runtime`]; the containerd
+//! shim later) asks for a [`sandbox::Sandbox`], which lays out its directory,
 //! starts a VM through a [`hypervisor::Hypervisor`] backend chosen from what
 //! the [`host`] offers, and talks to the in-guest agent through an
 //! [`agent_client::AgentClient`] over hybrid vsock.
@@ -14,6 +14,7 @@ pub mod guest_image;
 pub mod host;
 pub mod hypervisor;
 pub mod process;
+pub mod runtime;
 pub mod sandbox;
 
 pub use error::{Error, Result};

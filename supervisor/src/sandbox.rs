@@ -177,6 +177,21 @@ impl Sandbox {
     /// Lays out the sandbox, boots its VM and waits for the agent. On any
     /// error everything made so far is removed again.
     pub fn create(config: &Config, id: &str, options: &SandboxOptions) -> Result<Sandbox> {
+        Sandbox::create_prepared(config, id, options, &mut |_| Ok(()))
+    }
+
+    /// As [`Sandbox::create`], and calls `prepare` with the shared directory
+    /// once it exists but before the file system backend starts serving it:
+    /// the place for host mounts below the share (the backend serves the
+    /// share from a private mount namespace copied at its start, so later
+    /// host mounts would not reach the guest). Mounts made there are
+    /// unmounted at teardown.
+    pub fn create_prepared(
+        config: &Config,
+        id: &str,
+        options: &SandboxOptions,
+        prepare: &mut dyn FnMut(&Path) -> Result<()>,
+    ) -> Result<Sandbox> {
         validate_id(id)?;
         let layout = Layout::new(config, id);
         layout.check_socket_paths()?;
@@ -212,7 +227,7 @@ impl Sandbox {
             boot_time: Duration::ZERO,
             torn_down: false,
         };
-        match sandbox.boot(config, &layout, &image, choice.accel) {
+        match sandbox.boot(config, &layout, &image, choice.accel, prepare) {
             Ok(()) => Ok(sandbox),
             Err(e) => {
                 sandbox.teardown();
@@ -221,11 +236,19 @@ impl Sandbox {
         }
     }
 
-    fn boot(&mut self, config: &Config, layout: &Layout, image: &GuestImage, accel: hypervisor::Accel) -> Result<()> {
+    fn boot(
+        &mut self,
+        config: &Config,
+        layout: &Layout,
+        image: &GuestImage,
+        accel: hypervisor::Accel,
+        prepare: &mut dyn FnMut(&Path) -> Result<()>,
+    ) -> Result<()> {
         let shared = layout.shared();
         std::fs::create_dir(&shared).map_err(|e| Error::io("creating", &shared, e))?;
         let id_file = shared.join(SANDBOX_ID_FILE);
         std::fs::write(&id_file, &self.id).map_err(|e| Error::io("writing", &id_file, e))?;
+        prepare(&shared)?;
 
         let spec = VmSpec {
             id: self.id.clone(),
@@ -367,6 +390,21 @@ impl Sandbox {
         self.teardown();
     }
 
+    /// Leaves the VM running after this value (and this process) is gone:
+    /// the sandbox loses its owner, so it is never removed as stale, and
+    /// lives on until [`destroy`] removes it by id, from any process. Its
+    /// host processes are in sessions of their own and get re-parented.
+    pub fn detach(mut self) -> Result<()> {
+        self.state.owner = None;
+        let written = write_state(&self.layout().state(), &self.state);
+        self.torn_down = true;
+        self.agent = None;
+        // The backend's Drop would kill the VM: forget it instead.
+        let hypervisor = std::mem::replace(&mut self.hypervisor, Box::new(Detached));
+        std::mem::forget(hypervisor);
+        written
+    }
+
     fn teardown(&mut self) {
         if self.torn_down {
             return;
@@ -382,6 +420,53 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         self.teardown();
     }
+}
+
+/// What a detached [`Sandbox`] holds instead of its backend: the VM is no
+/// longer this process's to drive.
+struct Detached;
+
+impl Hypervisor for Detached {
+    fn name(&self) -> &'static str {
+        "detached"
+    }
+    fn start(&mut self, _spec: &VmSpec, _record: &mut dyn FnMut(ProcessRecord)) -> Result<()> {
+        Err(Error::Hypervisor("a detached sandbox cannot start a VM".into()))
+    }
+    fn exited(&mut self) -> Option<String> {
+        None
+    }
+    fn wait(&mut self, _timeout: Duration) -> bool {
+        false
+    }
+    fn kill(&mut self) {}
+}
+
+/// Kills the VM of sandbox `id` and removes everything it left, from any
+/// process (the one that created it may be long gone): its recorded
+/// processes, mounts below its directory, the directory.
+pub fn destroy(config: &Config, id: &str) -> Result<()> {
+    validate_id(id)?;
+    let dir = Layout::new(config, id).dir;
+    if !dir.exists() {
+        return Err(Error::SandboxNotFound(id.to_string()));
+    }
+    let processes = read_state(&dir).map(|s| s.processes).unwrap_or_default();
+    remove_sandbox_dir(&dir, &processes);
+    if dir.exists() {
+        return Err(Error::Hypervisor(format!(
+            "sandbox {id}: {} could not be removed",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// True while the VM of the sandbox in `dir` runs (its QEMU process, as
+/// recorded in `state.json`, is alive).
+pub fn vm_alive(dir: &Path) -> bool {
+    read_state(dir)
+        .is_ok_and(|s| s.status == Status::Running && s.processes.iter().any(|p| p.name == "qemu" && p.is_alive()))
 }
 
 /// Creates `<sandboxes>/<id>` with its `state.json` in one rename, so a
@@ -416,7 +501,11 @@ fn remove_sandbox_dir(dir: &Path, recorded: &[ProcessRecord]) {
         p.wait_gone(Duration::from_secs(2));
     }
     unmount_below(dir);
-    let _ = std::fs::remove_dir_all(dir);
+    // Never recurse into a file system that is still mounted below the
+    // directory (a bind-mounted container rootfs): its files are not ours.
+    if mounts_below(dir).is_empty() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 /// Our own helper processes (QEMU and the backends) whose command line
@@ -452,17 +541,21 @@ fn find_processes_using(dir: &Path) -> Vec<ProcessRecord> {
     found
 }
 
-/// Unmounts every mount point at or below `dir`, deepest first.
-fn unmount_below(dir: &Path) {
+/// Mount points at or below `dir`, as this process's mount namespace has them.
+pub fn mounts_below(dir: &Path) -> Vec<PathBuf> {
     let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
+        return Vec::new();
     };
-    let mut targets: Vec<PathBuf> = text
-        .lines()
+    text.lines()
         .filter_map(|l| l.split(' ').nth(4))
         .map(unescape_mount_path)
         .filter(|p| p.starts_with(dir))
-        .collect();
+        .collect()
+}
+
+/// Unmounts every mount point at or below `dir`, deepest first.
+pub fn unmount_below(dir: &Path) {
+    let mut targets = mounts_below(dir);
     targets.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
     for t in targets {
         let _ = nix::mount::umount2(&t, nix::mount::MntFlags::MNT_DETACH);

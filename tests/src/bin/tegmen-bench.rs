@@ -94,7 +94,10 @@ fn main() {
         ["stdout-throughput", mib] => {
             let (_root, sb) = boot("bench-tput");
             busybox_rootfs(&sb.shared_dir().join("bench/rootfs"));
-            let cmd = format!("dd if=/dev/zero bs=1M count={} 2>/dev/null", mib.parse::<u64>().unwrap());
+            let cmd = format!(
+                "dd if=/dev/zero bs=1M count={} 2>/dev/null",
+                mib.parse::<u64>().unwrap()
+            );
             let start = Instant::now();
             let bytes = run_once(
                 sb.agent(),

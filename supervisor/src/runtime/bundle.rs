@@ -1,0 +1,246 @@
+//! The bundle: `config.json` read and checked as runc checks it, the host
+//! paths it names (rootfs, bind-mount sources), the spec rewritten for the
+//! guest (bind sources become paths on the share), and the VM's size.
+//!
+//! Sizing: memory is `linux.resources.memory.limit` plus
+//! [`MEMORY_OVERHEAD_MIB`] for the guest kernel, the agent and page cache,
+//! never below the configured default; vCPUs are `ceil(quota / period)`
+//! of `linux.resources.cpu`, at least 1, else the configured default.
+
+use std::path::{Path, PathBuf};
+
+use super::{Error, Result};
+use crate::config::GuestConfig;
+
+/// Memory the VM gets on top of the container's memory limit.
+pub const MEMORY_OVERHEAD_MIB: u64 = 128;
+/// Where the guest sees the share (`tegmen_agent_api::GUEST_SHARED_DIR`).
+pub const GUEST_SHARED: &str = tegmen_agent_api::GUEST_SHARED_DIR;
+
+pub struct Bundle {
+    /// Absolute.
+    pub dir: PathBuf,
+    pub spec: serde_json::Value,
+    /// The rootfs on the host, absolute.
+    pub rootfs: PathBuf,
+    pub readonly: bool,
+    pub terminal: bool,
+}
+
+/// One host bind mount of the spec, to be made below the share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostBind {
+    /// Index into the spec's `mounts`.
+    pub index: usize,
+    pub source: PathBuf,
+}
+
+impl Bundle {
+    /// Reads `<dir>/config.json` (dir relative to the current directory).
+    pub fn load(dir: &Path) -> Result<Bundle> {
+        let dir = if dir.is_absolute() {
+            dir.to_path_buf()
+        } else {
+            std::env::current_dir()
+                .map_err(|e| Error::io("reading", ".", e))?
+                .join(dir)
+        };
+        let dir = std::fs::canonicalize(&dir).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::MissingFile(dir.join("config.json")),
+            _ => Error::io("resolving the bundle", &dir, e),
+        })?;
+        let path = dir.join("config.json");
+        let text = std::fs::read(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::MissingFile(path.clone()),
+            _ => Error::io("open", &path, e),
+        })?;
+        let spec: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|e| Error::Spec(format!("parsing {}: {e}", path.display())))?;
+        Bundle::from_spec(dir, spec, &path)
+    }
+
+    fn from_spec(dir: PathBuf, spec: serde_json::Value, path: &Path) -> Result<Bundle> {
+        let bad = |msg: String| Err(Error::Spec(format!("{}: {msg}", path.display())));
+        if !spec.is_object() {
+            return bad("not a JSON object".into());
+        }
+        if !spec["ociVersion"].is_string() {
+            return bad("\"ociVersion\" must be a string".into());
+        }
+        let process = &spec["process"];
+        if !process.is_object() {
+            return bad("\"process\" is missing".into());
+        }
+        let args_ok = process["args"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty() && a.iter().all(|x| x.is_string()));
+        if !args_ok {
+            return bad("\"process.args\" must be a non-empty list of strings".into());
+        }
+        let Some(root) = spec["root"]["path"].as_str().filter(|s| !s.is_empty()) else {
+            return bad("\"root.path\" is missing".into());
+        };
+        if !spec["mounts"].is_null() && !spec["mounts"].is_array() {
+            return bad("\"mounts\" must be a list".into());
+        }
+        let rootfs = if Path::new(root).is_absolute() {
+            PathBuf::from(root)
+        } else {
+            dir.join(root)
+        };
+        if !rootfs.is_dir() {
+            return Err(Error::Spec(format!("rootfs ({}) does not exist", rootfs.display())));
+        }
+        if let Some(namespaces) = spec["linux"]["namespaces"].as_array() {
+            let joins_net = namespaces
+                .iter()
+                .any(|n| n["type"] == "network" && n["path"].as_str().is_some_and(|p| !p.is_empty()));
+            if joins_net {
+                return Err(Error::Spec(
+                    "joining a network namespace by path is not supported yet".into(),
+                ));
+            }
+        }
+        Ok(Bundle {
+            readonly: spec["root"]["readonly"].as_bool().unwrap_or(false),
+            terminal: spec["process"]["terminal"].as_bool().unwrap_or(false),
+            dir,
+            spec,
+            rootfs,
+        })
+    }
+
+    pub fn oci_version(&self) -> String {
+        self.spec["ociVersion"].as_str().unwrap_or_default().to_string()
+    }
+
+    pub fn annotations(&self) -> std::collections::BTreeMap<String, String> {
+        self.spec["annotations"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The spec's bind mounts of host paths.
+    pub fn host_binds(&self) -> Vec<HostBind> {
+        let Some(mounts) = self.spec["mounts"].as_array() else {
+            return Vec::new();
+        };
+        mounts
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| is_bind(m))
+            .filter_map(|(index, m)| {
+                let source = m["source"].as_str()?;
+                Path::new(source).is_absolute().then(|| HostBind {
+                    index,
+                    source: PathBuf::from(source),
+                })
+            })
+            .collect()
+    }
+
+    /// The spec the agent gets: each host bind's source is its place on the
+    /// share, `<guest share>/<id>/mounts/<n>`.
+    pub fn guest_spec(&self, id: &str, binds: &[HostBind]) -> serde_json::Value {
+        let mut spec = self.spec.clone();
+        for (n, b) in binds.iter().enumerate() {
+            spec["mounts"][b.index]["source"] = format!("{GUEST_SHARED}/{id}/mounts/{n}").into();
+        }
+        spec
+    }
+
+    /// (memory MiB, vCPUs) of the VM.
+    pub fn vm_size(&self, defaults: &GuestConfig) -> (u32, u32) {
+        vm_size(&self.spec, defaults)
+    }
+}
+
+fn is_bind(m: &serde_json::Value) -> bool {
+    m["type"] == "bind"
+        || m["options"]
+            .as_array()
+            .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
+}
+
+fn vm_size(spec: &serde_json::Value, defaults: &GuestConfig) -> (u32, u32) {
+    let resources = &spec["linux"]["resources"];
+    let memory = resources["memory"]["limit"]
+        .as_i64()
+        .filter(|l| *l > 0)
+        .map(|l| (l as u64).div_ceil(1 << 20) + MEMORY_OVERHEAD_MIB)
+        .map(|m| m.clamp(u64::from(defaults.memory_mib), 1024 * 1024) as u32)
+        .unwrap_or(defaults.memory_mib);
+    let quota = resources["cpu"]["quota"].as_i64().filter(|q| *q > 0);
+    let period = resources["cpu"]["period"]
+        .as_u64()
+        .filter(|p| *p > 0)
+        .unwrap_or(100_000);
+    let vcpus = quota
+        .map(|q| (q as u64).div_ceil(period).clamp(1, 255) as u32)
+        .unwrap_or(defaults.vcpus);
+    (memory, vcpus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle(spec: serde_json::Value) -> Result<Bundle> {
+        let dir = std::env::temp_dir();
+        Bundle::from_spec(dir.clone(), spec, &dir.join("config.json"))
+    }
+
+    fn minimal() -> serde_json::Value {
+        serde_json::json!({"ociVersion": "1.0.2", "process": {"args": ["sh"]}, "root": {"path": "/"}})
+    }
+
+    #[test]
+    fn sizes_follow_the_resources() {
+        let d = GuestConfig::default();
+        let mut s = minimal();
+        assert_eq!(vm_size(&s, &d), (d.memory_mib, d.vcpus));
+        s["linux"]["resources"] =
+            serde_json::json!({"memory": {"limit": 512u64 << 20}, "cpu": {"quota": 150000, "period": 100000}});
+        assert_eq!(vm_size(&s, &d), (512 + 128, 2));
+        s["linux"]["resources"] = serde_json::json!({"memory": {"limit": 16u64 << 20}, "cpu": {"quota": 1000}});
+        assert_eq!(vm_size(&s, &d), (d.memory_mib, 1), "never below the default");
+    }
+
+    #[test]
+    fn bad_specs_name_the_field() {
+        let mut s = minimal();
+        s.as_object_mut().unwrap().remove("process");
+        let e = bundle(s).err().unwrap().to_string();
+        assert!(e.contains("\"process\""), "{e}");
+        let mut s = minimal();
+        s["root"]["path"] = "no-such-rootfs".into();
+        let e = bundle(s).err().unwrap().to_string();
+        assert!(e.contains("rootfs") && e.contains("does not exist"), "{e}");
+        let mut s = minimal();
+        s["linux"]["namespaces"] = serde_json::json!([{"type": "network", "path": "/proc/1/ns/net"}]);
+        let e = bundle(s).err().unwrap().to_string();
+        assert_eq!(e, "joining a network namespace by path is not supported yet");
+    }
+
+    #[test]
+    fn host_binds_are_rewritten_to_the_share() {
+        let mut s = minimal();
+        s["mounts"] = serde_json::json!([
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/data", "type": "bind", "source": "/srv/data"},
+            {"destination": "/etc/hosts", "type": "none", "source": "/tmp/hosts", "options": ["rbind", "ro"]},
+        ]);
+        let b = bundle(s).unwrap();
+        let binds = b.host_binds();
+        assert_eq!(binds.iter().map(|b| b.index).collect::<Vec<_>>(), [1, 2]);
+        let g = b.guest_spec("c1", &binds);
+        assert_eq!(g["mounts"][0]["source"], "proc");
+        assert_eq!(g["mounts"][1]["source"], "/run/tegmen/shared/c1/mounts/0");
+        assert_eq!(g["mounts"][2]["source"], "/run/tegmen/shared/c1/mounts/1");
+    }
+}

@@ -1,0 +1,662 @@
+//! End-to-end: the `tegmen` OCI runtime binary driven as runc's callers
+//! drive it (conmon, containerd-shim), on a busybox bundle, each container
+//! in a real guest.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tegmen_tests::{busybox_rootfs, processes_mentioning, runc_like_spec, workspace_binary, TestRoot};
+
+/// One test's runtime: its own `--root`, bundles below it.
+struct Rt {
+    root: TestRoot,
+    bin: PathBuf,
+}
+
+/// (exit status, stdout, stderr) of one command.
+type Out = (i32, String, String);
+
+impl Rt {
+    fn new(name: &str) -> Rt {
+        Rt {
+            root: TestRoot::new(name),
+            bin: workspace_binary("tegmen"),
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.arg("--root").arg(self.root.root()).args(args).stdin(Stdio::null());
+        c
+    }
+
+    fn out(&self, args: &[&str]) -> Out {
+        let o = self.cmd(args).output().expect("running tegmen");
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    }
+
+    /// Runs a command that must succeed; its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.out(args);
+        assert_eq!(code, 0, "tegmen {args:?} failed: {err}");
+        out
+    }
+
+    /// Runs a command that leaves a monitor behind holding the stdio it
+    /// was given (`run -d`, `exec -d`): stdout to null, stderr to a file,
+    /// so nothing waits for their EOF.
+    fn ok_detached(&self, args: &[&str]) {
+        let err_path = self.root.root().join("detached.err");
+        let err = std::fs::File::create(&err_path).unwrap();
+        let status = self.cmd(args).stdout(Stdio::null()).stderr(err).status().unwrap();
+        let text = std::fs::read_to_string(&err_path).unwrap_or_default();
+        assert!(status.success(), "tegmen {args:?} failed: {text}");
+    }
+
+    fn state(&self, id: &str) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["state", id])).expect("state prints JSON")
+    }
+
+    fn status(&self, id: &str) -> String {
+        self.state(id)["status"].as_str().unwrap().to_string()
+    }
+
+    fn wait_status(&self, id: &str, want: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = self.status(id);
+            if s == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{id} stays {s}, never {want}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A bundle running `args`: a busybox rootfs and runc's default spec.
+    fn bundle(&self, name: &str, args: &[&str]) -> PathBuf {
+        self.bundle_with(name, runc_like_spec(args, false))
+    }
+
+    fn bundle_with(&self, name: &str, spec: serde_json::Value) -> PathBuf {
+        let dir = self.root.root().join("bundles").join(name);
+        busybox_rootfs(&dir.join("rootfs"));
+        std::fs::write(dir.join("config.json"), spec.to_string()).unwrap();
+        dir
+    }
+
+    fn b(dir: &Path) -> &str {
+        dir.to_str().unwrap()
+    }
+}
+
+impl Drop for Rt {
+    /// A failed test must not leave VMs running: force-delete whatever is
+    /// left before the root goes.
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir(self.root.config.sandboxes_dir()) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            let _ = self.cmd(&["delete", "--force", &id]).output();
+        }
+    }
+}
+
+fn pid_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .unwrap_or(false)
+}
+
+fn read_all_in_thread(mut r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = r.read_to_string(&mut s);
+        s
+    })
+}
+
+/// create → created (monitor alive, pid-file = state pid) → start → the
+/// output arrives on the stdout `create` was given → stopped → delete →
+/// nothing left; start and kill after the exit are refused as runc does.
+#[test]
+fn create_start_state_delete() {
+    let rt = Rt::new("rt-life");
+    let bundle = rt.bundle("life", &["sh", "-c", "echo hello; echo oops >&2; exit 3"]);
+    let pid_file = rt.root.root().join("life.pid");
+    let mut create = rt
+        .cmd(&[
+            "create",
+            "--bundle",
+            Rt::b(&bundle),
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            "life",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = read_all_in_thread(create.stdout.take().unwrap());
+    let err = read_all_in_thread(create.stderr.take().unwrap());
+    assert!(create.wait().unwrap().success(), "create failed");
+
+    let state = rt.state("life");
+    assert_eq!(state["status"], "created", "{state}");
+    assert_eq!(state["id"], "life");
+    assert_eq!(state["bundle"], Rt::b(&bundle));
+    assert_eq!(state["rootfs"], Rt::b(&bundle.join("rootfs")));
+    assert_eq!(state["ociVersion"], "1.0.2");
+    let pid = state["pid"].as_i64().unwrap() as i32;
+    assert!(pid > 0 && pid_alive(pid), "{state}");
+    let from_file: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    assert_eq!(from_file, pid, "the pid file names the monitor");
+    let mounts = tegmen_tests::mounts_below(rt.root.root());
+    assert!(
+        mounts.iter().any(|m| m.ends_with("shared/life/rootfs")),
+        "rootfs bind-mounted below the share: {mounts:?}"
+    );
+
+    rt.ok(&["start", "life"]);
+    assert_eq!(out.join().unwrap(), "hello\n", "stdout reaches create's stdout");
+    assert_eq!(err.join().unwrap(), "oops\n", "stderr reaches create's stderr");
+    rt.wait_status("life", "stopped");
+    assert_eq!(rt.state("life")["pid"], 0);
+    assert!(!pid_alive(pid), "the monitor exits with the container");
+
+    let (code, _, e) = rt.out(&["start", "life"]);
+    assert_eq!((code, e.trim()), (1, "cannot start a container that has stopped"));
+    let (code, _, e) = rt.out(&["kill", "life", "KILL"]);
+    assert_eq!((code, e.trim()), (1, "container not running"));
+    let listed = rt.ok(&["list", "-q"]);
+    assert_eq!(listed.trim(), "life");
+
+    rt.ok(&["delete", "life"]);
+    rt.root.assert_nothing_left();
+    let (code, _, e) = rt.out(&["state", "life"]);
+    assert_eq!((code, e.trim()), (1, "container does not exist"));
+}
+
+/// Attached `run` exits with the container's status and removes it.
+#[test]
+fn run_exit_codes() {
+    let rt = Rt::new("rt-run");
+    for (id, script, want) in [
+        ("zero", "echo out", 0),
+        ("three", "exit 3", 3),
+        // The shell is the container's PID 1, which SIGKILL from inside
+        // cannot end; its child can be killed so.
+        ("killed", "sh -c 'kill -9 $$'; exit $?", 137),
+    ] {
+        let bundle = rt.bundle(id, &["sh", "-c", script]);
+        let (code, out, err) = rt.out(&["run", "--bundle", Rt::b(&bundle), id]);
+        assert_eq!(code, want, "{id}: {err}");
+        if id == "zero" {
+            assert_eq!(out, "out\n");
+        }
+        rt.root.assert_nothing_left();
+    }
+}
+
+/// `kill` (SIGTERM by default) reaches a trapping shell; exec attached and
+/// detached; pause/resume; start twice and delete of a running container
+/// are refused.
+#[test]
+fn kill_exec_pause() {
+    let rt = Rt::new("rt-kill");
+    let script = "trap 'echo got TERM; exit 5' TERM; echo up; while :; do sleep 0.1; done";
+    let bundle = rt.bundle("trap", &["sh", "-c", script]);
+    let out_path = rt.root.root().join("trap.out");
+    let out_file = std::fs::File::create(&out_path).unwrap();
+    let status = rt
+        .cmd(&["run", "-d", "--bundle", Rt::b(&bundle), "trap"])
+        .stdout(out_file)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(rt.status("trap"), "running");
+
+    let (code, _, e) = rt.out(&["start", "trap"]);
+    assert_eq!((code, e.trim()), (1, "cannot start an already running container"));
+    let (code, _, e) = rt.out(&["create", "--bundle", Rt::b(&bundle), "trap"]);
+    assert_eq!((code, e.trim()), (1, "container with given ID already exists"));
+    let (code, _, e) = rt.out(&["delete", "trap"]);
+    assert_eq!(
+        (code, e.trim()),
+        (1, "cannot delete container trap that is not stopped: running")
+    );
+
+    let (code, out, err) = rt.out(&["exec", "trap", "sh", "-c", "echo in exec; echo $FOO; exit 4"]);
+    assert_eq!((code, out.as_str()), (4, "in exec\n\n"), "{err}");
+    let (code, out, _) = rt.out(&[
+        "exec",
+        "-e",
+        "FOO=bar",
+        "--cwd",
+        "/tmp",
+        "trap",
+        "sh",
+        "-c",
+        "echo $FOO; pwd",
+    ]);
+    assert_eq!((code, out.as_str()), (0, "bar\n/tmp\n"));
+    let process_file = rt.root.root().join("process.json");
+    let process = serde_json::json!({"args": ["sh", "-c", "id -u; echo $P"], "cwd": "/", "env": ["PATH=/bin", "P=from-file"],
+                                     "user": {"uid": 1000, "gid": 1000}});
+    std::fs::write(&process_file, process.to_string()).unwrap();
+    let (code, out, err) = rt.out(&["exec", "--process", process_file.to_str().unwrap(), "trap"]);
+    assert_eq!((code, out.as_str()), (0, "1000\nfrom-file\n"), "{err}");
+    let pid_file = rt.root.root().join("exec.pid");
+    rt.ok_detached(&[
+        "exec",
+        "-d",
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        "trap",
+        "sleep",
+        "30",
+    ]);
+    let exec_pid: i32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    assert!(pid_alive(exec_pid), "the exec's monitor runs");
+    let pids: Vec<i32> = serde_json::from_str(&rt.ok(&["ps", "--format", "json", "trap"])).unwrap();
+    assert!(pids.len() >= 2, "init and the exec'd sleep: {pids:?}");
+
+    rt.ok(&["update", "--pids-limit", "50", "trap"]);
+    let (code, out, err) = rt.out(&["exec", "trap", "cat", "/sys/fs/cgroup/pids.max"]);
+    assert_eq!((code, out.trim()), (0, "50"), "{err}");
+
+    rt.ok(&["pause", "trap"]);
+    assert_eq!(rt.status("trap"), "paused");
+    rt.ok(&["resume", "trap"]);
+    assert_eq!(rt.status("trap"), "running");
+
+    rt.ok(&["kill", "trap"]);
+    rt.wait_status("trap", "stopped");
+    let out = std::fs::read_to_string(&out_path).unwrap();
+    assert_eq!(out, "up\ngot TERM\n");
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(rt.root.config.sandboxes_dir().join("trap/container.json")).unwrap())
+            .unwrap();
+    assert_eq!(rec["exit_code"], 5, "the monitor recorded the exit status");
+    rt.ok(&["delete", "trap"]);
+    assert!(!pid_alive(exec_pid), "delete ends the exec's monitor too");
+    rt.root.assert_nothing_left();
+}
+
+/// `delete --force` of a running container, after its id was refused for
+/// a second container.
+#[test]
+fn force_delete_running() {
+    let rt = Rt::new("rt-force");
+    let bundle = rt.bundle("busy", &["sleep", "1000"]);
+    rt.ok_detached(&["run", "-d", "--bundle", Rt::b(&bundle), "busy"]);
+    let pid = rt.state("busy")["pid"].as_i64().unwrap() as i32;
+    assert_eq!(rt.status("busy"), "running");
+    rt.ok(&["delete", "--force", "busy"]);
+    assert!(!pid_alive(pid));
+    rt.root.assert_nothing_left();
+
+    // `kill --all` signals every process of the container.
+    let bundle = rt.bundle("all", &["sh", "-c", "trap '' TERM; sleep 1000 & wait; wait"]);
+    rt.ok_detached(&["run", "-d", "--bundle", Rt::b(&bundle), "all"]);
+    rt.ok(&["kill", "--all", "all", "KILL"]);
+    rt.wait_status("all", "stopped");
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(rt.root.config.sandboxes_dir().join("all/container.json")).unwrap())
+            .unwrap();
+    assert_eq!(rec["exit_code"], 137, "{rec}");
+    rt.ok(&["delete", "all"]);
+    rt.root.assert_nothing_left();
+}
+
+/// The monitor SIGKILLed mid-run: the container counts as stopped, and
+/// delete leaves nothing.
+#[test]
+fn killed_monitor() {
+    let rt = Rt::new("rt-mon");
+    let bundle = rt.bundle("mon", &["sleep", "1000"]);
+    rt.ok_detached(&["run", "-d", "--bundle", Rt::b(&bundle), "mon"]);
+    let pid = rt.state("mon")["pid"].as_i64().unwrap() as i32;
+    // SAFETY: kill sends a signal to the monitor this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    rt.wait_status("mon", "stopped");
+    rt.ok(&["delete", "mon"]);
+    rt.root.assert_nothing_left();
+}
+
+/// runc's error texts and exit status 1, without booting anything; the
+/// JSON log carries the error for containerd.
+#[test]
+fn errors_without_a_vm() {
+    let rt = Rt::new("rt-err");
+    for cmd in [
+        &["state", "nope"][..],
+        &["kill", "nope"],
+        &["delete", "nope"],
+        &["start", "nope"],
+        &["pause", "nope"],
+    ] {
+        let (code, out, e) = rt.out(cmd);
+        assert_eq!(
+            (code, out.as_str(), e.trim()),
+            (1, "", "container does not exist"),
+            "{cmd:?}"
+        );
+    }
+    rt.ok(&["delete", "--force", "nope"]);
+    let bundle = rt.bundle("b", &["true"]);
+    for bad in ["../x", "a/b", ".."] {
+        let (code, _, e) = rt.out(&["create", "--bundle", Rt::b(&bundle), bad]);
+        assert_eq!(code, 1);
+        assert!(e.contains("invalid container ID format"), "{bad}: {e}");
+    }
+    let empty = rt.root.root().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (code, _, e) = rt.out(&["create", "--bundle", Rt::b(&empty), "x"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        e.trim(),
+        format!("open {}/config.json: no such file or directory", empty.display())
+    );
+    std::fs::write(empty.join("config.json"), "{not json").unwrap();
+    let (code, _, e) = rt.out(&["create", "--bundle", Rt::b(&empty), "x"]);
+    assert_eq!(code, 1);
+    assert!(e.contains("config.json"), "{e}");
+    let mut s = runc_like_spec(&["true"], false);
+    s["linux"]["namespaces"][1]["path"] = "/proc/1/ns/net".into();
+    let nsb = rt.bundle_with("ns", s);
+    let (code, _, e) = rt.out(&["create", "--bundle", Rt::b(&nsb), "x"]);
+    assert_eq!(
+        (code, e.trim()),
+        (1, "joining a network namespace by path is not supported yet")
+    );
+    let tty = rt.bundle_with("tty", runc_like_spec(&["sh"], true));
+    let (code, _, e) = rt.out(&["create", "--bundle", Rt::b(&tty), "x"]);
+    assert_eq!(
+        (code, e.trim()),
+        (
+            1,
+            "cannot allocate tty if runc will detach without setting console socket"
+        )
+    );
+
+    let log = rt.root.root().join("log.json");
+    let (code, _, _) = rt.out(&[
+        "--log",
+        log.to_str().unwrap(),
+        "--log-format",
+        "json",
+        "kill",
+        "nope",
+        "KILL",
+    ]);
+    assert_eq!(code, 1);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(last["level"], "error");
+    assert_eq!(last["msg"], "container does not exist");
+    assert!(last["time"].as_str().unwrap().ends_with('Z'));
+
+    let (code, out, _) = rt.out(&["--version"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("tegmen version "), "{out}");
+    let features: serde_json::Value = serde_json::from_str(&rt.ok(&["features"])).unwrap();
+    assert_eq!(features["linux"]["cgroup"]["v2"], true);
+    let specdir = rt.root.root().join("spec");
+    std::fs::create_dir_all(&specdir).unwrap();
+    rt.ok(&["spec", "--bundle", specdir.to_str().unwrap()]);
+    let spec: serde_json::Value = serde_json::from_slice(&std::fs::read(specdir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(spec["process"]["args"], serde_json::json!(["sh"]));
+    let (code, _, e) = rt.out(&["spec", "--bundle", specdir.to_str().unwrap()]);
+    assert_eq!((code, e.trim()), (1, "File config.json exists. Remove it first"));
+    rt.root.assert_nothing_left();
+}
+
+/// No flags at all: the state lives in /run/tegmen (podman calls `state`
+/// that way).
+#[test]
+fn default_root() {
+    let rt = Rt::new("rt-default");
+    let id = format!("e2e-default-{}", std::process::id());
+    let bundle = rt.bundle("d", &["sh", "-c", "echo default"]);
+    /// Removes the container from /run/tegmen even if the test fails.
+    struct Guard<'a>(&'a Path, &'a str);
+    impl Drop for Guard<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new(self.0).args(["delete", "--force", self.1]).output();
+        }
+    }
+    let _guard = Guard(&rt.bin, &id);
+    let tegmen = |args: &[&str]| Command::new(&rt.bin).args(args).stdin(Stdio::null()).output().unwrap();
+    let status = Command::new(&rt.bin)
+        .args(["run", "-d", "--bundle", Rt::b(&bundle), &id])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let dir = Path::new("/run/tegmen/sandboxes").join(&id);
+    assert!(dir.join("container.json").exists(), "state under /run/tegmen");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = tegmen(&["state", &id]);
+        assert!(o.status.success());
+        let state: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        if state["status"] == "stopped" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{state}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(tegmen(&["delete", &id]).status.success());
+    assert!(!dir.exists());
+    let left = processes_mentioning(&dir);
+    assert!(left.is_empty(), "{left:?}");
+    assert!(tegmen_tests::mounts_below(&dir).is_empty());
+}
+
+/// The VM's QEMU SIGKILLed: stopped, and delete leaves nothing.
+#[test]
+fn killed_vm() {
+    let rt = Rt::new("rt-vm");
+    let bundle = rt.bundle("vm", &["sleep", "1000"]);
+    rt.ok_detached(&["run", "-d", "--bundle", Rt::b(&bundle), "vm"]);
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(rt.root.config.sandboxes_dir().join("vm/state.json")).unwrap()).unwrap();
+    let qemu = state["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "qemu")
+        .expect("qemu recorded")["pid"]
+        .as_i64()
+        .unwrap() as i32;
+    // SAFETY: kill sends a signal to a QEMU this test started.
+    unsafe { libc::kill(qemu, libc::SIGKILL) };
+    rt.wait_status("vm", "stopped");
+    rt.ok(&["delete", "vm"]);
+    rt.root.assert_nothing_left();
+}
+
+/// A host bind mount reaches the container at the spec's destination; a
+/// read-only rootfs stays read-only; the VM is sized from the resources.
+#[test]
+fn binds_readonly_and_sizing() {
+    let rt = Rt::new("rt-binds");
+    let data = rt.root.root().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("file"), "from the host\n").unwrap();
+    let hosts = rt.root.root().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 box\n").unwrap();
+    let script = "cat /data/file; cat /etc/hosts; echo new > /data/out; touch /x 2>/dev/null || echo ro; nproc; \
+                  grep MemTotal /proc/meminfo";
+    let mut s = runc_like_spec(&["sh", "-c", script], false);
+    s["root"]["readonly"] = true.into();
+    let mounts = s["mounts"].as_array_mut().unwrap();
+    mounts
+        .push(serde_json::json!({"destination": "/data", "type": "bind", "source": data, "options": ["rbind", "rw"]}));
+    mounts.push(
+        serde_json::json!({"destination": "/etc/hosts", "type": "bind", "source": hosts, "options": ["rbind", "ro"]}),
+    );
+    s["linux"]["resources"]["memory"] = serde_json::json!({"limit": 512u64 << 20});
+    s["linux"]["resources"]["cpu"] = serde_json::json!({"quota": 200000, "period": 100000});
+    let bundle = rt.bundle_with("binds", s);
+    let (code, out, err) = rt.out(&["run", "--bundle", Rt::b(&bundle), "binds"]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(&lines[..4], ["from the host", "127.0.0.1 box", "ro", "2"], "{out}");
+    let kib: u64 = lines[4].split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(
+        kib > 512 * 1024 && kib <= (512 + 128) * 1024,
+        "guest memory {kib} KiB: {out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(data.join("out")).unwrap(),
+        "new\n",
+        "written through the bind"
+    );
+    rt.root.assert_nothing_left();
+}
+
+/// `--console-socket`: the pty master arrives over the socket as runc
+/// sends it; input, output and window sizes reach the guest's terminal.
+#[test]
+fn console_socket_terminal() {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
+    use std::io::Write;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    use std::os::unix::net::UnixListener;
+
+    let rt = Rt::new("rt-tty");
+    let bundle = rt.bundle_with(
+        "tty",
+        runc_like_spec(&["sh", "-c", "stty size; tty; read x; echo got $x; stty size"], true),
+    );
+    let sock = rt.root.root().join("console.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let mut create = rt
+        .cmd(&[
+            "create",
+            "--bundle",
+            Rt::b(&bundle),
+            "--console-socket",
+            sock.to_str().unwrap(),
+            "tty",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (conn, _) = listener.accept().unwrap();
+    let mut buf = [0u8; 64];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let msg = recvmsg::<UnixAddr>(conn.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty()).unwrap();
+    let mut fds = Vec::new();
+    for c in msg.cmsgs().unwrap() {
+        if let ControlMessageOwned::ScmRights(f) = c {
+            fds.extend(f);
+        }
+    }
+    assert_eq!(fds.len(), 1, "one descriptor in one message");
+    // SAFETY: the descriptor just arrived with SCM_RIGHTS and is ours.
+    let master = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+    assert!(create.wait().unwrap().success());
+    let master_fd = master.as_raw_fd();
+    let set_size = |rows: u16, cols: u16| {
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one winsize from the struct we pass.
+        assert_eq!(unsafe { libc::ioctl(master_fd, libc::TIOCSWINSZ, &ws) }, 0);
+    };
+    set_size(33, 99);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut writer = std::fs::File::from(master.try_clone().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut reader = std::fs::File::from(master);
+    std::thread::spawn(move || {
+        let mut b = [0u8; 256];
+        while let Ok(n) = reader.read(&mut b) {
+            if n == 0 || tx.send(b[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    rt.ok(&["start", "tty"]);
+    let mut seen = String::new();
+    let mut wait_for = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !seen.contains(what) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(b) => seen.push_str(&String::from_utf8_lossy(&b)),
+                Err(_) => panic!("no {what:?} on the terminal: {seen:?}"),
+            }
+        }
+        seen.clone()
+    };
+    let first = wait_for("/dev/pts/");
+    assert!(first.contains("33 99"), "{first:?}");
+    set_size(44, 111);
+    std::thread::sleep(Duration::from_millis(500));
+    writer.write_all(b"hi\n").unwrap();
+    let all = wait_for("44 111");
+    assert!(all.contains("got hi"), "{all:?}");
+    rt.wait_status("tty", "stopped");
+    rt.ok(&["delete", "tty"]);
+    rt.root.assert_nothing_left();
+}
+
+/// SIGTERM sent to the monitor (the pid-file pid, as some callers signal
+/// it) and to an attached `run` reaches the container's init.
+#[test]
+fn signals_reach_the_container() {
+    let rt = Rt::new("rt-sig");
+    let script = "trap 'echo got TERM; exit 5' TERM; echo up; while :; do sleep 0.1; done";
+
+    let bundle = rt.bundle("det", &["sh", "-c", script]);
+    rt.ok_detached(&["run", "-d", "--bundle", Rt::b(&bundle), "det"]);
+    let monitor = rt.state("det")["pid"].as_i64().unwrap() as i32;
+    // Give the shell time to install its trap.
+    std::thread::sleep(Duration::from_millis(1000));
+    // SAFETY: kill sends a signal to the monitor this test started.
+    unsafe { libc::kill(monitor, libc::SIGTERM) };
+    rt.wait_status("det", "stopped");
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(rt.root.config.sandboxes_dir().join("det/container.json")).unwrap())
+            .unwrap();
+    assert_eq!(rec["exit_code"], 5, "the trap ran: {rec}");
+    rt.ok(&["delete", "det"]);
+
+    let bundle = rt.bundle("att", &["sh", "-c", script]);
+    let mut run = rt
+        .cmd(&["run", "--bundle", Rt::b(&bundle), "att"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = run.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while !seen.ends_with(b"up\n") {
+        assert_eq!(stdout.read(&mut byte).unwrap(), 1, "output ended: {seen:?}");
+        seen.push(byte[0]);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill sends a signal to the `tegmen run` this test started.
+    unsafe { libc::kill(run.id() as i32, libc::SIGTERM) };
+    let rest = read_all_in_thread(stdout);
+    assert_eq!(run.wait().unwrap().code(), Some(5));
+    assert_eq!(rest.join().unwrap(), "got TERM\n");
+    rt.root.assert_nothing_left();
+}
