@@ -17,9 +17,10 @@ build: setup
 guest-image: setup
 	guest-image/build.sh all
 
-# Boots a throwaway sandbox VM and shows what the guest reports.
+# Boots a throwaway sandbox VM and shows what the guest reports, then runs a
+# busybox container in its own microVM with `tegmen run`.
 demo: build guest-image
-	$(TARGET_DIR)/supervisor check --boot
+	scripts/demo.sh
 
 unit-test: build
 	$(CARGO) test --workspace --exclude tegmen-tests
