@@ -19,6 +19,6 @@ fi
 [ -x "$tools/bin/virtiofsd" ] || cargo install --quiet --root "$tools" --locked virtiofsd@1.14.0 || cargo install --quiet --root "$tools" virtiofsd
 [ -x "$tools/bin/vhost-device-vsock" ] || cargo install --quiet --root "$tools" --locked vhost-device-vsock@0.3.0 || cargo install --quiet --root "$tools" vhost-device-vsock
 
-( cd "$repo" && cargo build --quiet --release -p tegmen-vmm -p tegmen-agent -p tegmen-tests --bins )
+( cd "$repo" && cargo build --quiet --release -p tegmen-vmm -p tegmen-agent -p tegmen-supervisor -p tegmen-tests --bins )
 gcc -O2 -static -o "$tools/trivial-init" "$repo/scripts/bench/trivial_init.c"
 exec python3 "$repo/scripts/bench/bench.py" --repo "$repo" --tools "$tools" "$@"

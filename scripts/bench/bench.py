@@ -174,17 +174,7 @@ def backend_memory(kind, repo, tools, kernel, initrd, work):
 def bench_runc_true(work):
     """`runc run` of /bin/true in a busybox bundle: the reference."""
     bundle = os.path.join(work, "runc-bundle")
-    rootfs = os.path.join(bundle, "rootfs")
-    os.makedirs(os.path.join(rootfs, "bin"))
-    shutil.copy("/bin/busybox", os.path.join(rootfs, "bin/busybox"))
-    os.symlink("busybox", os.path.join(rootfs, "bin/true"))
-    subprocess.run(["runc", "spec"], cwd=bundle, check=True)
-    with open(os.path.join(bundle, "config.json")) as f:
-        spec = json.load(f)
-    spec["process"]["args"] = ["/bin/true"]
-    spec["process"]["terminal"] = False
-    with open(os.path.join(bundle, "config.json"), "w") as f:
-        json.dump(spec, f)
+    busybox_bundle(bundle, ["/bin/true"])
     root = os.path.join(work, "runc-root")
     times = []
     for i in range(RUNS * 2):
@@ -193,6 +183,74 @@ def bench_runc_true(work):
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         times.append(time.monotonic() - start)
     return times
+
+
+def busybox_bundle(bundle, args):
+    """A busybox bundle whose config.json is `runc spec` running `args`."""
+    rootfs = os.path.join(bundle, "rootfs")
+    os.makedirs(os.path.join(rootfs, "bin"))
+    shutil.copy("/bin/busybox", os.path.join(rootfs, "bin/busybox"))
+    for applet in ("true", "sleep", "sh"):
+        os.symlink("busybox", os.path.join(rootfs, "bin", applet))
+    subprocess.run(["runc", "spec"], cwd=bundle, check=True)
+    with open(os.path.join(bundle, "config.json")) as f:
+        spec = json.load(f)
+    spec["process"]["args"] = args
+    spec["process"]["terminal"] = False
+    with open(os.path.join(bundle, "config.json"), "w") as f:
+        json.dump(spec, f)
+
+
+def memory_kib(pid):
+    """(RSS, PSS) in KiB of one process."""
+    rss = rss_kib(pid)
+    pss = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                pss = int(line.split()[1])
+    return rss, pss
+
+
+def bench_tegmen_run(repo, work):
+    """`tegmen run` of /bin/true (create → start → exit → delete)."""
+    tegmen = os.path.join(repo, "target/release/tegmen")
+    bundle = os.path.join(work, "tegmen-true")
+    busybox_bundle(bundle, ["/bin/true"])
+    root = os.path.join(work, "tegmen-root")
+    times = []
+    for i in range(RUNS):
+        start = time.monotonic()
+        subprocess.run([tegmen, "--root", root, "run", "-b", bundle, f"true-{i}"], check=True,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times.append(time.monotonic() - start)
+    return times
+
+
+def idle_memory(repo, work):
+    """Host memory of one idle container (`sleep`): every host process of a
+    Tegmen sandbox (QEMU, both backends, the monitor) next to runc's."""
+    tegmen = os.path.join(repo, "target/release/tegmen")
+    bundle = os.path.join(work, "idle")
+    busybox_bundle(bundle, ["sleep", "100000"])
+    out = {}
+    for name, cmd, root in (("tegmen", tegmen, os.path.join(work, "idle-tegmen")),
+                            ("runc", "runc", os.path.join(work, "idle-runc"))):
+        pid_file = os.path.join(work, f"{name}.pid")
+        subprocess.run([cmd, "--root", root, "create", "-b", bundle, "--pid-file", pid_file, "idle"], check=True,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            subprocess.run([cmd, "--root", root, "start", "idle"], check=True)
+            time.sleep(2.0)
+            pids = [int(open(pid_file).read())]
+            if name == "tegmen":
+                with open(os.path.join(root, "sandboxes/idle/state.json")) as f:
+                    pids += [p["pid"] for p in json.load(f)["processes"]]
+            mem = [memory_kib(p) for p in pids]
+            out[name] = (sum(m[0] for m in mem), sum(m[1] for m in mem), len(pids))
+        finally:
+            subprocess.run([cmd, "--root", root, "delete", "--force", "idle"], check=False)
+    return out
 
 
 def tegmen_bench(repo, *args):
@@ -234,6 +292,9 @@ def main():
         agent_host = tegmen_bench(repo, "agent-true", "host", str(RUNS * 2))["seconds"]
         agent_guest = tegmen_bench(repo, "agent-true", "guest", str(RUNS * 2))["seconds"]
         tput = tegmen_bench(repo, "stdout-throughput", "256")
+        print("bench: tegmen run, idle memory ...", flush=True)
+        tegmen_run = bench_tegmen_run(repo, work)
+        idle = idle_memory(repo, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -273,6 +334,25 @@ def main():
         f"| Tegmen agent on the host over Unix sockets (same container code as in the guest) | {fmt_ms(agent_host)} |",
         f"| ratio agent on host / runc | {statistics.median(agent_host) / statistics.median(runc):.2f}× |",
         f"| Tegmen agent inside a guest (over vsock and virtio-fs, {accel}) | {fmt_ms(agent_guest)} |",
+        "",
+        "## `tegmen run` of `/bin/true` (create → start → exit → delete, one VM per container)",
+        "",
+        "| what | median |",
+        "| --- | --- |",
+        f"| reference: `runc run` (same bundle, same run) | {fmt_ms(runc)} |",
+        f"| `tegmen run` ({accel}) | {fmt_ms(tegmen_run)} |",
+        f"| ratio | {statistics.median(tegmen_run) / statistics.median(runc):.1f}× |",
+        "",
+        "No per-phase breakdown yet (VM boot, agent ready, create, start, exit, teardown): the",
+        "boot-to-agent-ready row above is the VM part.",
+        "",
+        "## Host memory of one idle container",
+        "",
+        "| what | RSS | PSS | processes |",
+        "| --- | --- | --- | --- |",
+        f"| runc: the container's process | {idle['runc'][0]} KiB | {idle['runc'][1]} KiB | {idle['runc'][2]} |",
+        f"| Tegmen: QEMU (256 MiB guest, memfd RAM), both backends, the monitor | {idle['tegmen'][0]} KiB | "
+        f"{idle['tegmen'][1]} KiB | {idle['tegmen'][2]} |",
         "",
         "## stdout throughput from a container in a guest",
         "",
