@@ -13,6 +13,10 @@ packages=(
     libseccomp-dev pkg-config
     # test images are built offline from busybox
     busybox-static
+    # the real clients the end-to-end tests drive tegmen with (and runc, the
+    # reference the benchmarks compare against); `script` (bsdutils) gives
+    # them a terminal
+    runc containerd podman conmon bsdutils
 )
 
 missing=()

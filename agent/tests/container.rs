@@ -540,6 +540,37 @@ fn terminal_and_resize(env: &Env) -> Result<(), String> {
     let out = text(reader(ok!(env.mgr.take_stdio(&id, None, StdioStream::Tty))));
     check!(out.replace('\r', "") == "bye\n", "output {out:?}");
     ok!(env.mgr.remove(&id, false));
+
+    // A 64-character id (podman's, kubelet's) puts the console sockets
+    // beyond sun_path's 108 bytes: the container and an exec still get one.
+    let id = format!("{:0<64}", uid("tty-long"));
+    check!(
+        env.state_root
+            .join("@bundles")
+            .join(&id)
+            .join("console.sock")
+            .as_os_str()
+            .len()
+            > 108,
+        "id too short for the case"
+    );
+    ok!(env.mgr.create(
+        &id,
+        &sh("[ -t 1 ] && echo tty; sleep 30").to_string(),
+        &env.rootfs,
+        true
+    ));
+    let out = reader(ok!(env.mgr.take_stdio(&id, None, StdioStream::Tty)));
+    ok!(env.mgr.start(&id));
+    let exec = process(&["sh", "-c", "[ -t 1 ] && echo exec-tty"]).to_string();
+    ok!(env.mgr.exec(&id, "e1", &exec, true));
+    let exec_out = text(reader(ok!(env.mgr.take_stdio(&id, Some("e1"), StdioStream::Tty))));
+    check!(exec_out.replace('\r', "") == "exec-tty\n", "exec output {exec_out:?}");
+    ok!(env.mgr.signal(&id, None, 9, false));
+    ok!(env.mgr.wait(&id, None));
+    let out = text(out);
+    check!(out.replace('\r', "") == "tty\n", "output {out:?}");
+    ok!(env.mgr.remove(&id, false));
     Ok(())
 }
 

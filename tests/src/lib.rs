@@ -2,6 +2,8 @@
 //! private state directory per test, leftover checks, and tiny initramfs
 //! archives for fault tests.
 
+pub mod image;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

@@ -76,7 +76,7 @@ pub(super) struct ConsoleSocket {
 impl ConsoleSocket {
     pub fn bind(path: &Path) -> std::io::Result<ConsoleSocket> {
         let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)?;
+        let listener = bind_long(path)?;
         listener.set_nonblocking(true)?;
         Ok(ConsoleSocket {
             listener,
@@ -120,6 +120,28 @@ impl ConsoleSocket {
         }
         master.ok_or_else(|| std::io::Error::other("the console socket message carried no pty master"))
     }
+}
+
+/// Binds a Unix socket at `path` even when it is longer than `sun_path`
+/// (108 bytes; container ids of 64 characters under a state root get
+/// there): the address given to the kernel is then
+/// `/proc/self/fd/<dir>/<name>`, with the directory held open for the call.
+/// libcontainer connects through a short symlink in the container's own
+/// directory, so the long path never has to fit an address.
+fn bind_long(path: &Path) -> std::io::Result<UnixListener> {
+    const SUN_PATH_MAX: usize = 107;
+    if path.as_os_str().len() <= SUN_PATH_MAX {
+        return UnixListener::bind(path);
+    }
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "socket path has no file name",
+        ));
+    };
+    let dir = std::fs::File::open(dir)?;
+    let short = Path::new("/proc/self/fd").join(dir.as_raw_fd().to_string()).join(name);
+    UnixListener::bind(short)
 }
 
 impl Drop for ConsoleSocket {

@@ -1,0 +1,568 @@
+//! End-to-end: `tegmen` in place of runc under the real clients — podman
+//! (Debian's 4.3, with conmon) and containerd (Debian's 1.6, started here
+//! with its own root, state and socket, driven by `ctr`). Each container
+//! runs in a real guest. Images are built offline from busybox.
+//!
+//! The clients and their daemons are installed by `scripts/setup.sh`.
+//! podman calls the runtime without `--root`, so its containers live under
+//! tegmen's default root, `/run/tegmen`; containerd's shim passes
+//! `--root /run/containerd/runc/<namespace>`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tegmen_tests::image::write_oci_archive;
+use tegmen_tests::{busybox_rootfs, mounts_below, processes_mentioning, workspace_binary};
+
+const IMAGE: &str = "docker.io/library/busybox:latest";
+
+fn tool(name: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/sbin", "/bin", "/sbin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{name} is not installed: run scripts/setup.sh (as `make test` does)");
+}
+
+/// A scratch directory for one client, removed (after unmounting whatever
+/// is below it) when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = PathBuf::from(format!("/var/tmp/tegmen-e2e-{name}-{}", std::process::id()));
+        let s = Scratch(dir);
+        s.clean();
+        std::fs::create_dir_all(&s.0).unwrap();
+        s
+    }
+
+    fn clean(&self) {
+        let mut mounts = mounts_below(&self.0);
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+
+    /// The busybox image as an OCI archive.
+    fn image(&self) -> PathBuf {
+        let rootfs = self.0.join("image-rootfs");
+        busybox_rootfs(&rootfs);
+        let archive = self.0.join("busybox-oci.tar");
+        write_oci_archive(&rootfs, IMAGE, &["sh"], &archive).expect("writing the image archive");
+        archive
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        self.clean();
+    }
+}
+
+fn text(o: &Output) -> (i32, String, String) {
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Panics naming what the container `id` left on the host: processes that
+/// name it (QEMU, backends, monitors), its sandbox directory under `root`,
+/// mounts below that directory.
+fn assert_container_gone(root: &Path, id: &str) {
+    let dir = root.join("sandboxes").join(id);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let procs = processes_mentioning(&dir);
+        let mounts = mounts_below(&dir);
+        let exists = dir.exists();
+        if procs.is_empty() && mounts.is_empty() && !exists {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "container {id} left: processes {procs:?}, mounts {mounts:?}, directory present: {exists}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A process of the container's VM is running (so it is not runc's).
+fn assert_vm_running(root: &Path, id: &str) {
+    let dir = root.join("sandboxes").join(id);
+    let procs = processes_mentioning(&dir);
+    assert!(
+        procs.iter().any(|(_, cmd)| cmd.contains("qemu-system")),
+        "no QEMU for {id}: {procs:?}"
+    );
+}
+
+/// Host kernel, to tell the guest's apart.
+fn host_kernel() -> String {
+    let u = nix::sys::utsname::uname().unwrap();
+    format!("{} {}", u.release().to_string_lossy(), u.version().to_string_lossy())
+}
+
+// ---------------------------------------------------------------- podman
+
+/// podman isolated from the machine's: its own containers.conf,
+/// storage.conf and directories; `--runtime` is tegmen by path.
+struct Podman {
+    dir: Scratch,
+    runtime: PathBuf,
+}
+
+impl Podman {
+    fn new(name: &str) -> Podman {
+        tool("podman");
+        tool("conmon");
+        let dir = Scratch::new(&format!("podman-{name}"));
+        let d = dir.0.display();
+        // podman asks for RLIMIT_NOFILE/NPROC of 1048576 by default, beyond
+        // this machine's hard limits; --network none needs no CNI.
+        std::fs::write(
+            dir.0.join("containers.conf"),
+            "[containers]\n\
+             default_ulimits = [\"nofile=20000:20000\", \"nproc=32768:32768\"]\n\
+             [engine]\n\
+             cgroup_manager = \"cgroupfs\"\n\
+             events_logger = \"file\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.0.join("storage.conf"),
+            format!("[storage]\ndriver = \"overlay\"\ngraphroot = \"{d}/storage\"\nrunroot = \"{d}/runroot\"\n"),
+        )
+        .unwrap();
+        let p = Podman {
+            dir,
+            runtime: workspace_binary("tegmen").canonicalize().unwrap(),
+        };
+        let image = p.dir.image();
+        let (code, out, err) = p.out(&["load", "-q", "-i", image.to_str().unwrap()]);
+        assert_eq!(code, 0, "podman load: {out}{err}");
+        p
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("podman");
+        c.env("CONTAINERS_CONF", self.dir.0.join("containers.conf"))
+            .env("CONTAINERS_STORAGE_CONF", self.dir.0.join("storage.conf"))
+            .arg("--tmpdir")
+            .arg(self.dir.0.join("tmp"))
+            .arg("--runtime")
+            .arg(&self.runtime)
+            .args(args)
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// The command line for a shell (`script` runs it in a pty).
+    fn shell_line(&self, args: &[&str]) -> String {
+        let d = self.dir.0.display();
+        format!(
+            "CONTAINERS_CONF={d}/containers.conf CONTAINERS_STORAGE_CONF={d}/storage.conf \
+             podman --tmpdir {d}/tmp --runtime {} {}",
+            self.runtime.display(),
+            args.join(" ")
+        )
+    }
+
+    fn out(&self, args: &[&str]) -> (i32, String, String) {
+        text(&self.cmd(args).output().expect("running podman"))
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.out(args);
+        assert_eq!(code, 0, "podman {args:?}: {out}{err}");
+        out.trim().to_string()
+    }
+
+    fn full_id(&self, name: &str) -> String {
+        self.ok(&["inspect", name, "--format", "{{.Id}}"])
+    }
+
+    fn wait_logs(&self, name: &str, want: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, out, _) = self.out(&["logs", name]);
+            if out.contains(want) {
+                return out;
+            }
+            assert!(Instant::now() < deadline, "{name}: logs never showed {want:?}: {out:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["rm", "-af", "-t", "0"]).output();
+        let _ = self.cmd(&["system", "reset", "-f"]).output();
+    }
+}
+
+const DEFAULT_ROOT: &str = "/run/tegmen";
+
+/// `podman run --rm` prints the container's output and returns its exit
+/// code; the container saw the guest's kernel, not the host's; nothing of
+/// it is left afterwards.
+#[test]
+fn podman_run_output_and_exit_code() {
+    let p = Podman::new("run");
+    let cidfile = p.dir.0.join("run.cid");
+    let (code, out, err) = p.out(&[
+        "run",
+        "--rm",
+        "--cidfile",
+        cidfile.to_str().unwrap(),
+        "--network",
+        "none",
+        IMAGE,
+        "sh",
+        "-c",
+        "echo hello from podman; echo \"$(uname -r) $(uname -v)\"; exit 3",
+    ]);
+    assert_eq!(code, 3, "podman run: {out}{err}");
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("hello from podman"), "output {out:?} {err}");
+    let kernel = lines.next().unwrap_or_default();
+    assert!(
+        !kernel.is_empty() && kernel != host_kernel(),
+        "the container ran on the host kernel: {kernel:?}"
+    );
+    let id = std::fs::read_to_string(&cidfile).expect("podman wrote the container id");
+    assert_container_gone(Path::new(DEFAULT_ROOT), id.trim());
+}
+
+/// `podman run -d`, `logs`, `exec` (output and exit code), `stop` (SIGTERM
+/// reaches a trap; its exit code is recorded), `kill` (137), `rm`.
+#[test]
+fn podman_detached_logs_exec_stop_kill() {
+    let p = Podman::new("detached");
+    let script = "echo started; trap 'echo got-term; exit 7' TERM; while :; do sleep 0.2; done";
+    p.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "tegmen-e2e-d",
+        "--network",
+        "none",
+        IMAGE,
+        "sh",
+        "-c",
+        script,
+    ]);
+    let id = p.full_id("tegmen-e2e-d");
+    p.wait_logs("tegmen-e2e-d", "started");
+    assert_vm_running(Path::new(DEFAULT_ROOT), &id);
+
+    let (code, out, err) = p.out(&["exec", "tegmen-e2e-d", "sh", "-c", "echo exec-ok; hostname; exit 4"]);
+    assert_eq!(code, 4, "podman exec: {out}{err}");
+    assert!(out.starts_with("exec-ok\n"), "exec output {out:?}");
+    assert_eq!(
+        p.ok(&["inspect", "tegmen-e2e-d", "--format", "{{.State.Status}}"]),
+        "running"
+    );
+
+    p.ok(&["stop", "-t", "20", "tegmen-e2e-d"]);
+    assert_eq!(
+        p.ok(&["inspect", "tegmen-e2e-d", "--format", "{{.State.ExitCode}}"]),
+        "7"
+    );
+    let logs = p.ok(&["logs", "tegmen-e2e-d"]);
+    assert_eq!(logs, "started\ngot-term", "logs");
+    p.ok(&["rm", "tegmen-e2e-d"]);
+    assert_container_gone(Path::new(DEFAULT_ROOT), &id);
+
+    // kill: SIGKILL by default, exit code 137.
+    p.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "tegmen-e2e-k",
+        "--network",
+        "none",
+        IMAGE,
+        "sleep",
+        "1000",
+    ]);
+    let id = p.full_id("tegmen-e2e-k");
+    p.ok(&["kill", "tegmen-e2e-k"]);
+    p.ok(&["wait", "tegmen-e2e-k"]);
+    assert_eq!(
+        p.ok(&[
+            "inspect",
+            "tegmen-e2e-k",
+            "--format",
+            "{{.State.ExitCode}} {{.State.Status}}"
+        ]),
+        "137 exited"
+    );
+    p.ok(&["rm", "tegmen-e2e-k"]);
+    assert_container_gone(Path::new(DEFAULT_ROOT), &id);
+}
+
+/// `podman run -it` through a pty (`script` provides it): the container's
+/// stdin and stdout are its terminal, the terminal size is passed on, the
+/// exit code comes back.
+#[test]
+fn podman_interactive_terminal() {
+    let p = Podman::new("tty");
+    tool("script");
+    let line = p.shell_line(&["run", "-it", "--rm", "--network", "none", IMAGE, "sh"]);
+    let mut child = Command::new("script")
+        .args(["-qec", &format!("stty rows 27 cols 91; {line}"), "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut { out }, &mut s);
+        s
+    });
+    // Typed ahead: the guest's shell reads it once it runs.
+    use std::io::Write;
+    stdin
+        .write_all(b"tty; echo size=$(stty size); echo tty-done; exit 5\n")
+        .unwrap();
+    let status = wait_child(&mut child, Duration::from_secs(120));
+    drop(stdin);
+    let out = reader.join().unwrap().replace('\r', "");
+    assert_eq!(status, Some(5), "podman run -it: {out:?}");
+    assert!(out.contains("/dev/pts/0\n"), "no terminal inside: {out:?}");
+    assert!(out.contains("size=27 91\n"), "terminal size not passed on: {out:?}");
+}
+
+fn wait_child(child: &mut Child, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+// ------------------------------------------------------------ containerd
+
+/// A containerd started here: own root, state, sockets and namespace,
+/// CRI off; stopped (by its pid) and cleaned when dropped.
+struct Containerd {
+    dir: Scratch,
+    daemon: Child,
+    namespace: String,
+    runtime: PathBuf,
+}
+
+impl Containerd {
+    fn start(name: &str) -> Containerd {
+        tool("containerd");
+        tool("ctr");
+        tool("containerd-shim-runc-v2");
+        let dir = Scratch::new(&format!("ctrd-{name}"));
+        let d = dir.0.display();
+        std::fs::write(
+            dir.0.join("config.toml"),
+            format!(
+                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{d}/containerd.sock\"\n\
+                 [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n\
+                 [debug]\n  address = \"{d}/debug.sock\"\n"
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.0.join("containerd.log")).unwrap();
+        let daemon = Command::new("containerd")
+            .arg("--config")
+            .arg(dir.0.join("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting containerd");
+        let c = Containerd {
+            dir,
+            daemon,
+            namespace: format!("tegmen-e2e-{name}-{}", std::process::id()),
+            runtime: workspace_binary("tegmen").canonicalize().unwrap(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.out(&["version"]).0 != 0 {
+            let log = std::fs::read_to_string(c.dir.0.join("containerd.log")).unwrap_or_default();
+            assert!(Instant::now() < deadline, "containerd did not come up:\n{log}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let image = c.dir.image();
+        c.ok(&["images", "import", image.to_str().unwrap()]);
+        c
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address")
+            .arg(self.dir.0.join("containerd.sock"))
+            .arg("--namespace")
+            .arg(&self.namespace)
+            .args(args)
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn out(&self, args: &[&str]) -> (i32, String, String) {
+        text(&self.cmd(args).output().expect("running ctr"))
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.out(args);
+        assert_eq!(code, 0, "ctr {args:?}: {out}{err}");
+        out
+    }
+
+    /// The runtime root the runc shim gives `--root`.
+    fn runtime_root(&self) -> PathBuf {
+        Path::new("/run/containerd/runc").join(&self.namespace)
+    }
+
+    fn task_status(&self, id: &str) -> String {
+        let out = self.ok(&["tasks", "ls"]);
+        out.lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .unwrap_or("")
+            .to_string()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let tasks = self.out(&["tasks", "ls", "-q"]).1;
+        for t in tasks.lines() {
+            let _ = self.cmd(&["tasks", "kill", "-s", "KILL", t]).output();
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = self.cmd(&["tasks", "delete", "-f", t]).output();
+        }
+        let containers = self.out(&["containers", "ls", "-q"]).1;
+        for c in containers.lines() {
+            let _ = self.cmd(&["containers", "delete", c]).output();
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.daemon.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        if wait_child(&mut self.daemon, Duration::from_secs(10)).is_none() {
+            let _ = self.daemon.wait();
+        }
+        let _ = std::fs::remove_dir_all(self.runtime_root());
+    }
+}
+
+/// `ctr run --runc-binary tegmen` of the imported image: output, and the
+/// container's exit code as ctr's; nothing left after `--rm`.
+#[test]
+fn containerd_ctr_run_exit_code() {
+    let c = Containerd::start("run");
+    let runtime = c.runtime.to_str().unwrap().to_string();
+    let (code, out, err) = c.out(&[
+        "run",
+        "--rm",
+        "--runc-binary",
+        &runtime,
+        IMAGE,
+        "c1",
+        "sh",
+        "-c",
+        "echo hello from containerd; echo \"$(uname -r) $(uname -v)\"; exit 3",
+    ]);
+    assert_eq!(code, 3, "ctr run: {out}{err}");
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("hello from containerd"), "output {out:?} {err}");
+    let kernel = lines.next().unwrap_or_default();
+    assert!(
+        !kernel.is_empty() && kernel != host_kernel(),
+        "the container ran on the host kernel: {kernel:?}"
+    );
+    assert_container_gone(&c.runtime_root(), "c1");
+    assert!(c.ok(&["containers", "ls", "-q"]).trim().is_empty());
+}
+
+/// A detached task: `ctr tasks exec` (output and exit code, and with a
+/// terminal), `ctr tasks kill` (SIGTERM reaches a trap), the exit code
+/// reported, `tasks delete` and `containers delete` leave nothing.
+#[test]
+fn containerd_task_exec_kill() {
+    let c = Containerd::start("task");
+    let runtime = c.runtime.to_str().unwrap().to_string();
+    let script = "trap 'exit 9' TERM; while :; do sleep 0.2; done";
+    c.ok(&["run", "-d", "--runc-binary", &runtime, IMAGE, "t1", "sh", "-c", script]);
+    assert_eq!(c.task_status("t1"), "RUNNING");
+    assert_vm_running(&c.runtime_root(), "t1");
+
+    let (code, out, err) = c.out(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "e1",
+        "t1",
+        "sh",
+        "-c",
+        "echo exec-ok; exit 6",
+    ]);
+    assert_eq!((code, out.as_str()), (6, "exec-ok\n"), "ctr tasks exec: {err}");
+
+    // With a terminal: ctr wants one itself, `script` gives it.
+    tool("script");
+    let line = format!(
+        "ctr --address {} --namespace {} tasks exec -t --exec-id e2 t1 tty",
+        c.dir.0.join("containerd.sock").display(),
+        c.namespace
+    );
+    let mut child = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_child(&mut child, Duration::from_secs(60));
+    let mut out = String::new();
+    let _ = std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out);
+    assert_eq!(status, Some(0), "ctr tasks exec -t: {out:?}");
+    assert!(
+        out.replace('\r', "").contains("/dev/pts/"),
+        "no terminal in the exec: {out:?}"
+    );
+
+    c.ok(&["tasks", "kill", "t1"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.task_status("t1") != "STOPPED" {
+        assert!(Instant::now() < deadline, "t1 never stopped");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // ctr reports the exit code of the task it deletes.
+    let (code, out, err) = c.out(&["tasks", "delete", "t1"]);
+    assert_eq!(code, 0, "ctr tasks delete: {out}{err}");
+    assert!(
+        err.contains("task t1 exit with non-zero exit code 9"),
+        "ctr tasks delete: {err}"
+    );
+    c.ok(&["containers", "delete", "t1"]);
+    assert_container_gone(&c.runtime_root(), "t1");
+}
