@@ -216,6 +216,7 @@ impl Agent for AgentService {
         r.cpu_usage_usec = s.cpu_usage_usec;
         r.cpu_user_usec = s.cpu_user_usec;
         r.cpu_system_usec = s.cpu_system_usec;
+        r.cpu_nr_periods = s.cpu_nr_periods;
         r.cpu_nr_throttled = s.cpu_nr_throttled;
         r.cpu_throttled_usec = s.cpu_throttled_usec;
         r.memory_usage = s.memory_usage;

@@ -662,3 +662,88 @@ fn signals_reach_the_container() {
     assert_eq!(rest.join().unwrap(), "got TERM\n");
     rt.root.assert_nothing_left();
 }
+
+/// `events --stats` prints one runc-shaped stats event; `events --interval`
+/// streams stats and reports an OOM kill in the container, and ends by
+/// itself when the container stops; stopped and unknown containers are
+/// refused with runc's words.
+#[test]
+fn events_stats_and_oom() {
+    let rt = Rt::new("rt-events");
+    let mut spec = runc_like_spec(&["sh", "-c", "echo up; while :; do sleep 1; done"], false);
+    spec["linux"]["resources"]["memory"] = serde_json::json!({"limit": 32 << 20, "swap": 32 << 20});
+    let bundle = rt.bundle_with("ev", spec);
+    rt.ok_detached(&["run", "-d", "--bundle", Rt::b(&bundle), "ev"]);
+
+    let one: serde_json::Value = serde_json::from_str(&rt.ok(&["events", "--stats", "ev"])).expect("one JSON event");
+    assert_eq!(one["type"], "stats", "{one}");
+    assert_eq!(one["id"], "ev", "{one}");
+    assert_eq!(one["data"]["memory"]["usage"]["limit"], 32 << 20, "{one}");
+    assert!(one["data"]["memory"]["usage"]["usage"].as_u64().unwrap() > 0, "{one}");
+    assert!(one["data"]["pids"]["current"].as_u64().unwrap() >= 1, "{one}");
+    assert!(one["data"]["cpu"]["usage"]["total"].as_u64().is_some(), "{one}");
+
+    let mut stream = rt
+        .cmd(&["events", "--interval", "300ms", "ev"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    let out = stream.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(|l| l.ok()) {
+            let v: serde_json::Value = serde_json::from_str(&line).expect("each line is one JSON event");
+            if tx.send(v).is_err() {
+                break;
+            }
+        }
+    });
+    let next = |what: &str, pred: &dyn Fn(&serde_json::Value) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(v) if pred(&v) => return v,
+                Ok(_) => {}
+                Err(_) => panic!("no {what} event from `tegmen events`"),
+            }
+        }
+    };
+    next("stats", &|v| v["type"] == "stats");
+    next("second stats", &|v| v["type"] == "stats");
+
+    // An exec that allocates without bound: the guest kernel OOM-kills it.
+    let (code, _, err) = rt.out(&["exec", "ev", "tail", "/dev/zero"]);
+    assert_eq!(code, 137, "the hog was OOM-killed: {err}");
+    let oom = next("oom", &|v| v["type"] == "oom");
+    assert_eq!(oom["id"], "ev");
+    let after = next("stats after the OOM kill", &|v| v["type"] == "stats");
+    assert!(after["data"]["memory"]["usage"]["failcnt"].as_u64().unwrap() >= 1, "{after}");
+
+    rt.ok(&["kill", "ev", "KILL"]);
+    let status = wait_with_timeout(&mut stream, Duration::from_secs(30));
+    assert_eq!(status, Some(0), "events ends with the container");
+    reader.join().unwrap();
+
+    let (code, _, e) = rt.out(&["events", "ev"]);
+    assert_eq!((code, e.trim()), (1, "container with id ev is not running"));
+    let (code, _, e) = rt.out(&["events", "--stats", "nope"]);
+    assert_eq!((code, e.trim()), (1, "container does not exist"));
+    rt.ok(&["delete", "ev"]);
+    rt.root.assert_nothing_left();
+}
+
+fn wait_with_timeout(child: &mut std::process::Child, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s.code();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}

@@ -78,6 +78,7 @@ pub(super) fn stats(dir: &Path) -> Stats {
         cpu_usage_usec: cpu_get("usage_usec"),
         cpu_user_usec: cpu_get("user_usec"),
         cpu_system_usec: cpu_get("system_usec"),
+        cpu_nr_periods: cpu_get("nr_periods"),
         cpu_nr_throttled: cpu_get("nr_throttled"),
         cpu_throttled_usec: cpu_get("throttled_usec"),
         memory_usage: read_u64(dir, "memory.current").unwrap_or(0),

@@ -93,6 +93,7 @@ pub struct Stats {
     pub cpu_usage_usec: u64,
     pub cpu_user_usec: u64,
     pub cpu_system_usec: u64,
+    pub cpu_nr_periods: u64,
     pub cpu_nr_throttled: u64,
     pub cpu_throttled_usec: u64,
     pub memory_usage: u64,

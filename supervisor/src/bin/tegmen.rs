@@ -8,7 +8,7 @@ use tegmen_supervisor::config::Config;
 use tegmen_supervisor::runtime::cli::{normalize, Cli, Command};
 use tegmen_supervisor::runtime::create::{self, CreateOptions};
 use tegmen_supervisor::runtime::monitor::{self, MonitorArgs};
-use tegmen_supervisor::runtime::{commands, log, Globals};
+use tegmen_supervisor::runtime::{commands, events, log, Globals};
 
 fn main() {
     let cli = Cli::parse_from(normalize(std::env::args().collect()));
@@ -106,6 +106,10 @@ fn run(cli: Cli, log_format: log::Format) -> anyhow::Result<i32> {
         }
         Command::List { format, quiet } => commands::list(&globals, &format, quiet)?,
         Command::Ps { format, id, .. } => commands::ps(&globals, &id, format == "json")?,
+        Command::Events { stats, interval, id } => {
+            let interval = events::parse_duration(&interval)?;
+            events::events(&globals, &id, stats, interval)?
+        }
         Command::Pause { id } => commands::pause(&globals, &id)?,
         Command::Resume { id } => commands::resume(&globals, &id)?,
         Command::Update {

@@ -157,6 +157,15 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
         ps_args: Vec<String>,
     },
+    /// Container events as JSON lines: stats every interval and OOM kills,
+    /// until the container stops; `--stats` prints one stats event.
+    Events {
+        #[arg(long)]
+        stats: bool,
+        #[arg(long, default_value = "5s")]
+        interval: String,
+        id: String,
+    },
     Pause {
         id: String,
     },

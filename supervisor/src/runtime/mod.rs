@@ -18,6 +18,7 @@
 //! | [`create`] | `create` / `run`: the VM, the mounts, the container, the monitor |
 //! | [`monitor`] | the per-process host monitor |
 //! | [`console`] | host ptys and `--console-socket` |
+//! | [`events`] | `events`: stats and OOM kills as runc's JSON lines |
 //! | [`commands`] | every other command |
 
 pub mod bundle;
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod commands;
 pub mod console;
 pub mod create;
+pub mod events;
 pub mod log;
 pub mod monitor;
 pub mod store;
