@@ -720,7 +720,10 @@ fn events_stats_and_oom() {
     let oom = next("oom", &|v| v["type"] == "oom");
     assert_eq!(oom["id"], "ev");
     let after = next("stats after the OOM kill", &|v| v["type"] == "stats");
-    assert!(after["data"]["memory"]["usage"]["failcnt"].as_u64().unwrap() >= 1, "{after}");
+    assert!(
+        after["data"]["memory"]["usage"]["failcnt"].as_u64().unwrap() >= 1,
+        "{after}"
+    );
 
     rt.ok(&["kill", "ev", "KILL"]);
     let status = wait_with_timeout(&mut stream, Duration::from_secs(30));
@@ -746,4 +749,106 @@ fn wait_with_timeout(child: &mut std::process::Child, timeout: Duration) -> Opti
     let _ = child.kill();
     let _ = child.wait();
     None
+}
+
+/// The runtime-namespace hooks run on the host with the OCI state on
+/// stdin (prestart and createRuntime at create, poststart after start,
+/// poststop at delete); the container-namespace ones run in the guest
+/// (startContainer, in the container before its process); a failing
+/// createRuntime hook fails create with runc's words and leaves nothing.
+#[test]
+fn hooks_host_and_guest() {
+    let rt = Rt::new("rt-hooks");
+    let dir = rt.root.root().join("hooks-out");
+    std::fs::create_dir_all(&dir).unwrap();
+    let host_hook = |phase: &str| serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c", format!("cat > {}/{phase}.json", dir.display())]});
+    let mut spec = runc_like_spec(&["sh", "-c", "cat /tmp/start-hook"], false);
+    spec["root"]["readonly"] = false.into();
+    spec["hooks"] = serde_json::json!({
+        "prestart": [host_hook("prestart")],
+        "createRuntime": [host_hook("createRuntime")],
+        "poststart": [host_hook("poststart")],
+        "poststop": [host_hook("poststop")],
+        // In the guest. createContainer runs before pivot_root, so its path
+        // is the guest's: the container's rootfs is on the share there.
+        "createContainer": [{"path": "/run/tegmen/shared/hk/rootfs/bin/busybox",
+                             "args": ["sh", "-c", "echo create hook > /run/tegmen/shared/hk/rootfs/tmp/start-hook"]}],
+        // startContainer runs in the container: its /tmp, its busybox.
+        "startContainer": [{"path": "/bin/sh", "args": ["sh", "-c", "echo \"start hook in $(hostname)\" >> /tmp/start-hook"]}],
+    });
+    let bundle = rt.bundle_with("hk", spec);
+    let read = |phase: &str| -> Option<serde_json::Value> {
+        let text = std::fs::read_to_string(dir.join(format!("{phase}.json"))).ok()?;
+        Some(serde_json::from_str(&text).unwrap_or_else(|e| panic!("{phase} hook got {text:?}: {e}")))
+    };
+
+    let out_path = rt.root.root().join("hk.out");
+    let pid_file = rt.root.root().join("hk.pid");
+    let status = rt
+        .cmd(&[
+            "create",
+            "--bundle",
+            Rt::b(&bundle),
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            "hk",
+        ])
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let pid: i64 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    for phase in ["prestart", "createRuntime"] {
+        let s = read(phase).unwrap_or_else(|| panic!("{phase} hook did not run on the host"));
+        assert_eq!(s["status"], "creating", "{phase}: {s}");
+        assert_eq!(s["id"], "hk", "{phase}: {s}");
+        assert_eq!(s["pid"], pid, "{phase}: {s}");
+        assert_eq!(s["bundle"], Rt::b(&bundle), "{phase}: {s}");
+    }
+    assert!(read("poststart").is_none(), "poststart ran before start");
+
+    rt.ok(&["start", "hk"]);
+    let s = read("poststart").expect("poststart hook ran");
+    assert_eq!(
+        (s["status"].as_str(), s["pid"].as_i64()),
+        (Some("running"), Some(pid)),
+        "{s}"
+    );
+    rt.wait_status("hk", "stopped");
+    let out = std::fs::read_to_string(&out_path).unwrap();
+    assert_eq!(
+        out, "create hook\nstart hook in runc\n",
+        "the createContainer and startContainer hooks ran in the container"
+    );
+    assert!(read("poststop").is_none(), "poststop ran before delete");
+    rt.ok(&["delete", "hk"]);
+    let s = read("poststop").expect("poststop hook ran");
+    assert_eq!(s["status"], "stopped", "{s}");
+    rt.root.assert_nothing_left();
+
+    // A failing createRuntime hook fails create; nothing is left.
+    let mut spec = runc_like_spec(&["true"], false);
+    spec["hooks"] = serde_json::json!({"createRuntime": [
+        {"path": "/bin/sh", "args": ["sh", "-c", "echo boom >&2; exit 3"]}]});
+    let bundle = rt.bundle_with("bad", spec);
+    let (code, _, e) = rt.out(&["create", "--bundle", Rt::b(&bundle), "bad"]);
+    assert_eq!(code, 1);
+    assert!(
+        e.contains("error running hook #0: error running hook: exit status 3, stdout: , stderr: boom"),
+        "{e}"
+    );
+    rt.root.assert_nothing_left();
+
+    // A hook the spec gets wrong is refused before any VM boots.
+    let mut spec = runc_like_spec(&["true"], false);
+    spec["hooks"] = serde_json::json!({"poststart": [{"path": "relative/hook"}]});
+    let bundle = rt.bundle_with("badpath", spec);
+    let (code, _, e) = rt.out(&["create", "--bundle", Rt::b(&bundle), "badpath"]);
+    assert_eq!(code, 1);
+    assert!(
+        e.contains("\"hooks.poststart[0].path\" must be an absolute path"),
+        "{e}"
+    );
+    rt.root.assert_nothing_left();
 }

@@ -91,6 +91,7 @@ impl Bundle {
         if !rootfs.is_dir() {
             return Err(Error::Spec(format!("rootfs ({}) does not exist", rootfs.display())));
         }
+        super::hooks::validate(&spec["hooks"]).map_err(|m| Error::Spec(format!("{}: {m}", path.display())))?;
         if let Some(namespaces) = spec["linux"]["namespaces"].as_array() {
             let joins_net = namespaces
                 .iter()
@@ -146,12 +147,19 @@ impl Bundle {
 
     /// The spec the agent gets: each host bind's source is its place on the
     /// share, `<guest share>/<id>/mounts/<n>`.
+    /// The runtime-namespace hooks are left out: they run on the host.
     pub fn guest_spec(&self, id: &str, binds: &[HostBind]) -> serde_json::Value {
         let mut spec = self.spec.clone();
+        super::hooks::take_host_hooks(&mut spec);
         for (n, b) in binds.iter().enumerate() {
             spec["mounts"][b.index]["source"] = format!("{GUEST_SHARED}/{id}/mounts/{n}").into();
         }
         spec
+    }
+
+    /// The hooks that run on the host ([`super::hooks::HOST_PHASES`]).
+    pub fn host_hooks(&self) -> serde_json::Value {
+        super::hooks::take_host_hooks(&mut self.spec.clone())
     }
 
     /// (memory MiB, vCPUs) of the VM.

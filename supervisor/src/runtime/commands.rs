@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tegmen_agent_api::agent::ExecProcessRequest;
 
 use super::create::{self, write_pid_file, CreateOptions};
+use super::hooks;
 use super::monitor::{self, MonitorArgs};
 use super::store::{self, ContainerRecord, Status};
 use super::{connect_agent, validate_id, Error, Globals, Result};
@@ -46,7 +47,9 @@ pub fn start(globals: &Globals, id: &str) -> Result<()> {
         }
     }
     connect_agent(&globals.config, id)?.start_container(id)?;
-    store::update(&globals.config, id, |r| r.started = true)?;
+    let rec = store::update(&globals.config, id, |r| r.started = true)?;
+    // runc (1.2) returns a failed poststart hook's error; the container runs on.
+    hooks::run(&rec.hooks, "poststart", &rec.hook_state(Status::Running))?;
     Ok(())
 }
 
@@ -160,9 +163,16 @@ pub fn destroy(config: &Config, id: &str, rec: Option<&ContainerRecord>) -> Resu
         )));
     }
     match sandbox::destroy(config, id) {
-        Ok(()) | Err(crate::Error::SandboxNotFound(_)) => Ok(()),
-        Err(e) => Err(e.into()),
+        Ok(()) | Err(crate::Error::SandboxNotFound(_)) => {}
+        Err(e) => return Err(e.into()),
     }
+    // The OCI spec: a failed poststop hook is a warning, the delete stands.
+    if let Some(rec) = rec {
+        if let Err(e) = hooks::run(&rec.hooks, "poststop", &rec.hook_state(Status::Stopped)) {
+            super::log::warn(&e.to_string());
+        }
+    }
+    Ok(())
 }
 
 /// Monitors of container `id` (the init's and every exec's), found by
@@ -638,6 +648,7 @@ mod tests {
             paused: false,
             exit_code: None,
             mounts: Vec::new(),
+            hooks: serde_json::Value::Null,
         };
         let opts = ExecOptions {
             command: vec!["ls".into(), "-l".into()],

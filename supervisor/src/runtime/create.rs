@@ -15,8 +15,9 @@ use nix::mount::{mount, MsFlags};
 use tegmen_agent_api::agent::CreateContainerRequest;
 
 use super::bundle::{Bundle, HostBind};
+use super::hooks;
 use super::monitor::{self, MonitorArgs};
-use super::store::{self, ContainerRecord};
+use super::store::{self, ContainerRecord, Status};
 use super::{log, validate_id, Error, Globals, Result};
 use crate::process::ProcessRecord;
 use crate::sandbox::{Sandbox, SandboxOptions};
@@ -100,6 +101,7 @@ pub fn create(globals: &Globals, opts: &CreateOptions) -> Result<Child> {
         paused: false,
         exit_code: None,
         mounts,
+        hooks: bundle.host_hooks(),
     };
     store::save(&globals.config, &record)?;
     let args = MonitorArgs {
@@ -112,7 +114,11 @@ pub fn create(globals: &Globals, opts: &CreateOptions) -> Result<Child> {
     let finish = || -> Result<()> {
         let rec = ProcessRecord::of("monitor", child.id() as i32)
             .ok_or_else(|| Error::Sys(format!("the monitor of {id} exited at once")))?;
-        store::update(&globals.config, id, |r| r.monitor = Some(rec))?;
+        let rec = store::update(&globals.config, id, |r| r.monitor = Some(rec))?;
+        // The container exists in its VM, its process waits for `start`.
+        let state = rec.hook_state(Status::Creating);
+        hooks::run(&rec.hooks, "prestart", &state)?;
+        hooks::run(&rec.hooks, "createRuntime", &state)?;
         if let Some(p) = &opts.pid_file {
             write_pid_file(p, child.id())?;
         }

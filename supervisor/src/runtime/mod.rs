@@ -16,6 +16,7 @@
 //! | [`store`] | `container.json` in the sandbox directory, status, runc's state JSON |
 //! | [`bundle`] | reading and checking `config.json`, mounts, VM sizing |
 //! | [`create`] | `create` / `run`: the VM, the mounts, the container, the monitor |
+//! | [`hooks`] | OCI hooks of the runtime namespace, on the host |
 //! | [`monitor`] | the per-process host monitor |
 //! | [`console`] | host ptys and `--console-socket` |
 //! | [`events`] | `events`: stats and OOM kills as runc's JSON lines |
@@ -27,6 +28,7 @@ pub mod commands;
 pub mod console;
 pub mod create;
 pub mod events;
+pub mod hooks;
 pub mod log;
 pub mod monitor;
 pub mod store;
@@ -61,6 +63,9 @@ pub enum Error {
     },
     #[error("{0}")]
     Sys(String),
+    /// A runtime-namespace OCI hook failed (runc's wording inside).
+    #[error("{0}")]
+    Hook(String),
     #[error(transparent)]
     Supervisor(#[from] crate::Error),
 }

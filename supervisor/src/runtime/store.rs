@@ -38,6 +38,29 @@ pub struct ContainerRecord {
     pub exit_code: Option<i32>,
     /// Host mount points this container made (rootfs and bind mounts).
     pub mounts: Vec<PathBuf>,
+    /// The spec's runtime-namespace hooks, run on the host (`poststart`
+    /// at start and `poststop` at delete need them after the bundle may be
+    /// gone).
+    #[serde(default)]
+    pub hooks: serde_json::Value,
+}
+
+impl ContainerRecord {
+    /// The OCI state a hook reads on stdin.
+    pub fn hook_state(&self, status: Status) -> serde_json::Value {
+        let pid = match (status, &self.monitor) {
+            (Status::Stopped, _) | (_, None) => 0,
+            (_, Some(m)) => m.pid,
+        };
+        super::hooks::state(
+            &self.oci_version,
+            &self.id,
+            status.as_str(),
+            pid,
+            &self.bundle.display().to_string(),
+            &serde_json::to_value(&self.annotations).unwrap_or_default(),
+        )
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
