@@ -54,7 +54,7 @@ pub fn validate(hooks: &Value) -> std::result::Result<(), String> {
                 }
             }
             let t = &h["timeout"];
-            if !t.is_null() && !t.as_i64().is_some_and(|t| t > 0) {
+            if !t.is_null() && t.as_i64().is_none_or(|t| t <= 0) {
                 return Err(format!("{} must be a positive number of seconds", field("timeout")));
             }
         }
