@@ -852,3 +852,31 @@ fn hooks_host_and_guest() {
     );
     rt.root.assert_nothing_left();
 }
+
+/// 20 containers created and deleted one after another (half of them
+/// started and force-deleted while running) leave no process, mount,
+/// socket or directory behind.
+#[test]
+fn twenty_in_a_row_leave_nothing() {
+    let rt = Rt::new("rt-loop");
+    let bundle = rt.bundle("loop", &["sleep", "300"]);
+    for i in 0..20 {
+        let id = format!("loop{i}");
+        if i % 2 == 0 {
+            // The monitor keeps create's stdio: nothing may wait for its EOF.
+            rt.ok_detached(&["create", "--bundle", Rt::b(&bundle), &id]);
+            assert_eq!(rt.status(&id), "created");
+            rt.ok(&["delete", &id]);
+        } else {
+            rt.ok_detached(&["run", "-d", "--bundle", Rt::b(&bundle), &id]);
+            assert_eq!(rt.status(&id), "running");
+            rt.ok(&["delete", "--force", &id]);
+        }
+        assert_eq!(rt.ok(&["list", "-q"]).trim(), "", "after {id}");
+    }
+    rt.root.assert_nothing_left();
+    let left: Vec<_> = std::fs::read_dir(rt.root.config.sandboxes_dir())
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+}
