@@ -81,6 +81,7 @@ pub struct Sandbox {
     hypervisor: Box<dyn Hypervisor>,
     agent: Option<AgentClient>,
     boot_time: Duration,
+    spawn_time: Duration,
     torn_down: bool,
 }
 
@@ -225,6 +226,7 @@ impl Sandbox {
             hypervisor,
             agent: None,
             boot_time: Duration::ZERO,
+            spawn_time: Duration::ZERO,
             torn_down: false,
         };
         match sandbox.boot(config, &layout, &image, choice.accel, prepare) {
@@ -271,6 +273,7 @@ impl Sandbox {
             // Best effort: a later teardown also finds processes by name.
             let _ = write_state(&state_path, state);
         })?;
+        self.spawn_time = started.elapsed();
 
         let timeout = Duration::from_secs(config.guest.boot_timeout_secs);
         let agent = self.wait_for_agent(layout, started, timeout)?;
@@ -361,6 +364,13 @@ impl Sandbox {
     /// Time from starting the VM to the agent's first answer.
     pub fn boot_time(&self) -> Duration {
         self.boot_time
+    }
+
+    /// The host's part of [`Sandbox::boot_time`]: starting the device
+    /// backends and the hypervisor process; the rest is the guest booting
+    /// to its agent.
+    pub fn spawn_time(&self) -> Duration {
+        self.spawn_time
     }
 
     pub fn agent(&self) -> &AgentClient {

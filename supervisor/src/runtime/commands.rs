@@ -6,7 +6,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Child;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tegmen_agent_api::agent::ExecProcessRequest;
 
@@ -14,7 +14,7 @@ use super::create::{self, write_pid_file, CreateOptions};
 use super::hooks;
 use super::monitor::{self, MonitorArgs};
 use super::store::{self, ContainerRecord, Status};
-use super::{connect_agent, validate_id, Error, Globals, Result};
+use super::{connect_agent, log, validate_id, Error, Globals, Result};
 use crate::config::Config;
 use crate::process::ProcessRecord;
 use crate::sandbox;
@@ -228,6 +228,7 @@ pub fn run(globals: &Globals, opts: &CreateOptions) -> Result<i32> {
         monitor::block_forwarded_signals();
     }
     let child = create::create(globals, opts)?;
+    let t = Instant::now();
     if let Err(e) = start(globals, &opts.id) {
         let rec = store::load(&globals.config, &opts.id).ok().flatten();
         let _ = destroy(&globals.config, &opts.id, rec.as_ref());
@@ -236,10 +237,15 @@ pub fn run(globals: &Globals, opts: &CreateOptions) -> Result<i32> {
     if opts.detach {
         return Ok(0);
     }
+    log::phase("start", t.elapsed());
+    let t = Instant::now();
     forward_signals_to(&child);
     let code = wait_exit_code(child);
+    log::phase("exit", t.elapsed());
+    let t = Instant::now();
     let rec = store::load(&globals.config, &opts.id).ok().flatten();
     destroy(&globals.config, &opts.id, rec.as_ref())?;
+    log::phase("teardown", t.elapsed());
     Ok(code)
 }
 

@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Child;
+use std::time::Instant;
 
 use nix::mount::{mount, MsFlags};
 use tegmen_agent_api::agent::CreateContainerRequest;
@@ -64,6 +65,7 @@ pub fn create(globals: &Globals, opts: &CreateOptions) -> Result<Child> {
     log::debug(&format!("create {id}: VM of {memory} MiB and {vcpus} vCPU(s)"));
 
     let mut mounts = Vec::new();
+    let t0 = Instant::now();
     let sandbox = Sandbox::create_prepared(
         &config,
         id,
@@ -86,7 +88,13 @@ pub fn create(globals: &Globals, opts: &CreateOptions) -> Result<Child> {
         stdin: true,
         ..Default::default()
     };
+    let booted = t0.elapsed();
+    log::phase("vm-setup", booted - sandbox.boot_time() + sandbox.spawn_time());
+    log::phase("guest-boot", sandbox.boot_time() - sandbox.spawn_time());
+    let t1 = Instant::now();
     sandbox.agent().create_container(&req)?;
+    log::phase("container-create", t1.elapsed());
+    let t2 = Instant::now();
     let record = ContainerRecord {
         id: id.to_string(),
         oci_version: bundle.oci_version(),
@@ -130,6 +138,7 @@ pub fn create(globals: &Globals, opts: &CreateOptions) -> Result<Child> {
         return Err(e);
     }
     sandbox.detach()?;
+    log::phase("monitor", t2.elapsed());
     Ok(child)
 }
 

@@ -61,6 +61,12 @@ pub fn debug(msg: &str) {
     }
 }
 
+/// With `--debug`: how long one phase of a command took, as `phase NAME:
+/// MS ms` (`make bench` reads these for its breakdown).
+pub fn phase(name: &str, took: std::time::Duration) {
+    debug(&format!("phase {name}: {:.1} ms", took.as_secs_f64() * 1000.0));
+}
+
 fn write(level: &str, msg: &str) {
     let Some(logger) = LOGGER.get() else { return };
     let Some(file) = &logger.file else { return };
