@@ -156,6 +156,7 @@ on_host_and_in_guest!(
     exec,
     oom_and_stats,
     spec_fields,
+    kernel_fields,
     bad_input,
 );
 
@@ -444,6 +445,60 @@ fn spec_fields(g: Target) {
     assert_eq!(lines[6].trim(), "0", "masked /etc/secret reads empty: {out}");
     assert_eq!(lines.last().copied(), Some("ro"), "{out}");
     assert_eq!(code, 0);
+}
+
+/// What the kernel is asked for: a device node of `linux.devices`, sysctls
+/// (ipc and net namespaced), rlimits, the bounding/effective capabilities,
+/// no_new_privs, and a network namespace of its own (loopback only; the
+/// guest kernel's IPv6-in-IPv4 tunnel device `sit0` is in every namespace).
+fn kernel_fields(g: Target) {
+    let script = "stat -c '%t:%T %a' /dev/tegmen-null; echo x > /dev/tegmen-null && echo dev-ok; \
+                  cat /proc/sys/kernel/shm_rmid_forced /proc/sys/net/ipv4/ip_forward; \
+                  ulimit -n; ulimit -Hn; ls /sys/class/net | grep -v '^sit0$'; grep -E '^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status";
+    let mut s = spec(&["sh", "-c", script]);
+    s["linux"]["devices"] = serde_json::json!([
+        {"path": "/dev/tegmen-null", "type": "c", "major": 1, "minor": 3, "fileMode": 0o640, "uid": 0, "gid": 0}]);
+    s["linux"]["sysctl"] = serde_json::json!({"kernel.shm_rmid_forced": "1", "net.ipv4.ip_forward": "1"});
+    s["process"]["rlimits"] = serde_json::json!([{"type": "RLIMIT_NOFILE", "soft": 512, "hard": 1024}]);
+    g.create_rootfs("kfields");
+    let (code, out, err) = g.run("kfields", &s);
+    let out = String::from_utf8_lossy(&out);
+    let err = String::from_utf8_lossy(&err);
+    assert_eq!(code, 0, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    // runc's default capabilities: AUDIT_WRITE (29), KILL (5), NET_BIND_SERVICE (10).
+    assert_eq!(
+        lines,
+        [
+            "1:3 640",
+            "dev-ok",
+            "1",
+            "1",
+            "512",
+            "1024",
+            "lo",
+            "CapEff:\t0000000020000420",
+            "CapBnd:\t0000000020000420",
+            "NoNewPrivs:\t1",
+        ],
+        "{out}{err}"
+    );
+
+    // CPU limits: the guest has the cpu controller (this host's cgroup v2
+    // does not: hybrid cgroups).
+    if !g.is_guest() {
+        eprintln!("skipped the cpu limits: no cpu controller in this host's cgroup v2");
+        return;
+    }
+    let mut s = spec(&["sh", "-c", "cat /sys/fs/cgroup/cpu.max /sys/fs/cgroup/cpu.weight"]);
+    s["linux"]["resources"]["cpu"] = serde_json::json!({"quota": 50000, "period": 100000, "shares": 512});
+    g.create_rootfs("cpu");
+    let (code, out, err) = g.run("cpu", &s);
+    let (out, err) = (String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
+    assert_eq!(code, 0, "{out}{err}");
+    // shares 512 → weight 59: the conversion crun and runc 1.3 use
+    // (10^((log2(s)^2 + 125 log2(s)) / 612 - 7/34), rounded up).
+    assert_eq!(out, "50000 100000\n59\n", "{err}");
 }
 
 /// Bad specs, bad rootfs paths, missing executables and unknown ids are
