@@ -263,6 +263,19 @@ impl Agent for AgentService {
         Ok(Empty::new())
     }
 
+    fn remove_process(&self, _ctx: &TtrpcContext, req: ProcessRequest) -> ttrpc::Result<Empty> {
+        if req.exec_id.is_empty() {
+            return Err(status(
+                ttrpc::Code::INVALID_ARGUMENT,
+                "RemoveProcess needs an exec id: the init is removed with its container",
+            ));
+        }
+        self.containers
+            .remove_exec(&req.container_id, &req.exec_id)
+            .map_err(container_status)?;
+        Ok(Empty::new())
+    }
+
     fn remove_container(&self, _ctx: &TtrpcContext, req: RemoveContainerRequest) -> ttrpc::Result<Empty> {
         self.containers
             .remove(&req.container_id, req.force)

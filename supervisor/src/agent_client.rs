@@ -265,6 +265,19 @@ impl AgentClient {
             .map_err(|e| rpc_error("CloseStdin", e))
     }
 
+    /// Forgets exec `exec_id` of container `id` once it has exited.
+    pub fn remove_process(&self, id: &str, exec_id: &str) -> Result<()> {
+        let req = ProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            ..Default::default()
+        };
+        self.stub
+            .remove_process(self.ctx(), &req)
+            .map(drop)
+            .map_err(|e| rpc_error("RemoveProcess", e))
+    }
+
     pub fn remove_container(&self, id: &str, force: bool) -> Result<()> {
         let req = RemoveContainerRequest {
             container_id: id.into(),

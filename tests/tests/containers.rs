@@ -341,7 +341,17 @@ fn exec(g: Target) {
     assert_eq!(out, b"ready\n", "the exec sees the container's /tmp");
     // An exec that outlives its request.
     exec("late", &["sh", "-c", "sleep 2; exit 7"]);
+    let e = agent.remove_process("main", "late").unwrap_err().to_string();
+    assert!(e.contains("FAILED_PRECONDITION") && e.contains("running"), "{e}");
     assert_eq!(agent.wait_process("main", "late").unwrap().exit_code, 7);
+    // Once removed, an exec is gone and its id free again.
+    agent.remove_process("main", "late").unwrap();
+    let e = agent.wait_process("main", "late").unwrap_err().to_string();
+    assert!(e.contains("NOT_FOUND"), "{e}");
+    exec("late", &["sh", "-c", "exit 8"]);
+    assert_eq!(agent.wait_process("main", "late").unwrap().exit_code, 8);
+    let e = agent.remove_process("main", "").unwrap_err().to_string();
+    assert!(e.contains("INVALID_ARGUMENT"), "{e}");
     let pids = agent.list_processes("main").unwrap();
     assert!(!pids.is_empty());
     agent.signal_process("main", "", 9, true).unwrap();

@@ -910,7 +910,6 @@ impl ContainerManager {
     /// Forgets an exec that has exited (containerd's "delete" of an exec
     /// process): its record and whatever stdio the transport did not take.
     /// The exec id can be used again afterwards.
-    #[allow(dead_code)] // for the service layer, not wired yet
     pub fn remove_exec(&self, id: &str, exec_id: &str) -> Result<(), ContainerError> {
         let ctr = self.get(id)?;
         let mut st = lock(&ctr.state);

@@ -416,6 +416,12 @@ fn supervise(globals: &Globals, args: &MonitorArgs, streams: Streams) -> Option<
         }
     }
     RAW.with(|r| drop(r.borrow_mut().take()));
+    if !args.exec_id.is_empty() && code.is_some() {
+        // The exec is over and its output drained: the agent may forget it.
+        if let Err(e) = connect(&args.id).and_then(|a| Ok(a.remove_process(&args.id, &args.exec_id)?)) {
+            log::debug(&format!("monitor of {} exec {}: {e}", args.id, args.exec_id));
+        }
+    }
     code
 }
 
