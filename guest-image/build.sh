@@ -82,11 +82,12 @@ build_initramfs() {
     local triple=x86_64-unknown-linux-gnu
     echo "guest-image: building the static agent"
     # The agent is PID 1 in a VM with no libraries: glibc statically linked,
-    # libseccomp linked from Debian's static archive.
+    # libseccomp linked from Debian's static archive; libbpf (device cgroup
+    # rules) built from source by libbpf-sys and linked statically.
     ( cd "$repo" && \
       CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
       LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
-      cargo build --quiet --profile guest -p tegmen-agent --target "$triple" )
+      cargo build --quiet --profile guest -p tegmen-agent --features devices-cgroup --target "$triple" )
     local agent="$repo/target/$triple/guest/tegmen-agent"
     [ -x "$agent" ] || die "agent binary missing after build: $agent"
     if readelf -l "$agent" | grep -q INTERP; then

@@ -9,8 +9,9 @@ packages=(
     qemu-system-x86
     # guest kernel: Debian's source and what building it takes
     linux-source-6.12 make gcc bc bison flex libelf-dev libssl-dev perl xz-utils binutils
-    # the static agent (libcontainer's seccomp support links libseccomp.a)
-    libseccomp-dev pkg-config
+    # the static agent (libcontainer's seccomp support links libseccomp.a;
+    # its eBPF device rules build libbpf, which needs libelf and zlib)
+    libseccomp-dev pkg-config zlib1g-dev
     # test images are built offline from busybox
     busybox-static
     # the real clients the end-to-end tests drive tegmen with (and runc, the

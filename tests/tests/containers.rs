@@ -509,6 +509,29 @@ fn kernel_fields(g: Target) {
     // shares 512 → weight 59: the conversion crun and runc 1.3 use
     // (10^((log2(s)^2 + 125 log2(s)) / 612 - 7/34), rounded up).
     assert_eq!(out, "50000 100000\n59\n", "{err}");
+
+    // Device cgroup rules (an eBPF program in the guest; the host-mode agent
+    // of these tests is built without them): deny all, allow /dev/full.
+    // runc's defaults let mknod through; access to the node is what the
+    // rules decide. (Device nodes go on /dev, a tmpfs: the share refuses them.)
+    let script = "mknod /dev/full2 c 1 7 && mknod /dev/kmsg2 c 1 11 && echo made; \
+                  (echo x > /dev/full2) 2>&1; (echo x > /dev/kmsg2) 2>&1; echo x > /dev/null && echo null-ok";
+    let mut s = spec(&["sh", "-c", script]);
+    let caps = serde_json::json!(["CAP_MKNOD", "CAP_KILL"]);
+    s["process"]["capabilities"] = serde_json::json!({"bounding": caps, "effective": caps, "permitted": caps});
+    s["linux"]["resources"]["devices"] = serde_json::json!([
+        {"allow": false, "access": "rwm"},
+        {"allow": true, "type": "c", "major": 1, "minor": 7, "access": "rw"}]);
+    g.create_rootfs("devs");
+    let (code, out, err) = g.run("devs", &s);
+    let (out, err) = (String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
+    assert_eq!(code, 0, "{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 4, "{out}{err}");
+    assert_eq!(lines[0], "made");
+    assert!(lines[1].contains("No space left on device"), "/dev/full allowed: {out}");
+    assert!(lines[2].contains("Operation not permitted"), "/dev/kmsg denied: {out}");
+    assert_eq!(lines[3], "null-ok");
 }
 
 /// Bad specs, bad rootfs paths, missing executables and unknown ids are
