@@ -25,7 +25,7 @@ const MAX_HANDSHAKE_LINE: usize = 64;
 
 /// Opens a stream to guest vsock `port` through the hybrid-vsock socket.
 pub fn hybrid_vsock_connect(socket: &Path, port: u32, timeout: Duration) -> std::io::Result<UnixStream> {
-    let mut stream = UnixStream::connect(socket)?;
+    let mut stream = tegmen_vmm::unix_path::connect(socket)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
@@ -87,7 +87,7 @@ impl AgentClient {
     /// Connects to an agent serving on a Unix socket (the agent run on the
     /// host, as the container tests do).
     pub fn connect_unix(socket: &Path, rpc_timeout: Duration) -> Result<AgentClient> {
-        let stream = UnixStream::connect(socket)
+        let stream = tegmen_vmm::unix_path::connect(socket)
             .map_err(|e| Error::Agent(format!("connecting to {}: {e}", socket.display())))?;
         let client =
             ttrpc::Client::new(stream.into_raw_fd()).map_err(|e| Error::Agent(format!("ttrpc client: {e}")))?;
@@ -313,7 +313,7 @@ impl StreamEndpoint {
     pub fn open(&self, container_id: &str, exec_id: &str, kind: StreamKind) -> Result<UnixStream> {
         let mut conn = match self {
             StreamEndpoint::HybridVsock(path) => hybrid_vsock_connect(path, STREAM_VSOCK_PORT, Duration::from_secs(10)),
-            StreamEndpoint::Unix(path) => UnixStream::connect(path),
+            StreamEndpoint::Unix(path) => tegmen_vmm::unix_path::connect(path),
         }
         .map_err(|e| Error::Agent(format!("opening the {} stream of {container_id}: {e}", kind.as_str())))?;
         let header = StreamHeader {

@@ -18,8 +18,6 @@ pub enum Error {
     GuestImage(String),
     #[error("hypervisor: {0}")]
     Hypervisor(String),
-    #[error("socket path {path} is {len} bytes, longer than the {max} bytes sun_path allows; use a shorter --root")]
-    SocketPathTooLong { path: PathBuf, len: usize, max: usize },
     #[error("invalid sandbox id {id:?}: {why}")]
     InvalidId { id: String, why: &'static str },
     #[error("sandbox {0} already exists")]

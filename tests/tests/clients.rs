@@ -475,18 +475,30 @@ impl Drop for Containerd {
 }
 
 /// `ctr run --runc-binary tegmen` of the imported image: output, and the
-/// container's exit code as ctr's; nothing left after `--rm`.
+/// container's exit code as ctr's; nothing left after `--rm`. The id has
+/// 64 characters, as Kubernetes' do: below the shim's `--root` the
+/// sandbox's socket paths exceed `sun_path`.
 #[test]
 fn containerd_ctr_run_exit_code() {
     let c = Containerd::start("run");
     let runtime = c.runtime.to_str().unwrap().to_string();
+    let id = "c1".repeat(32);
+    assert!(
+        c.runtime_root()
+            .join("sandboxes")
+            .join(&id)
+            .join("vhost-vsock.sock")
+            .as_os_str()
+            .len()
+            > 108
+    );
     let (code, out, err) = c.out(&[
         "run",
         "--rm",
         "--runc-binary",
         &runtime,
         IMAGE,
-        "c1",
+        &id,
         "sh",
         "-c",
         "echo hello from containerd; echo \"$(uname -r) $(uname -v)\"; exit 3",
@@ -499,7 +511,7 @@ fn containerd_ctr_run_exit_code() {
         !kernel.is_empty() && kernel != host_kernel(),
         "the container ran on the host kernel: {kernel:?}"
     );
-    assert_container_gone(&c.runtime_root(), "c1");
+    assert_container_gone(&c.runtime_root(), &id);
     assert!(c.ok(&["containers", "ls", "-q"]).trim().is_empty());
 }
 

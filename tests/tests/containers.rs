@@ -500,8 +500,9 @@ fn kernel_fields(g: Target) {
         eprintln!("skipped the cpu limits: no cpu controller in this host's cgroup v2");
         return;
     }
-    let mut s = spec(&["sh", "-c", "cat /sys/fs/cgroup/cpu.max /sys/fs/cgroup/cpu.weight"]);
+    let mut s = spec(&["sh", "-c", "cat /sys/fs/cgroup/cpu.max /sys/fs/cgroup/cpu.weight; cat /sys/fs/cgroup/cgroup.controllers; ls /sys/fs/cgroup/ | grep io; cat /sys/fs/cgroup/io.*weight"]);
     s["linux"]["resources"]["cpu"] = serde_json::json!({"quota": 50000, "period": 100000, "shares": 512});
+    s["linux"]["resources"]["blockIO"] = serde_json::json!({"weight": 500});
     g.create_rootfs("cpu");
     let (code, out, err) = g.run("cpu", &s);
     let (out, err) = (String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));

@@ -7,4 +7,5 @@
 //! virtio-mmio bus.
 
 pub mod devices;
+pub mod unix_path;
 pub mod vhost_user;

@@ -94,8 +94,12 @@ impl Qemu {
         child.try_wait().ok().flatten().map(|s| s.to_string())
     }
 
+    /// QEMU's command line. It runs in `spec.run_dir` and names the
+    /// vhost-user sockets relative to it (`vsock_vhost` and `fs_vhost` are
+    /// file names there): their full paths may not fit a socket address.
     pub fn command_line(&self, spec: &VmSpec, vsock_vhost: &Path, fs_vhost: &Path) -> Command {
         let mut cmd = Command::new(&self.qemu);
+        cmd.current_dir(&spec.run_dir);
         let mem = format!("{}M", spec.memory_mib);
         let (accel, cpu) = match spec.accel {
             Accel::Kvm => ("kvm", "host"),
@@ -165,7 +169,8 @@ impl Hypervisor for Qemu {
         self.wait_socket("tegmen-vsock-backend", &vsock_vhost, &vsock_log)?;
         self.wait_socket("tegmen-fs-backend", &fs_vhost, &fs_log)?;
 
-        let cmd = self.command_line(spec, &vsock_vhost, &fs_vhost);
+        let name = |p: &Path| PathBuf::from(p.file_name().expect("a socket file name"));
+        let cmd = self.command_line(spec, &name(&vsock_vhost), &name(&fs_vhost));
         self.spawn("qemu", cmd, &spec.run_dir.join("qemu.log"), record)?;
         Ok(())
     }

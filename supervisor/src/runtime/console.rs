@@ -5,7 +5,6 @@
 
 use std::io::IoSlice;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
@@ -27,7 +26,7 @@ pub fn open_pty() -> Result<(OwnedFd, OwnedFd)> {
 /// whose data is the terminal's name and whose control message carries the
 /// descriptor.
 pub fn send_console(path: &Path, master: &OwnedFd) -> Result<()> {
-    let sock = UnixStream::connect(path).map_err(|e| Error::io("connecting to console socket", path, e))?;
+    let sock = tegmen_vmm::unix_path::connect(path).map_err(|e| Error::io("connecting to console socket", path, e))?;
     let fds = [master.as_raw_fd()];
     let cmsg = [ControlMessage::ScmRights(&fds)];
     let name = b"/dev/ptmx";

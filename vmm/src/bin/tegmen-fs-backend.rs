@@ -29,10 +29,6 @@ use tegmen_vmm::devices::fs::{CachePolicy, FsConfig, FsDevice, DEFAULT_TAG};
 use tegmen_vmm::vhost_user::fs::{serve, FsBackend};
 use vhost::vhost_user::Listener;
 
-/// Longest path a unix socket address holds (sun_path is 108 bytes with
-/// the terminating NUL).
-const SUN_PATH_MAX: usize = 107;
-
 #[derive(Debug, Parser)]
 #[command(
     name = "tegmen-fs-backend",
@@ -129,13 +125,6 @@ fn open_dir(dir: &Path) -> io::Result<File> {
 /// Check the socket path, remove a stale socket there, bind, and remember
 /// how to remove it later.
 fn bind_socket(path: &Path) -> Result<(UnixListener, SocketFile)> {
-    let len = path.as_os_str().len();
-    if len > SUN_PATH_MAX {
-        bail!(
-            "socket path {} is {len} bytes long; a unix socket path is limited to {SUN_PATH_MAX} bytes (sun_path)",
-            path.display()
-        );
-    }
     let name = path
         .file_name()
         .with_context(|| format!("socket path {} has no file name", path.display()))?;
@@ -152,7 +141,8 @@ fn bind_socket(path: &Path) -> Result<(UnixListener, SocketFile)> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("cannot stat socket path {}", path.display())),
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("cannot bind socket {}", path.display()))?;
+    let listener =
+        tegmen_vmm::unix_path::bind(path).with_context(|| format!("cannot bind socket {}", path.display()))?;
     let bound = std::fs::symlink_metadata(path).with_context(|| format!("cannot stat socket {}", path.display()))?;
     let dir = open_dir(parent).with_context(|| format!("cannot open socket directory {}", parent.display()))?;
     let socket = SocketFile {

@@ -21,7 +21,7 @@ use std::sync::OnceLock;
 
 use clap::Parser;
 
-use tegmen_vmm::devices::vsock::{check_sun_path, VsockConfig, VsockDevice, DEFAULT_GUEST_CID};
+use tegmen_vmm::devices::vsock::{VsockConfig, VsockDevice, DEFAULT_GUEST_CID};
 use tegmen_vmm::vhost_user::vsock::serve;
 
 /// virtio-vsock vhost-user backend with a hybrid-vsock host side.
@@ -87,10 +87,6 @@ fn remove_if_socket(path: &Path) {
 }
 
 fn run(args: &Args) -> Result<(), String> {
-    // Check both paths before binding either, so a bad one leaves nothing
-    // behind.
-    check_sun_path(&args.socket).map_err(|e| format!("--socket: {e}"))?;
-    check_sun_path(&args.uds_path).map_err(|e| format!("--uds-path: {e}"))?;
     if args.socket == args.uds_path {
         return Err(format!("--socket and --uds-path are both {}", args.socket.display()));
     }

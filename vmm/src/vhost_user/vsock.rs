@@ -28,7 +28,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
 use crate::devices::vsock::defs::{EVQ_INDEX, NUM_QUEUES, QUEUE_SIZE, RXQ_INDEX, TXQ_INDEX};
-use crate::devices::vsock::{check_sun_path, remove_stale_socket, VsockDevice};
+use crate::devices::vsock::{remove_stale_socket, VsockDevice};
 
 /// Epoll token of the device's host-side fd in the daemon's worker:
 /// `0..NUM_QUEUES` are the queues and `NUM_QUEUES` the exit event.
@@ -201,8 +201,11 @@ impl VhostUserBackendMut for VhostUserVsockBackend {
 /// there is replaced) until the front-end disconnects. The socket file is
 /// removed before returning.
 pub fn serve(device: VsockDevice, socket: &Path) -> Result<(), VhostUserVsockError> {
-    check_sun_path(socket)?;
     remove_stale_socket(socket)?;
+    let listener = crate::unix_path::bind(socket).map_err(|e| VhostUserVsockError::Serve {
+        path: socket.to_path_buf(),
+        msg: format!("binding: {e}"),
+    })?;
 
     let device_fd = device.as_raw_fd();
     let backend = Arc::new(RwLock::new(VhostUserVsockBackend::new(device)));
@@ -220,12 +223,22 @@ pub fn serve(device: VsockDevice, socket: &Path) -> Result<(), VhostUserVsockErr
         .map_err(VhostUserVsockError::RegisterListener)?;
 
     log::info!("vsock: waiting for the front-end on {}", socket.display());
-    let result = daemon.serve(socket);
+    let mut listener = vhost::vhost_user::Listener::from(listener);
+    let result = daemon.start(&mut listener).and_then(|()| daemon.wait());
+    for handler in daemon.get_epoll_handlers() {
+        handler.send_exit_event();
+    }
     let _ = std::fs::remove_file(socket);
-    result.map_err(|e| VhostUserVsockError::Serve {
-        path: socket.to_path_buf(),
-        msg: e.to_string(),
-    })
+    use vhost::vhost_user::Error as VuError;
+    use vhost_user_backend::Error as DaemonError;
+    match result {
+        // A front-end that goes away is the normal end.
+        Ok(()) | Err(DaemonError::HandleRequest(VuError::Disconnected | VuError::PartialMessage)) => Ok(()),
+        Err(e) => Err(VhostUserVsockError::Serve {
+            path: socket.to_path_buf(),
+            msg: e.to_string(),
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -128,7 +128,3 @@ pub const LOCAL_PORT_BASE: u32 = 1 << 30;
 /// Most Unix connections accepted per listener wake-up, so one burst of
 /// clients cannot starve the queues.
 pub const MAX_ACCEPTS_PER_EVENT: usize = 32;
-
-/// Longest socket path that fits `sockaddr_un.sun_path` (108 bytes with the
-/// terminating NUL).
-pub const SUN_PATH_MAX: usize = 107;

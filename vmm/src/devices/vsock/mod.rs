@@ -37,7 +37,7 @@ pub use self::defs::{DEFAULT_GUEST_CID, VSOCK_HOST_CID};
 pub use self::device::{VsockConfig, VsockDevice};
 pub use self::metrics::VsockCounters;
 pub use self::muxer::VsockMuxer;
-pub use self::sys::{check_sun_path, remove_stale_socket};
+pub use self::sys::remove_stale_socket;
 
 /// Errors setting up a vsock device.
 #[derive(Debug, thiserror::Error)]
@@ -45,19 +45,6 @@ pub enum Error {
     /// The guest CID is reserved or too large.
     #[error("invalid guest CID {0}: must be between 3 and 4294967294")]
     InvalidGuestCid(u64),
-    /// A socket path does not fit `sockaddr_un.sun_path`.
-    #[error(
-        "socket path {} is {len} bytes long, more than the {max} bytes sockaddr_un.sun_path can hold",
-        path.display()
-    )]
-    PathTooLong {
-        /// The path.
-        path: PathBuf,
-        /// Its length in bytes.
-        len: usize,
-        /// The limit.
-        max: usize,
-    },
     /// Something that is not a socket sits where a socket is to be bound.
     #[error("{} exists and is not a socket; refusing to replace it", path.display())]
     NotASocket {

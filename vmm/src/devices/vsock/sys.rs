@@ -1,9 +1,9 @@
 //! Unix-socket plumbing the muxer needs and `std` does not offer.
 //!
-//! Three things: binding the hybrid-vsock listener (with a clear error for
-//! paths that do not fit `sun_path`, and replacing a stale socket file),
-//! connecting to `<uds_path>_<port>` without blocking (a Unix listener with
-//! a full backlog would otherwise stall the whole device), and sending with
+//! Three things: binding the hybrid-vsock listener (at a path of any length,
+//! see [`crate::unix_path`], replacing a stale socket file), connecting to
+//! `<uds_path>_<port>` without blocking (a Unix listener with a full
+//! backlog would otherwise stall the whole device), and sending with
 //! `MSG_NOSIGNAL` so a host client that went away yields `EPIPE` rather than
 //! a `SIGPIPE`, whatever the embedding program does with that signal.
 
@@ -17,21 +17,8 @@ use std::path::Path;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::VolatileSlice;
 
-use super::defs::SUN_PATH_MAX;
 use super::Error;
-
-/// Fail with [`Error::PathTooLong`] if `path` cannot be a socket address.
-pub fn check_sun_path(path: &Path) -> Result<(), Error> {
-    let len = path.as_os_str().as_bytes().len();
-    if len > SUN_PATH_MAX {
-        return Err(Error::PathTooLong {
-            path: path.to_path_buf(),
-            len,
-            max: SUN_PATH_MAX,
-        });
-    }
-    Ok(())
-}
+use crate::unix_path::{self, SUN_PATH_MAX};
 
 /// Remove `path` if it is a socket left behind by an earlier run. Anything
 /// else at that path is an error: it is not ours to delete.
@@ -54,9 +41,8 @@ pub fn remove_stale_socket(path: &Path) -> Result<(), Error> {
 
 /// Bind a non-blocking Unix listener at `path`, replacing a stale socket.
 pub fn bind_listener(path: &Path) -> Result<UnixListener, Error> {
-    check_sun_path(path)?;
     remove_stale_socket(path)?;
-    let listener = UnixListener::bind(path).map_err(|source| Error::Bind {
+    let listener = unix_path::bind(path).map_err(|source| Error::Bind {
         path: path.to_path_buf(),
         source,
     })?;
@@ -71,6 +57,10 @@ pub fn bind_listener(path: &Path) -> Result<UnixListener, Error> {
 /// completes at once or fails (`EAGAIN` when the listener's backlog is full,
 /// `ECONNREFUSED`, `ENOENT`, ...); it never leaves a connect in progress.
 pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    unix_path::with_short_path(path, connect_nonblocking_short)
+}
+
+fn connect_nonblocking_short(path: &Path) -> io::Result<UnixStream> {
     let bytes = path.as_os_str().as_bytes();
     if bytes.len() > SUN_PATH_MAX || bytes.contains(&0) {
         return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
@@ -164,17 +154,19 @@ mod tests {
     use std::io::Read;
 
     #[test]
-    fn long_paths_are_refused_with_the_limit_named() {
-        let long = "/tmp/".to_string() + &"x".repeat(120);
-        let err = check_sun_path(Path::new(&long)).unwrap_err();
-        let msg = err.to_string();
-        assert!(msg.contains(&long), "{msg}");
-        assert!(msg.contains("107"), "{msg}");
-        assert!(bind_listener(Path::new(&long)).is_err());
-        assert_eq!(
-            connect_nonblocking(Path::new(&long)).unwrap_err().raw_os_error(),
-            Some(libc::ENAMETOOLONG)
-        );
+    fn long_paths_bind_and_connect() {
+        let dir = tempfile::tempdir().unwrap();
+        let deep = dir.path().join("d".repeat(120));
+        std::fs::create_dir(&deep).unwrap();
+        let sock = deep.join("vsock_1025");
+        let l = bind_listener(&sock).unwrap();
+        let mut c = connect_nonblocking(&sock).unwrap();
+        let (s, _) = l.accept().unwrap();
+        assert_eq!(send_nosignal(s.as_raw_fd(), b"ok").unwrap(), 2);
+        let mut buf = [0u8; 2];
+        c.set_nonblocking(false).unwrap();
+        c.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ok");
     }
 
     #[test]
