@@ -494,13 +494,14 @@ fn kernel_fields(g: Target) {
         "{out}{err}"
     );
 
-    // CPU limits: the guest has the cpu controller (this host's cgroup v2
-    // does not: hybrid cgroups).
+    // CPU and io limits: the guest has the cpu and io controllers (this
+    // host's cgroup v2 does not: hybrid cgroups).
     if !g.is_guest() {
-        eprintln!("skipped the cpu limits: no cpu controller in this host's cgroup v2");
+        eprintln!("skipped the cpu and io limits: no cpu or io controller in this host's cgroup v2");
         return;
     }
-    let mut s = spec(&["sh", "-c", "cat /sys/fs/cgroup/cpu.max /sys/fs/cgroup/cpu.weight; cat /sys/fs/cgroup/cgroup.controllers; ls /sys/fs/cgroup/ | grep io; cat /sys/fs/cgroup/io.*weight"]);
+    let script = "cat /sys/fs/cgroup/cpu.max /sys/fs/cgroup/cpu.weight /sys/fs/cgroup/io.weight";
+    let mut s = spec(&["sh", "-c", script]);
     s["linux"]["resources"]["cpu"] = serde_json::json!({"quota": 50000, "period": 100000, "shares": 512});
     s["linux"]["resources"]["blockIO"] = serde_json::json!({"weight": 500});
     g.create_rootfs("cpu");
@@ -508,8 +509,9 @@ fn kernel_fields(g: Target) {
     let (out, err) = (String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
     assert_eq!(code, 0, "{out}{err}");
     // shares 512 → weight 59: the conversion crun and runc 1.3 use
-    // (10^((log2(s)^2 + 125 log2(s)) / 612 - 7/34), rounded up).
-    assert_eq!(out, "50000 100000\n59\n", "{err}");
+    // (10^((log2(s)^2 + 125 log2(s)) / 612 - 7/34), rounded up); blkio
+    // weight 500 → io.weight 1 + (500 - 10) * 9999 / 990 = 4950, as runc.
+    assert_eq!(out, "50000 100000\n59\ndefault 4950\n", "{err}");
 
     // Device cgroup rules (an eBPF program in the guest; the host-mode agent
     // of these tests is built without them): deny all, allow /dev/full.

@@ -153,7 +153,31 @@ pub(super) fn wait_empty(dir: &Path, deadline: Instant) {
 }
 
 /// Applies an OCI `linux.resources` object to the cgroup.
+/// Moves `blockIO.weight` (cgroup v1's 10..1000) to `io.weight` (1..10000)
+/// in `unified`, converted as runc converts it: libcgroups 0.7 computes the
+/// conversion in 16 bits and writes a wrapped-around value. A weight given
+/// in `unified` already wins.
+pub(super) fn convert_io_weight(resources: &mut LinuxResources) {
+    let Some(mut block_io) = resources.block_io().clone() else {
+        return;
+    };
+    let Some(weight) = block_io.weight().filter(|w| *w > 0) else {
+        return;
+    };
+    block_io.set_weight(None);
+    resources.set_block_io(Some(block_io));
+    let converted = 1 + (u64::from(weight).saturating_sub(10)) * 9999 / 990;
+    let mut unified = resources.unified().clone().unwrap_or_default();
+    unified
+        .entry("io.weight".to_string())
+        .or_insert_with(|| converted.to_string());
+    resources.set_unified(Some(unified));
+}
+
 pub(super) fn update(cgroups_path: &Path, resources: &LinuxResources) -> Result<(), ContainerError> {
+    let mut resources = resources.clone();
+    convert_io_weight(&mut resources);
+    let resources = &resources;
     let manager = libcgroups::v2::manager::Manager::new(PathBuf::from(CGROUP_ROOT), cgroups_path.to_path_buf())
         .map_err(|e| ContainerError::Libcontainer(format!("cgroup {}: {e}", cgroups_path.display())))?;
     let opt = ControllerOpt {
@@ -324,5 +348,38 @@ fn watch_loop(inotify: &OwnedFd, stop: &OwnedFd, watches: &Mutex<Watches>, event
                 let _ = events.send(Event::Oom { id: watch.id.clone() });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_weight(weight: Option<u16>, unified: Option<(&str, &str)>) -> LinuxResources {
+        let mut r: LinuxResources = serde_json::from_value(serde_json::json!({})).unwrap();
+        if let Some(w) = weight {
+            r = serde_json::from_value(serde_json::json!({"blockIO": {"weight": w}})).unwrap();
+        }
+        if let Some((k, v)) = unified {
+            r.set_unified(Some([(k.to_string(), v.to_string())].into_iter().collect()));
+        }
+        r
+    }
+
+    #[test]
+    fn blkio_weight_becomes_io_weight_as_runc_converts_it() {
+        for (w, want) in [(10, "1"), (500, "4950"), (1000, "10000")] {
+            let mut r = with_weight(Some(w), None);
+            convert_io_weight(&mut r);
+            assert_eq!(r.block_io().as_ref().unwrap().weight(), None);
+            assert_eq!(r.unified().as_ref().unwrap()["io.weight"], want, "weight {w}");
+        }
+        // An io.weight given in unified wins; no weight changes nothing.
+        let mut r = with_weight(Some(500), Some(("io.weight", "77")));
+        convert_io_weight(&mut r);
+        assert_eq!(r.unified().as_ref().unwrap()["io.weight"], "77");
+        let mut r = with_weight(None, None);
+        convert_io_weight(&mut r);
+        assert!(r.unified().is_none() && r.block_io().is_none());
     }
 }

@@ -112,6 +112,9 @@ pub(super) fn prepare_container(
         )));
     }
     linux.set_cgroups_path(Some(cgroups_path.clone()));
+    if let Some(resources) = linux.resources_mut() {
+        super::cgroup::convert_io_weight(resources);
+    }
     let relative = cgroups_path.strip_prefix("/").unwrap_or(&cgroups_path);
     let cgroup_dir = Path::new(CGROUP_ROOT).join(relative);
     Ok(Prepared { spec, cgroup_dir })
