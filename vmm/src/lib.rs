@@ -6,6 +6,7 @@
 //! [`vhost_user`], and — once the builtin monitor lands — inline on its
 //! virtio-mmio bus.
 
+pub mod builtin;
 pub mod devices;
 pub mod unix_path;
 pub mod vhost_user;

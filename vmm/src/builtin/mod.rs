@@ -1,0 +1,324 @@
+//! The builtin monitor: Tegmen's own KVM VMM, for hosts with hardware
+//! virtualization (where QEMU is not needed).
+//!
+//! [`Vm::new`] opens `/dev/kvm`, makes the VM (in-kernel irqchip and PIT),
+//! its memfd-backed RAM, loads the kernel through its PVH entry
+//! ([`boot`]), and sets up one vCPU per configured CPU ([`cpu`]).
+//! [`Vm::run`] runs one thread per vCPU until the guest resets (i8042),
+//! triple-faults, powers off, exits in a way the monitor does not handle
+//! (stopped with the reason and the guest RIP, never left hanging), or the
+//! host stops it.
+//!
+//! Port I/O the monitor answers: the 8250 serial port at 0x3f8 (IRQ 4,
+//! written to the console file), the i8042 controller's reset command, and
+//! the boot mark port [`BOOT_MARK_PORT`]: the first write there records the
+//! time since the monitor started.
+
+pub mod boot;
+pub mod cpu;
+pub mod devices;
+pub mod layout;
+pub mod memory;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{Address, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use devices::PioDevices;
+
+/// The guest writes here when it is ready (the agent does, once it serves).
+pub const BOOT_MARK_PORT: u16 = 0x440;
+
+/// Errors making or running a VM; each names what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid VM configuration: {0}")]
+    Config(String),
+    #[error("/dev/kvm is unusable: {0}")]
+    Kvm(String),
+    #[error("guest memory: {0}")]
+    Memory(String),
+    #[error("kernel {0}")]
+    Kernel(String),
+    #[error("initramfs {0}")]
+    Initramfs(String),
+    #[error("device: {0}")]
+    Device(String),
+    #[error("vCPU: {0}")]
+    Vcpu(String),
+}
+
+/// What a VM is made of.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    /// An uncompressed ELF `vmlinux` with a PVH entry point.
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+    /// Where the serial console's output goes (appended); none: dropped.
+    pub console: Option<PathBuf>,
+}
+
+/// Why a VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest asked for a reset through the i8042 controller (Linux's
+    /// `reboot=k`, and what a guest's `reboot` or power-off comes to here).
+    Reset,
+    /// A triple fault or an explicit KVM shutdown/reset event.
+    Shutdown { vcpu: u8, rip: u64 },
+    /// A vCPU exit the monitor does not handle.
+    Unhandled { vcpu: u8, reason: String, rip: u64 },
+    /// `KVM_RUN` failed.
+    Failed { vcpu: u8, error: String },
+    /// The host stopped it ([`Vm::run`]'s timeout).
+    Stopped,
+}
+
+/// How a run went.
+#[derive(Debug, Clone)]
+pub struct RunOutcome {
+    pub reason: StopReason,
+    /// Time from [`Vm::new`] to the first write to [`BOOT_MARK_PORT`].
+    pub boot_mark: Option<Duration>,
+}
+
+/// What the vCPU threads share.
+struct Shared {
+    stop: AtomicBool,
+    reason: Mutex<Option<StopReason>>,
+    stopped: Condvar,
+    boot_mark: OnceLock<Duration>,
+    started: Instant,
+}
+
+impl Shared {
+    /// Records the first reason; every vCPU then leaves its loop.
+    fn stop(&self, reason: StopReason) {
+        let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if r.is_none() {
+            log::info!("VM stops: {reason:?}");
+            *r = Some(reason);
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        self.stopped.notify_all();
+    }
+}
+
+pub struct Vm {
+    // Kept open for the VM's life.
+    _kvm: Kvm,
+    vm: VmFd,
+    mem: GuestMemoryMmap,
+    vcpus: Vec<VcpuFd>,
+    pio: Arc<PioDevices>,
+    shared: Arc<Shared>,
+}
+
+impl Vm {
+    pub fn new(config: &VmConfig) -> Result<Vm, Error> {
+        let started = Instant::now();
+        if config.vcpus == 0 {
+            return Err(Error::Config("at least one vCPU is needed".into()));
+        }
+        let kvm = Kvm::new().map_err(|e| Error::Kvm(format!("opening /dev/kvm: {e}")))?;
+        let api = kvm.get_api_version();
+        if api != 12 {
+            return Err(Error::Kvm(format!("KVM API version {api}, 12 expected")));
+        }
+        let vm = kvm.create_vm().map_err(|e| Error::Kvm(format!("KVM_CREATE_VM: {e}")))?;
+        vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+            .map_err(|e| Error::Kvm(format!("KVM_SET_TSS_ADDR: {e}")))?;
+        vm.create_irq_chip()
+            .map_err(|e| Error::Kvm(format!("KVM_CREATE_IRQCHIP: {e}")))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit)
+            .map_err(|e| Error::Kvm(format!("KVM_CREATE_PIT2: {e}")))?;
+
+        let mem = memory::create(config.memory_mib)?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = mem
+                .get_host_address(region.start_addr())
+                .map_err(|e| Error::Memory(format!("host address of region {slot}: {e}")))?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the region is mapped for as long as `mem` lives, which
+            // is as long as the VM (both are fields of `Vm`, and the vCPU
+            // threads end before `run` returns).
+            unsafe { vm.set_user_memory_region(r) }
+                .map_err(|e| Error::Kvm(format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
+        }
+
+        let cmdline = boot::cmdline(&config.cmdline)?;
+        let size = u64::from(config.memory_mib) << 20;
+        let entry = boot::load(&mem, &config.kernel, config.initramfs.as_deref(), &cmdline, size)?;
+
+        let pio = Arc::new(PioDevices::new(&vm, config.console.as_deref())?);
+        let mut vcpus = Vec::new();
+        for id in 0..config.vcpus {
+            let vcpu = vm
+                .create_vcpu(u64::from(id))
+                .map_err(|e| Error::Vcpu(format!("KVM_CREATE_VCPU {id}: {e}")))?;
+            cpu::setup(&kvm, &vcpu, &mem, &entry, id, config.vcpus)?;
+            vcpus.push(vcpu);
+        }
+        Ok(Vm {
+            _kvm: kvm,
+            vm,
+            mem,
+            vcpus,
+            pio,
+            shared: Arc::new(Shared {
+                stop: AtomicBool::new(false),
+                reason: Mutex::new(None),
+                stopped: Condvar::new(),
+                boot_mark: OnceLock::new(),
+                started,
+            }),
+        })
+    }
+
+    /// The guest's memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// Runs the vCPUs until the VM stops, or `timeout` passes (then it is
+    /// stopped: [`StopReason::Stopped`]).
+    pub fn run(mut self, timeout: Option<Duration>) -> Result<RunOutcome, Error> {
+        extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+        // A no-op handler: the signal only makes KVM_RUN return EINTR.
+        register_signal_handler(SIGRTMIN(), kick).map_err(|e| Error::Vcpu(format!("signal handler: {e}")))?;
+
+        let mut threads = Vec::new();
+        for (id, vcpu) in self.vcpus.drain(..).enumerate() {
+            let (shared, pio) = (self.shared.clone(), self.pio.clone());
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu_loop(vcpu, id as u8, &shared, &pio))
+                .map_err(|e| Error::Vcpu(format!("starting the thread of vCPU {id}: {e}")))?;
+            threads.push(t);
+        }
+
+        let deadline = timeout.map(|t| Instant::now() + t);
+        {
+            let mut reason = self.shared.reason.lock().unwrap_or_else(|p| p.into_inner());
+            while reason.is_none() {
+                let wait = match deadline {
+                    Some(d) => match d.checked_duration_since(Instant::now()) {
+                        Some(left) => left,
+                        None => break,
+                    },
+                    None => Duration::from_secs(3600),
+                };
+                reason = self
+                    .shared
+                    .stopped
+                    .wait_timeout(reason, wait)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+        self.shared.stop(StopReason::Stopped);
+        // Kick every vCPU out of KVM_RUN until its thread has ended (a kick
+        // that lands just before KVM_RUN is retried).
+        while threads.iter().any(|t| !t.is_finished()) {
+            for t in threads.iter().filter(|t| !t.is_finished()) {
+                let _ = t.kill(SIGRTMIN());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+        let reason = self
+            .shared
+            .reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or(StopReason::Stopped);
+        // The VM's file descriptors close with `self`.
+        let _ = &self.vm;
+        Ok(RunOutcome {
+            reason,
+            boot_mark: self.shared.boot_mark.get().copied(),
+        })
+    }
+}
+
+fn rip(vcpu: &VcpuFd) -> u64 {
+    vcpu.get_regs().map(|r| r.rip).unwrap_or(0)
+}
+
+fn vcpu_loop(mut vcpu: VcpuFd, id: u8, shared: &Shared, pio: &PioDevices) {
+    while !shared.stop.load(Ordering::SeqCst) {
+        let exit = match vcpu.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+            Err(e) => {
+                shared.stop(StopReason::Failed {
+                    vcpu: id,
+                    error: format!("KVM_RUN: {e}"),
+                });
+                break;
+            }
+        };
+        let unhandled = match exit {
+            VcpuExit::IoOut(port, data) => {
+                match pio.write(port, data) {
+                    devices::PioAction::None => {}
+                    devices::PioAction::Reset => shared.stop(StopReason::Reset),
+                    devices::PioAction::BootMark => {
+                        let _ = shared.boot_mark.set(shared.started.elapsed());
+                    }
+                }
+                None
+            }
+            VcpuExit::IoIn(port, data) => {
+                pio.read(port, data);
+                None
+            }
+            // No MMIO device yet: reads see all ones, writes go nowhere.
+            VcpuExit::MmioRead(_, data) => {
+                data.fill(0xff);
+                None
+            }
+            VcpuExit::MmioWrite(..) => None,
+            VcpuExit::Shutdown => {
+                let rip = rip(&vcpu);
+                shared.stop(StopReason::Shutdown { vcpu: id, rip });
+                None
+            }
+            VcpuExit::SystemEvent(kind, _) => {
+                let rip = rip(&vcpu);
+                log::info!("vCPU {id}: system event {kind}");
+                shared.stop(StopReason::Shutdown { vcpu: id, rip });
+                None
+            }
+            VcpuExit::Intr => None,
+            other => Some(format!("{other:?}")),
+        };
+        if let Some(reason) = unhandled {
+            let rip = rip(&vcpu);
+            log::error!("vCPU {id}: unhandled exit {reason} at RIP {rip:#x}; stopping the VM");
+            shared.stop(StopReason::Unhandled { vcpu: id, reason, rip });
+        }
+    }
+}
