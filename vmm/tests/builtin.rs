@@ -239,3 +239,82 @@ fn bad_kernels_and_sizes_are_named() {
     c.cmdline = "x".repeat(4096);
     assert!(err(&c).contains("command line"));
 }
+
+/// A device that only answers the transport's questions.
+struct Probe;
+
+impl tegmen_vmm::builtin::virtio_mmio::VirtioDevice for Probe {
+    fn device_type(&self) -> u32 {
+        u32::from(b'*')
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![16]
+    }
+    fn features(&self) -> u64 {
+        tegmen_vmm::builtin::virtio_mmio::VIRTIO_F_VERSION_1
+    }
+    fn read_config(&self, _: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn activate(
+        &mut self,
+        _: vm_memory::GuestMemoryMmap,
+        _: u64,
+        _: Vec<virtio_queue::Queue>,
+        _: std::sync::Arc<tegmen_vmm::builtin::virtio_mmio::Interrupt>,
+    ) -> Result<(), String> {
+        Ok(())
+    }
+    fn queue_notify(&mut self, _: u16) {}
+    fn reset(&mut self) {}
+}
+
+/// The guest reads the first virtio-mmio device's magic, version and
+/// device id, sets ACKNOWLEDGE and reads the status back; the command line
+/// it was given announces the device.
+#[test]
+fn a_tiny_guest_reads_a_virtio_mmio_device() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let body = r#"
+    mov $0xd0000000, %esi
+    mov $0x3f8, %dx
+    mov (%esi), %eax
+    out %al, %dx
+    shr $8, %eax
+    out %al, %dx
+    shr $8, %eax
+    out %al, %dx
+    shr $8, %eax
+    out %al, %dx
+    mov 4(%esi), %eax
+    add $'0', %al
+    out %al, %dx
+    mov 8(%esi), %eax
+    out %al, %dx
+    movl $1, 0x70(%esi)
+    mov 0x70(%esi), %eax
+    add $'0', %al
+    out %al, %dx
+    mov 0x1000(%esi), %eax
+    cmp $0xffffffff, %eax
+    jne 1f
+    mov $'-', %al
+    out %al, %dx
+1:
+    mov $'\n', %al
+    out %al, %dx
+"#;
+    let body = format!("{body}{I8042_RESET}");
+    let kernel = tiny_guest(dir.path(), "mmio", &body);
+    let vm = Vm::with_devices(&config(dir.path(), kernel), vec![Box::new(Probe)]).unwrap();
+    let out = vm.run(Some(Duration::from_secs(60))).unwrap();
+    assert_eq!(out.reason, StopReason::Reset);
+    // "virt", version 2, device '*', status 1, nothing at the next window.
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("console.log")).unwrap(),
+        "virt2*1-\n"
+    );
+}

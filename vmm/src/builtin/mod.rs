@@ -19,6 +19,7 @@ pub mod cpu;
 pub mod devices;
 pub mod layout;
 pub mod memory;
+pub mod virtio_mmio;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,9 +32,55 @@ use vm_memory::{Address, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use devices::PioDevices;
+use virtio_mmio::{Interrupt, MmioTransport, VirtioDevice};
+use vmm_sys_util::eventfd::EventFd;
 
 /// The guest writes here when it is ready (the agent does, once it serves).
 pub const BOOT_MARK_PORT: u16 = 0x440;
+/// The IRQ of the first virtio-mmio device; the n-th gets this + n.
+pub const VIRTIO_FIRST_IRQ: u32 = 5;
+/// At most this many virtio-mmio devices (IRQs 5..=23 of the IOAPIC).
+pub const VIRTIO_MAX_DEVICES: usize = 19;
+
+/// The kernel command line: `base`, then one `virtio_mmio.device=` entry
+/// per device, announcing its registers and IRQ.
+pub fn full_cmdline(base: &str, devices: usize) -> String {
+    let mut c = base.trim().to_string();
+    for n in 0..devices {
+        let addr = layout::MMIO_DEVICES_START + n as u64 * layout::MMIO_DEVICE_SIZE;
+        let irq = VIRTIO_FIRST_IRQ + n as u32;
+        c.push_str(&format!(" virtio_mmio.device=4K@{addr:#x}:{irq}"));
+    }
+    c.trim_start().to_string()
+}
+
+/// The virtio-mmio devices, each in its 4 KiB window from
+/// [`layout::MMIO_DEVICES_START`].
+struct MmioBus {
+    devices: Vec<Mutex<MmioTransport>>,
+}
+
+impl MmioBus {
+    fn find(&self, addr: u64) -> Option<(&Mutex<MmioTransport>, u64)> {
+        let rel = addr.checked_sub(layout::MMIO_DEVICES_START)?;
+        let index = (rel / layout::MMIO_DEVICE_SIZE) as usize;
+        self.devices.get(index).map(|d| (d, rel % layout::MMIO_DEVICE_SIZE))
+    }
+
+    fn read(&self, addr: u64, data: &mut [u8]) {
+        match self.find(addr) {
+            Some((d, off)) => d.lock().unwrap_or_else(|p| p.into_inner()).read(off, data),
+            // Nothing there: all ones, as on a real bus.
+            None => data.fill(0xff),
+        }
+    }
+
+    fn write(&self, addr: u64, data: &[u8]) {
+        if let Some((d, off)) = self.find(addr) {
+            d.lock().unwrap_or_else(|p| p.into_inner()).write(off, data);
+        }
+    }
+}
 
 /// Errors making or running a VM; each names what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -120,12 +167,25 @@ pub struct Vm {
     mem: GuestMemoryMmap,
     vcpus: Vec<VcpuFd>,
     pio: Arc<PioDevices>,
+    mmio: Arc<MmioBus>,
     shared: Arc<Shared>,
 }
 
 impl Vm {
     pub fn new(config: &VmConfig) -> Result<Vm, Error> {
+        Vm::with_devices(config, Vec::new())
+    }
+
+    /// A VM with `devices` on virtio-mmio transports, announced to the
+    /// kernel on its command line.
+    pub fn with_devices(config: &VmConfig, devices: Vec<Box<dyn VirtioDevice>>) -> Result<Vm, Error> {
         let started = Instant::now();
+        if devices.len() > VIRTIO_MAX_DEVICES {
+            return Err(Error::Config(format!(
+                "{} virtio devices; at most {VIRTIO_MAX_DEVICES}",
+                devices.len()
+            )));
+        }
         if config.vcpus == 0 {
             return Err(Error::Config("at least one vCPU is needed".into()));
         }
@@ -165,11 +225,21 @@ impl Vm {
                 .map_err(|e| Error::Kvm(format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
         }
 
-        let cmdline = boot::cmdline(&config.cmdline)?;
+        let cmdline = boot::cmdline(&full_cmdline(&config.cmdline, devices.len()))?;
         let size = u64::from(config.memory_mib) << 20;
         let entry = boot::load(&mem, &config.kernel, config.initramfs.as_deref(), &cmdline, size)?;
 
         let pio = Arc::new(PioDevices::new(&vm, config.console.as_deref())?);
+        let mut transports = Vec::new();
+        for (n, device) in devices.into_iter().enumerate() {
+            let irq = VIRTIO_FIRST_IRQ + n as u32;
+            let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(format!("eventfd: {e}")))?;
+            vm.register_irqfd(&irqfd, irq)
+                .map_err(|e| Error::Device(format!("irqfd on IRQ {irq}: {e}")))?;
+            let interrupt = Arc::new(Interrupt::new(irqfd));
+            transports.push(Mutex::new(MmioTransport::new(device, mem.clone(), interrupt)));
+        }
+        let mmio = Arc::new(MmioBus { devices: transports });
         let mut vcpus = Vec::new();
         for id in 0..config.vcpus {
             let vcpu = vm
@@ -184,6 +254,7 @@ impl Vm {
             mem,
             vcpus,
             pio,
+            mmio,
             shared: Arc::new(Shared {
                 stop: AtomicBool::new(false),
                 reason: Mutex::new(None),
@@ -208,10 +279,10 @@ impl Vm {
 
         let mut threads = Vec::new();
         for (id, vcpu) in self.vcpus.drain(..).enumerate() {
-            let (shared, pio) = (self.shared.clone(), self.pio.clone());
+            let (shared, pio, mmio) = (self.shared.clone(), self.pio.clone(), self.mmio.clone());
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_loop(vcpu, id as u8, &shared, &pio))
+                .spawn(move || vcpu_loop(vcpu, id as u8, &shared, &pio, &mmio))
                 .map_err(|e| Error::Vcpu(format!("starting the thread of vCPU {id}: {e}")))?;
             threads.push(t);
         }
@@ -267,7 +338,7 @@ fn rip(vcpu: &VcpuFd) -> u64 {
     vcpu.get_regs().map(|r| r.rip).unwrap_or(0)
 }
 
-fn vcpu_loop(mut vcpu: VcpuFd, id: u8, shared: &Shared, pio: &PioDevices) {
+fn vcpu_loop(mut vcpu: VcpuFd, id: u8, shared: &Shared, pio: &PioDevices, mmio: &MmioBus) {
     while !shared.stop.load(Ordering::SeqCst) {
         let exit = match vcpu.run() {
             Ok(exit) => exit,
@@ -295,12 +366,14 @@ fn vcpu_loop(mut vcpu: VcpuFd, id: u8, shared: &Shared, pio: &PioDevices) {
                 pio.read(port, data);
                 None
             }
-            // No MMIO device yet: reads see all ones, writes go nowhere.
-            VcpuExit::MmioRead(_, data) => {
-                data.fill(0xff);
+            VcpuExit::MmioRead(addr, data) => {
+                mmio.read(addr, data);
                 None
             }
-            VcpuExit::MmioWrite(..) => None,
+            VcpuExit::MmioWrite(addr, data) => {
+                mmio.write(addr, data);
+                None
+            }
             VcpuExit::Shutdown => {
                 let rip = rip(&vcpu);
                 shared.stop(StopReason::Shutdown { vcpu: id, rip });
@@ -320,5 +393,20 @@ fn vcpu_loop(mut vcpu: VcpuFd, id: u8, shared: &Shared, pio: &PioDevices) {
             log::error!("vCPU {id}: unhandled exit {reason} at RIP {rip:#x}; stopping the VM");
             shared.stop(StopReason::Unhandled { vcpu: id, reason, rip });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_announces_each_device() {
+        assert_eq!(full_cmdline("console=ttyS0", 0), "console=ttyS0");
+        assert_eq!(
+            full_cmdline(" console=ttyS0 reboot=k ", 2),
+            "console=ttyS0 reboot=k virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+        );
+        assert_eq!(full_cmdline("", 1), "virtio_mmio.device=4K@0xd0000000:5");
     }
 }
