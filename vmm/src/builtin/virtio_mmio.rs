@@ -224,7 +224,7 @@ impl MmioTransport {
             return;
         }
         // Registers are 32 bits wide and read whole.
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             data.fill(0);
             return;
         }
@@ -265,7 +265,7 @@ impl MmioTransport {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             return;
         }
         let v = u32::from_le_bytes(bytes);
@@ -283,24 +283,20 @@ impl MmioTransport {
                 }
             }
             reg::QUEUE_SEL => self.queue_sel = v,
-            reg::QUEUE_NUM => {
-                if self.queue_setup_allowed() {
-                    let sel = self.queue_sel;
-                    let bad = match self.queue() {
-                        // A power of two, 1..=QueueNumMax.
-                        Some(q) => u16::try_from(v).map_or(true, |s| q.try_set_size(s).is_err()),
-                        None => false,
-                    };
-                    if bad {
-                        self.needs_reset(&format!("queue {sel}: invalid size {v}"));
-                    }
+            reg::QUEUE_NUM if self.queue_setup_allowed() => {
+                let sel = self.queue_sel;
+                let bad = match self.queue() {
+                    // A power of two, 1..=QueueNumMax.
+                    Some(q) => u16::try_from(v).map_or(true, |s| q.try_set_size(s).is_err()),
+                    None => false,
+                };
+                if bad {
+                    self.needs_reset(&format!("queue {sel}: invalid size {v}"));
                 }
             }
-            reg::QUEUE_READY => {
-                if self.queue_setup_allowed() {
-                    if let Some(q) = self.queue() {
-                        q.set_ready(v == 1);
-                    }
+            reg::QUEUE_READY if self.queue_setup_allowed() => {
+                if let Some(q) = self.queue() {
+                    q.set_ready(v == 1);
                 }
             }
             reg::QUEUE_DESC_LOW
@@ -325,10 +321,8 @@ impl MmioTransport {
                     _ => q.set_used_ring_address(None, Some(v)),
                 }
             }
-            reg::QUEUE_NOTIFY => {
-                if self.active && (v as usize) < self.queues.len() {
-                    self.device.queue_notify(v as u16);
-                }
+            reg::QUEUE_NOTIFY if self.active && (v as usize) < self.queues.len() => {
+                self.device.queue_notify(v as u16);
             }
             reg::INTERRUPT_ACK => self.interrupt.ack(v),
             reg::STATUS => self.set_status(v),
