@@ -145,3 +145,28 @@ fn enable_cgroup_controllers() {
         log::warn!("enabling cgroup controllers {available:?}: {e}");
     }
 }
+
+/// The builtin monitor's boot mark (`tegmen_vmm::builtin::BOOT_MARK_PORT`):
+/// written once the agent serves, so the host knows when the guest was
+/// ready. Under QEMU nothing listens there and the write is dropped.
+const BOOT_MARK_PORT: u16 = 0x440;
+
+/// Writes the boot mark. Best effort: without I/O port access (not PID 1
+/// of a VM) nothing is written.
+pub fn signal_boot_mark() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: ioperm changes this thread's I/O permission bitmap only.
+        if unsafe { libc::ioperm(u64::from(BOOT_MARK_PORT), 1, 1) } != 0 {
+            log::debug!("boot mark: ioperm: {}", std::io::Error::last_os_error());
+            return;
+        }
+        // SAFETY: one byte to an I/O port this thread may now use; the
+        // instruction touches no memory.
+        unsafe {
+            std::arch::asm!("out dx, al", in("dx") BOOT_MARK_PORT, in("al") 1u8, options(nomem, nostack, preserves_flags));
+        }
+        // SAFETY: as above, giving the port up again.
+        unsafe { libc::ioperm(u64::from(BOOT_MARK_PORT), 1, 0) };
+    }
+}

@@ -81,6 +81,9 @@ fn run(as_init: bool) -> Result<()> {
         .start()
         .with_context(|| format!("serving the agent API on {}", opts.listen))?;
     log::info!("agent {} serving on {}", env!("CARGO_PKG_VERSION"), opts.listen);
+    if as_init {
+        init::signal_boot_mark();
+    }
     loop {
         std::thread::park();
     }
