@@ -20,6 +20,7 @@ pub mod devices;
 pub mod layout;
 pub mod memory;
 pub mod virtio_mmio;
+pub mod vsock;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,0 +1,270 @@
+//! The vsock device hosted inline by the builtin monitor: the same
+//! [`VsockDevice`] QEMU reaches through `tegmen-vsock-backend`, behind the
+//! virtio-mmio transport. A worker thread waits (epoll) on the device's
+//! host-side events and on one kick per queue (the driver's notifications),
+//! runs the device's queue handlers, and raises the interrupt when they
+//! used buffers — what the vhost-user backend's handler does for QEMU.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::virtio_mmio::{Interrupt, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1};
+use crate::devices::vsock::defs::{EVQ_INDEX, NUM_QUEUES, QUEUE_SIZE, RXQ_INDEX, TXQ_INDEX};
+use crate::devices::vsock::VsockDevice;
+
+/// virtio device id of vsock.
+pub const VIRTIO_ID_VSOCK: u32 = 19;
+
+const EXIT_TOKEN: u64 = 100;
+const HOST_TOKEN: u64 = 101;
+
+struct Worker {
+    exit: EventFd,
+    kicks: Vec<Arc<EventFd>>,
+    thread: JoinHandle<()>,
+}
+
+pub struct InlineVsock {
+    device: Arc<Mutex<VsockDevice>>,
+    worker: Option<Worker>,
+}
+
+impl InlineVsock {
+    pub fn new(device: VsockDevice) -> InlineVsock {
+        InlineVsock {
+            device: Arc::new(Mutex::new(device)),
+            worker: None,
+        }
+    }
+
+    fn stop_worker(&mut self) {
+        if let Some(w) = self.worker.take() {
+            let _ = w.exit.write(1);
+            let _ = w.thread.join();
+        }
+    }
+}
+
+impl Drop for InlineVsock {
+    fn drop(&mut self) {
+        self.stop_worker();
+    }
+}
+
+impl VirtioDevice for InlineVsock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE; NUM_QUEUES]
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | (1 << VIRTIO_RING_F_EVENT_IDX)
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.device.lock().unwrap_or_else(|p| p.into_inner()).config_space();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| config.get(o + i))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        _features: u64,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), String> {
+        if queues.len() != NUM_QUEUES {
+            return Err(format!(
+                "vsock needs its {NUM_QUEUES} queues, the driver readied {}",
+                queues.len()
+            ));
+        }
+        self.stop_worker();
+        let exit = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+        let kicks = (0..NUM_QUEUES)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("eventfd: {e}"))?;
+        let epoll = Epoll::new().map_err(|e| format!("epoll: {e}"))?;
+        let add = |fd: i32, token: u64| {
+            epoll
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+                .map_err(|e| format!("epoll_ctl: {e}"))
+        };
+        add(exit.as_raw_fd(), EXIT_TOKEN)?;
+        add(
+            self.device.lock().unwrap_or_else(|p| p.into_inner()).as_raw_fd(),
+            HOST_TOKEN,
+        )?;
+        for (i, k) in kicks.iter().enumerate() {
+            add(k.as_raw_fd(), i as u64)?;
+        }
+        let (device, worker_kicks) = (self.device.clone(), kicks.clone());
+        let thread = std::thread::Builder::new()
+            .name("vsock".into())
+            .spawn(move || run(&device, &mem, queues, &interrupt, &worker_kicks, &epoll))
+            .map_err(|e| format!("starting the vsock worker: {e}"))?;
+        let exit_fd = exit.try_clone().map_err(|e| format!("eventfd: {e}"))?;
+        self.worker = Some(Worker {
+            exit: exit_fd,
+            kicks,
+            thread,
+        });
+        drop(exit);
+        Ok(())
+    }
+
+    fn queue_notify(&mut self, index: u16) {
+        if let Some(k) = self.worker.as_ref().and_then(|w| w.kicks.get(usize::from(index))) {
+            let _ = k.write(1);
+        }
+    }
+
+    fn reset(&mut self) {
+        self.stop_worker();
+        self.device.lock().unwrap_or_else(|p| p.into_inner()).reset();
+    }
+}
+
+fn run(
+    device: &Mutex<VsockDevice>,
+    mem: &GuestMemoryMmap,
+    mut queues: Vec<Queue>,
+    interrupt: &Interrupt,
+    kicks: &[Arc<EventFd>],
+    epoll: &Epoll,
+) {
+    let mut events = vec![EpollEvent::default(); 8];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => {
+                log::error!("vsock worker: epoll_wait: {e}");
+                return;
+            }
+        };
+        let mut dev = device.lock().unwrap_or_else(|p| p.into_inner());
+        let mut signal = false;
+        for ev in &events[..n] {
+            match ev.data() {
+                EXIT_TOKEN => return,
+                HOST_TOKEN => dev.handle_host_events(),
+                token => {
+                    let index = token as usize;
+                    if let Some(k) = kicks.get(index) {
+                        let _ = k.read();
+                    }
+                    match index {
+                        TXQ_INDEX => signal |= dev.process_tx(&mut queues[TXQ_INDEX], mem),
+                        EVQ_INDEX => signal |= dev.process_event_queue(&mut queues[EVQ_INDEX], mem),
+                        // New rx buffers: the pending rx below uses them.
+                        _ => {}
+                    }
+                }
+            }
+        }
+        if dev.has_pending_rx() {
+            signal |= dev.process_rx(&mut queues[RXQ_INDEX], mem);
+        }
+        drop(dev);
+        if signal {
+            interrupt.raise(INT_VRING);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::vsock::VsockConfig;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+    use virtio_queue::QueueT;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const RX_BUF: u64 = 0x10_0000;
+
+    fn queue(mem: &GuestMemoryMmap, base: u64) -> Queue {
+        mem.write_slice(&[0u8; 0x3000], GuestAddress(base)).unwrap();
+        let mut q = Queue::new(QUEUE_SIZE).unwrap();
+        q.set_size(16);
+        q.set_desc_table_address(Some(base as u32), Some(0));
+        q.set_avail_ring_address(Some((base + 0x1000) as u32), Some(0));
+        q.set_used_ring_address(Some((base + 0x2000) as u32), Some(0));
+        q.set_ready(true);
+        assert!(q.is_valid(mem));
+        q
+    }
+
+    /// A host program connects to guest port 1024: the inline device puts
+    /// the connection request in the guest's rx buffer, marks it used and
+    /// raises the interrupt.
+    #[test]
+    fn a_host_connection_reaches_the_guest_rx_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vsock");
+        let device = VsockDevice::new(VsockConfig::new(&uds).with_guest_cid(3)).unwrap();
+        let mut inline = InlineVsock::new(device);
+        assert_eq!(inline.device_type(), 19);
+        let mut cid = [0u8; 8];
+        inline.read_config(0, &mut cid);
+        assert_eq!(u64::from_le_bytes(cid), 3);
+
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let queues = vec![queue(&mem, 0x1_0000), queue(&mem, 0x2_0000), queue(&mem, 0x3_0000)];
+        // One write-only rx buffer: descriptor 0, on the avail ring.
+        let rx = 0x1_0000u64;
+        mem.write_obj(RX_BUF, GuestAddress(rx)).unwrap();
+        mem.write_obj(4096u32, GuestAddress(rx + 8)).unwrap();
+        mem.write_obj(2u16, GuestAddress(rx + 12)).unwrap(); // VRING_DESC_F_WRITE
+        mem.write_obj(0u16, GuestAddress(rx + 0x1000 + 4)).unwrap(); // ring[0] = 0
+        mem.write_obj(1u16, GuestAddress(rx + 0x1000 + 2)).unwrap(); // avail idx = 1
+
+        let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        inline
+            .activate(mem.clone(), VIRTIO_F_VERSION_1, queues, irq.clone())
+            .unwrap();
+        inline.queue_notify(RXQ_INDEX as u16);
+
+        let mut host = UnixStream::connect(&uds).unwrap();
+        host.write_all(b"CONNECT 1024\n").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while mem.read_obj::<u16>(GuestAddress(rx + 0x2000 + 2)).unwrap() == 0 {
+            assert!(Instant::now() < deadline, "the request never reached the rx queue");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // The header: dst_port 1024 at offset 20, op REQUEST (1) at 30.
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(RX_BUF + 20)).unwrap(), 1024);
+        assert_eq!(mem.read_obj::<u16>(GuestAddress(RX_BUF + 30)).unwrap(), 1);
+        assert_ne!(irq.status() & INT_VRING, 0);
+        assert_eq!(irq.irqfd().read().unwrap(), 1);
+
+        // Reset stops the worker and drops the connection.
+        inline.reset();
+        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 16];
+        match host.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("the reset should close the host side: {other:?}"),
+        }
+    }
+}
