@@ -17,10 +17,12 @@
 pub mod boot;
 pub mod cpu;
 pub mod devices;
+pub mod fs;
 pub mod layout;
 pub mod memory;
 pub mod virtio_mmio;
 pub mod vsock;
+pub mod worker;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -102,6 +102,19 @@ impl Interrupt {
     }
 }
 
+/// Copies `data.len()` bytes of `config` from `offset` into `data`; what
+/// lies beyond the config space reads as 0.
+pub fn copy_config(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// A virtio device behind the transport.
 pub trait VirtioDevice: Send {
     /// The virtio device id (19 vsock, 26 fs).

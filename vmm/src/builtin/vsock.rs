@@ -1,35 +1,23 @@
 //! The vsock device hosted inline by the builtin monitor: the same
 //! [`VsockDevice`] QEMU reaches through `tegmen-vsock-backend`, behind the
-//! virtio-mmio transport. A worker thread waits (epoll) on the device's
-//! host-side events and on one kick per queue (the driver's notifications),
-//! runs the device's queue handlers, and raises the interrupt when they
-//! used buffers — what the vhost-user backend's handler does for QEMU.
+//! virtio-mmio transport. Its [`Worker`] wakes on the device's host-side
+//! events and on the driver's queue kicks and runs the device's queue
+//! handlers — what the vhost-user backend's handler does for QEMU.
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
 
-use super::virtio_mmio::{Interrupt, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1};
+use super::virtio_mmio::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::worker::{Worker, WorkerEvent};
 use crate::devices::vsock::defs::{EVQ_INDEX, NUM_QUEUES, QUEUE_SIZE, RXQ_INDEX, TXQ_INDEX};
 use crate::devices::vsock::VsockDevice;
 
 /// virtio device id of vsock.
 pub const VIRTIO_ID_VSOCK: u32 = 19;
-
-const EXIT_TOKEN: u64 = 100;
-const HOST_TOKEN: u64 = 101;
-
-struct Worker {
-    exit: EventFd,
-    kicks: Vec<Arc<EventFd>>,
-    thread: JoinHandle<()>,
-}
 
 pub struct InlineVsock {
     device: Arc<Mutex<VsockDevice>>,
@@ -42,19 +30,6 @@ impl InlineVsock {
             device: Arc::new(Mutex::new(device)),
             worker: None,
         }
-    }
-
-    fn stop_worker(&mut self) {
-        if let Some(w) = self.worker.take() {
-            let _ = w.exit.write(1);
-            let _ = w.thread.join();
-        }
-    }
-}
-
-impl Drop for InlineVsock {
-    fn drop(&mut self) {
-        self.stop_worker();
     }
 }
 
@@ -73,13 +48,7 @@ impl VirtioDevice for InlineVsock {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let config = self.device.lock().unwrap_or_else(|p| p.into_inner()).config_space();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| config.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::virtio_mmio::copy_config(&config, offset, data);
     }
 
     fn activate(
@@ -95,103 +64,50 @@ impl VirtioDevice for InlineVsock {
                 queues.len()
             ));
         }
-        self.stop_worker();
-        let exit = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
-        let kicks = (0..NUM_QUEUES)
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK).map(Arc::new))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("eventfd: {e}"))?;
-        let epoll = Epoll::new().map_err(|e| format!("epoll: {e}"))?;
-        let add = |fd: i32, token: u64| {
-            epoll
-                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
-                .map_err(|e| format!("epoll_ctl: {e}"))
-        };
-        add(exit.as_raw_fd(), EXIT_TOKEN)?;
-        add(
-            self.device.lock().unwrap_or_else(|p| p.into_inner()).as_raw_fd(),
-            HOST_TOKEN,
+        self.worker = None;
+        let device = self.device.clone();
+        let host_fd = device.lock().unwrap_or_else(|p| p.into_inner()).as_raw_fd();
+        let worker = Worker::spawn(
+            "vsock",
+            Some(host_fd),
+            queues,
+            mem,
+            interrupt,
+            move |event, queues, mem| {
+                let mut dev = device.lock().unwrap_or_else(|p| p.into_inner());
+                let mut signal = false;
+                match event {
+                    WorkerEvent::Host => dev.handle_host_events(),
+                    WorkerEvent::Queue(TXQ_INDEX) => signal |= dev.process_tx(&mut queues[TXQ_INDEX], mem),
+                    WorkerEvent::Queue(EVQ_INDEX) => signal |= dev.process_event_queue(&mut queues[EVQ_INDEX], mem),
+                    // New rx buffers: the pending rx below uses them.
+                    WorkerEvent::Queue(_) => {}
+                }
+                if dev.has_pending_rx() {
+                    signal |= dev.process_rx(&mut queues[RXQ_INDEX], mem);
+                }
+                signal
+            },
         )?;
-        for (i, k) in kicks.iter().enumerate() {
-            add(k.as_raw_fd(), i as u64)?;
-        }
-        let (device, worker_kicks) = (self.device.clone(), kicks.clone());
-        let thread = std::thread::Builder::new()
-            .name("vsock".into())
-            .spawn(move || run(&device, &mem, queues, &interrupt, &worker_kicks, &epoll))
-            .map_err(|e| format!("starting the vsock worker: {e}"))?;
-        let exit_fd = exit.try_clone().map_err(|e| format!("eventfd: {e}"))?;
-        self.worker = Some(Worker {
-            exit: exit_fd,
-            kicks,
-            thread,
-        });
-        drop(exit);
+        self.worker = Some(worker);
         Ok(())
     }
 
     fn queue_notify(&mut self, index: u16) {
-        if let Some(k) = self.worker.as_ref().and_then(|w| w.kicks.get(usize::from(index))) {
-            let _ = k.write(1);
+        if let Some(w) = &self.worker {
+            w.kick(usize::from(index));
         }
     }
 
     fn reset(&mut self) {
-        self.stop_worker();
+        self.worker = None;
         self.device.lock().unwrap_or_else(|p| p.into_inner()).reset();
-    }
-}
-
-fn run(
-    device: &Mutex<VsockDevice>,
-    mem: &GuestMemoryMmap,
-    mut queues: Vec<Queue>,
-    interrupt: &Interrupt,
-    kicks: &[Arc<EventFd>],
-    epoll: &Epoll,
-) {
-    let mut events = vec![EpollEvent::default(); 8];
-    loop {
-        let n = match epoll.wait(-1, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-            Err(e) => {
-                log::error!("vsock worker: epoll_wait: {e}");
-                return;
-            }
-        };
-        let mut dev = device.lock().unwrap_or_else(|p| p.into_inner());
-        let mut signal = false;
-        for ev in &events[..n] {
-            match ev.data() {
-                EXIT_TOKEN => return,
-                HOST_TOKEN => dev.handle_host_events(),
-                token => {
-                    let index = token as usize;
-                    if let Some(k) = kicks.get(index) {
-                        let _ = k.read();
-                    }
-                    match index {
-                        TXQ_INDEX => signal |= dev.process_tx(&mut queues[TXQ_INDEX], mem),
-                        EVQ_INDEX => signal |= dev.process_event_queue(&mut queues[EVQ_INDEX], mem),
-                        // New rx buffers: the pending rx below uses them.
-                        _ => {}
-                    }
-                }
-            }
-        }
-        if dev.has_pending_rx() {
-            signal |= dev.process_rx(&mut queues[RXQ_INDEX], mem);
-        }
-        drop(dev);
-        if signal {
-            interrupt.raise(INT_VRING);
-        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::virtio_mmio::INT_VRING;
     use super::*;
     use crate::devices::vsock::VsockConfig;
     use std::io::{Read, Write};
@@ -199,6 +115,7 @@ mod tests {
     use std::time::{Duration, Instant};
     use virtio_queue::QueueT;
     use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EventFd;
 
     const RX_BUF: u64 = 0x10_0000;
 

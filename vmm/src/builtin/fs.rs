@@ -1,0 +1,120 @@
+//! The virtio-fs device hosted inline by the builtin monitor: the same
+//! [`FsDevice`] `tegmen-fs-backend` serves to QEMU, behind the virtio-mmio
+//! transport, its queues run by a [`Worker`] on the driver's kicks.
+//!
+//! Confinement: inline, the device serves from the monitor's own process;
+//! the monitor process is the one to enter the sandbox (a mount namespace
+//! whose root is the share) before the guest runs, as the backend does.
+
+use std::sync::Arc;
+
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+use super::virtio_mmio::{copy_config, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::worker::{Worker, WorkerEvent};
+use crate::devices::fs::{FsDevice, MAX_QUEUE_SIZE};
+
+/// virtio device id of a file system.
+pub const VIRTIO_ID_FS: u32 = 26;
+
+pub struct InlineFs {
+    device: Arc<FsDevice>,
+    worker: Option<Worker>,
+}
+
+impl InlineFs {
+    pub fn new(device: FsDevice) -> InlineFs {
+        InlineFs {
+            device: Arc::new(device),
+            worker: None,
+        }
+    }
+}
+
+impl VirtioDevice for InlineFs {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_FS
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![MAX_QUEUE_SIZE; self.device.num_queues()]
+    }
+
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | (1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        copy_config(&self.device.config_space().to_bytes(), offset, data);
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        _features: u64,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), String> {
+        if queues.is_empty() {
+            return Err("virtio-fs needs at least its high-priority queue".into());
+        }
+        self.worker = None;
+        let device = self.device.clone();
+        let worker = Worker::spawn("virtio-fs", None, queues, mem, interrupt, move |event, queues, mem| {
+            let WorkerEvent::Queue(index) = event else {
+                return false;
+            };
+            let Some(queue) = queues.get_mut(index) else {
+                return false;
+            };
+            device.process_queue(queue, mem).unwrap_or_else(|e| {
+                log::warn!("virtio-fs queue {index}: {e}");
+                false
+            })
+        })?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    fn queue_notify(&mut self, index: u16) {
+        if let Some(w) = &self.worker {
+            w.kick(usize::from(index));
+        }
+    }
+
+    fn reset(&mut self) {
+        self.worker = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::fs::FsConfig;
+
+    #[test]
+    fn the_config_space_carries_the_tag_and_queue_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = FsConfig::new(dir.path());
+        config.tag = "tegmen".into();
+        let fs = InlineFs::new(FsDevice::new(config).unwrap());
+        assert_eq!(fs.device_type(), 26);
+        assert_eq!(
+            fs.queue_max_sizes(),
+            vec![1024, 1024],
+            "high priority + one request queue"
+        );
+        let mut tag = [0u8; 8];
+        fs.read_config(0, &mut tag);
+        assert_eq!(&tag, b"tegmen\0\0");
+        let mut n = [0u8; 4];
+        fs.read_config(36, &mut n);
+        assert_eq!(u32::from_le_bytes(n), 1);
+        let mut past = [0xffu8; 4];
+        fs.read_config(40, &mut past);
+        assert_eq!(past, [0; 4]);
+        assert_ne!(fs.features() & VIRTIO_F_VERSION_1, 0);
+    }
+}

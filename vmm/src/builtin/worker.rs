@@ -1,0 +1,128 @@
+//! The thread behind an inline virtio device: it waits (epoll) on one kick
+//! per queue (the driver's notifications, written by the transport), on the
+//! device's own host-side descriptor if it has one, and on an exit event;
+//! hands each event to the device's handler, and raises the interrupt
+//! when the handler used buffers.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::virtio_mmio::{Interrupt, INT_VRING};
+
+const EXIT_TOKEN: u64 = u64::MAX;
+const HOST_TOKEN: u64 = u64::MAX - 1;
+
+/// What woke the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerEvent {
+    /// The device's host-side descriptor is readable.
+    Host,
+    /// The driver notified this queue (an index into the device's queues).
+    Queue(usize),
+}
+
+pub struct Worker {
+    exit: EventFd,
+    kicks: Vec<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Starts the thread; `handler` runs for every event and returns
+    /// whether the guest must be interrupted.
+    pub fn spawn<H>(
+        name: &str,
+        host_fd: Option<RawFd>,
+        mut queues: Vec<Queue>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+        mut handler: H,
+    ) -> Result<Worker, String>
+    where
+        H: FnMut(WorkerEvent, &mut [Queue], &GuestMemoryMmap) -> bool + Send + 'static,
+    {
+        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"));
+        let exit = eventfd()?;
+        let kicks = (0..queues.len()).map(|_| eventfd()).collect::<Result<Vec<_>, _>>()?;
+        let epoll = Epoll::new().map_err(|e| format!("epoll: {e}"))?;
+        let add = |fd: RawFd, token: u64| {
+            epoll
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+                .map_err(|e| format!("epoll_ctl: {e}"))
+        };
+        add(exit.as_raw_fd(), EXIT_TOKEN)?;
+        if let Some(fd) = host_fd {
+            add(fd, HOST_TOKEN)?;
+        }
+        for (i, k) in kicks.iter().enumerate() {
+            add(k.as_raw_fd(), i as u64)?;
+        }
+        let worker_kicks = kicks
+            .iter()
+            .map(|k| k.try_clone())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("eventfd: {e}"))?;
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                let mut events = vec![EpollEvent::default(); 8];
+                loop {
+                    let n = match epoll.wait(-1, &mut events) {
+                        Ok(n) => n,
+                        Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                        Err(e) => {
+                            log::error!("device worker: epoll_wait: {e}");
+                            return;
+                        }
+                    };
+                    let mut signal = false;
+                    for ev in &events[..n] {
+                        let event = match ev.data() {
+                            EXIT_TOKEN => return,
+                            HOST_TOKEN => WorkerEvent::Host,
+                            token => {
+                                let index = token as usize;
+                                if let Some(k) = worker_kicks.get(index) {
+                                    let _ = k.read();
+                                }
+                                WorkerEvent::Queue(index)
+                            }
+                        };
+                        signal |= handler(event, &mut queues, &mem);
+                    }
+                    if signal {
+                        interrupt.raise(INT_VRING);
+                    }
+                }
+            })
+            .map_err(|e| format!("starting the device worker: {e}"))?;
+        Ok(Worker {
+            exit,
+            kicks,
+            thread: Some(thread),
+        })
+    }
+
+    /// The driver notified queue `index`.
+    pub fn kick(&self, index: usize) {
+        if let Some(k) = self.kicks.get(index) {
+            let _ = k.write(1);
+        }
+    }
+}
+
+impl Drop for Worker {
+    /// Ends the thread and waits for it.
+    fn drop(&mut self) {
+        let _ = self.exit.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
