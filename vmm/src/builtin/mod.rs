@@ -20,6 +20,7 @@ pub mod devices;
 pub mod fs;
 pub mod layout;
 pub mod memory;
+pub mod mptable;
 pub mod virtio_mmio;
 pub mod vsock;
 pub mod worker;
@@ -231,6 +232,7 @@ impl Vm {
         let cmdline = boot::cmdline(&full_cmdline(&config.cmdline, devices.len()))?;
         let size = u64::from(config.memory_mib) << 20;
         let entry = boot::load(&mem, &config.kernel, config.initramfs.as_deref(), &cmdline, size)?;
+        mptable::write(&mem, config.vcpus)?;
 
         let pio = Arc::new(PioDevices::new(&vm, config.console.as_deref())?);
         let mut transports = Vec::new();
