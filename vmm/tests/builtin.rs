@@ -318,3 +318,51 @@ fn a_tiny_guest_reads_a_virtio_mmio_device() {
         "virt2*1-\n"
     );
 }
+
+/// The `tegmen-vmm` process: a tiny guest with the vsock and fs devices
+/// inline; one JSON line says how it ended and when the boot mark came;
+/// its vsock socket is gone afterwards. A kernel that is missing ends it
+/// with status 2 and the file named.
+#[test]
+fn the_vmm_process_runs_a_guest_with_its_devices() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let body = format!("{}{}{}", print("vmm process\n"), BOOT_MARK, I8042_RESET);
+    let kernel = tiny_guest(dir.path(), "proc", &body);
+    let uds = dir.path().join("vsock");
+    let out = Command::new(env!("CARGO_BIN_EXE_tegmen-vmm"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory-mib", "32", "--timeout-secs", "60"])
+        .arg("--console")
+        .arg(dir.path().join("console.log"))
+        .arg("--vsock-uds")
+        .arg(&uds)
+        .arg("--shared-dir")
+        .arg(&share)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["reason"], "reset");
+    assert!(v["boot_mark_ms"].as_f64().unwrap() > 0.0);
+    assert!(v["first_entry_ms"].as_f64().unwrap() <= v["boot_mark_ms"].as_f64().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("console.log")).unwrap(),
+        "vmm process\n"
+    );
+    assert!(!uds.exists(), "the vsock socket is removed");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_tegmen-vmm"))
+        .arg("--kernel")
+        .arg(dir.path().join("no-such-vmlinux"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-vmlinux"));
+}

@@ -140,6 +140,9 @@ pub struct RunOutcome {
     pub reason: StopReason,
     /// Time from [`Vm::new`] to the first write to [`BOOT_MARK_PORT`].
     pub boot_mark: Option<Duration>,
+    /// Time from [`Vm::new`] to the first vCPU entering the guest
+    /// (`KVM_RUN`): the monitor's own start-up cost.
+    pub first_entry: Option<Duration>,
 }
 
 /// What the vCPU threads share.
@@ -148,6 +151,7 @@ struct Shared {
     reason: Mutex<Option<StopReason>>,
     stopped: Condvar,
     boot_mark: OnceLock<Duration>,
+    first_entry: OnceLock<Duration>,
     started: Instant,
 }
 
@@ -265,6 +269,7 @@ impl Vm {
                 reason: Mutex::new(None),
                 stopped: Condvar::new(),
                 boot_mark: OnceLock::new(),
+                first_entry: OnceLock::new(),
                 started,
             }),
         })
@@ -335,6 +340,7 @@ impl Vm {
         Ok(RunOutcome {
             reason,
             boot_mark: self.shared.boot_mark.get().copied(),
+            first_entry: self.shared.first_entry.get().copied(),
         })
     }
 }
@@ -345,6 +351,7 @@ fn rip(vcpu: &VcpuFd) -> u64 {
 
 fn vcpu_loop(mut vcpu: VcpuFd, id: u8, shared: &Shared, pio: &PioDevices, mmio: &MmioBus) {
     while !shared.stop.load(Ordering::SeqCst) {
+        let _ = shared.first_entry.set(shared.started.elapsed());
         let exit = match vcpu.run() {
             Ok(exit) => exit,
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,

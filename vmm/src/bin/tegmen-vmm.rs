@@ -1,0 +1,118 @@
+//! `tegmen-vmm`: Tegmen's builtin monitor as a process — one KVM VM with
+//! the guest kernel, a serial console, and the vsock and virtio-fs devices
+//! hosted inline (the same device code `tegmen-vsock-backend` and
+//! `tegmen-fs-backend` serve to QEMU). It runs until the guest resets or
+//! powers off, then prints one JSON line with how the VM ended and its
+//! timings, and exits: 0 for a guest that ended itself, 1 for a VM stopped
+//! by an error (the reason is on stderr), 2 for a VM that could not start.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use tegmen_vmm::builtin::fs::InlineFs;
+use tegmen_vmm::builtin::virtio_mmio::VirtioDevice;
+use tegmen_vmm::builtin::vsock::InlineVsock;
+use tegmen_vmm::builtin::{StopReason, Vm, VmConfig};
+use tegmen_vmm::devices::fs::{FsConfig, FsDevice};
+use tegmen_vmm::devices::vsock::{VsockConfig, VsockDevice, DEFAULT_GUEST_CID};
+
+#[derive(Debug, Parser)]
+#[command(about = "Tegmen's builtin KVM monitor: one VM, devices inline")]
+struct Args {
+    /// Uncompressed ELF vmlinux with a PVH entry point.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    #[arg(long, value_name = "PATH")]
+    initramfs: Option<PathBuf>,
+    #[arg(long, default_value_t = 256)]
+    memory_mib: u32,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+    /// Kernel command line (the virtio-mmio devices are appended).
+    #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1")]
+    cmdline: String,
+    /// File the serial console is appended to.
+    #[arg(long, value_name = "PATH")]
+    console: Option<PathBuf>,
+    /// Hybrid-vsock Unix socket (vsock device when given).
+    #[arg(long, value_name = "PATH")]
+    vsock_uds: Option<PathBuf>,
+    #[arg(long, default_value_t = DEFAULT_GUEST_CID)]
+    guest_cid: u64,
+    /// Directory shared over virtio-fs (fs device when given).
+    #[arg(long, value_name = "DIR")]
+    shared_dir: Option<PathBuf>,
+    #[arg(long, default_value = "tegmen")]
+    fs_tag: String,
+    /// Stop the VM after this many seconds.
+    #[arg(long)]
+    timeout_secs: Option<u64>,
+}
+
+fn devices(args: &Args) -> Result<Vec<Box<dyn VirtioDevice>>, String> {
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    if let Some(uds) = &args.vsock_uds {
+        let config = VsockConfig::new(uds).with_guest_cid(args.guest_cid);
+        let device = VsockDevice::new(config).map_err(|e| format!("vsock {}: {e}", uds.display()))?;
+        devices.push(Box::new(InlineVsock::new(device)));
+    }
+    if let Some(dir) = &args.shared_dir {
+        let mut config = FsConfig::new(dir);
+        config.tag = args.fs_tag.clone();
+        let device = FsDevice::new(config).map_err(|e| format!("virtio-fs {}: {e}", dir.display()))?;
+        devices.push(Box::new(InlineFs::new(device)));
+    }
+    Ok(devices)
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    let args = Args::parse();
+    let config = VmConfig {
+        vcpus: args.vcpus,
+        memory_mib: args.memory_mib,
+        kernel: args.kernel.clone(),
+        initramfs: args.initramfs.clone(),
+        cmdline: args.cmdline.clone(),
+        console: args.console.clone(),
+    };
+    let vm = match devices(&args).and_then(|d| Vm::with_devices(&config, d).map_err(|e| e.to_string())) {
+        Ok(vm) => vm,
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let out = match vm.run(args.timeout_secs.map(Duration::from_secs)) {
+        Ok(out) => out,
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+    let (reason, clean) = match &out.reason {
+        StopReason::Reset => ("reset".to_string(), true),
+        StopReason::Shutdown { .. } => ("shutdown".to_string(), true),
+        StopReason::Stopped => ("stopped by the host".to_string(), true),
+        other => (format!("{other:?}"), false),
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "reason": reason,
+            "boot_mark_ms": ms(out.boot_mark),
+            "first_entry_ms": ms(out.first_entry),
+        })
+    );
+    if clean {
+        ExitCode::SUCCESS
+    } else {
+        log::error!("the VM stopped: {reason}");
+        ExitCode::FAILURE
+    }
+}
