@@ -300,3 +300,25 @@ fn supervisor_check_boot_reports_and_exits_zero() {
     t.assert_nothing_left();
     let _ = PathBuf::new();
 }
+
+/// The guest image boots on Tegmen's own KVM monitor (`tegmen-vmm`, vsock
+/// and virtio-fs inline) and answers as under QEMU. Needs KVM that runs a
+/// Linux guest (vmx or svm); skipped elsewhere, saying so.
+#[test]
+fn the_builtin_monitor_boots_the_guest() {
+    let t = TestRoot::new("builtin");
+    let mut c = t.config.clone();
+    let (hw, why) = tegmen_supervisor::hypervisor::effective_hw_virt(&c);
+    if !hw {
+        eprintln!("skipped: the builtin monitor needs hardware virtualization, and {why}");
+        return;
+    }
+    c.hypervisor = tegmen_supervisor::config::HypervisorChoice::Builtin;
+    boot_and_verify(&c, "builtin");
+    let sb = Sandbox::create(&c, "builtin2", &options()).expect("create");
+    let state = sandbox::read_state(sb.dir()).unwrap();
+    let names: Vec<&str> = state.processes.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["tegmen-vmm"], "one process, no QEMU");
+    sb.shutdown().expect("shutdown");
+    t.assert_nothing_left();
+}

@@ -3,6 +3,7 @@
 //! presents the same hybrid-vsock Unix socket and shares the same host
 //! directory over virtio-fs.
 
+pub mod builtin;
 pub mod qemu;
 
 use std::path::{Path, PathBuf};
@@ -68,12 +69,14 @@ pub struct BackendChoice {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Qemu,
+    Builtin,
 }
 
 impl Backend {
     pub fn name(self) -> &'static str {
         match self {
             Backend::Qemu => "qemu",
+            Backend::Builtin => "builtin",
         }
     }
 }
@@ -104,22 +107,29 @@ fn choose(choice: HypervisorChoice, hw: bool, why: &str) -> Result<BackendChoice
         Accel::Tcg => "TCG software emulation",
     };
     match choice {
-        HypervisorChoice::Builtin => Err(Error::Hypervisor(
-            "hypervisor = \"builtin\": the builtin VMM backend is not available in this build yet; use \"qemu\" or \"auto\"".into(),
-        )),
+        HypervisorChoice::Builtin if !hw => Err(Error::Hypervisor(format!(
+            "hypervisor = \"builtin\" needs KVM that runs a Linux guest, but {why}; use \"qemu\" or \"auto\""
+        ))),
+        HypervisorChoice::Builtin => Ok(BackendChoice {
+            backend: Backend::Builtin,
+            accel,
+            reason: format!("hypervisor = \"builtin\" in the configuration; KVM because {why}"),
+        }),
         HypervisorChoice::Qemu => Ok(BackendChoice {
             backend: Backend::Qemu,
             accel,
             reason: format!("hypervisor = \"qemu\" in the configuration; {accel_text} because {why}"),
         }),
-        HypervisorChoice::Auto => {
-            let reason = if hw {
-                format!("auto: {why}, but the builtin VMM is not available yet, so qemu with {accel_text}")
-            } else {
-                format!("auto: {why}, so a Linux guest cannot run on KVM here: qemu with {accel_text}")
-            };
-            Ok(BackendChoice { backend: Backend::Qemu, accel, reason })
-        }
+        HypervisorChoice::Auto if hw => Ok(BackendChoice {
+            backend: Backend::Builtin,
+            accel,
+            reason: format!("auto: {why}, so Tegmen's own KVM monitor (builtin)"),
+        }),
+        HypervisorChoice::Auto => Ok(BackendChoice {
+            backend: Backend::Qemu,
+            accel,
+            reason: format!("auto: {why}, so a Linux guest cannot run on KVM here: qemu with {accel_text}"),
+        }),
     }
 }
 
@@ -127,7 +137,36 @@ fn choose(choice: HypervisorChoice, hw: bool, why: &str) -> Result<BackendChoice
 pub fn new_hypervisor(config: &Config, choice: &BackendChoice) -> Result<Box<dyn Hypervisor>> {
     match choice.backend {
         Backend::Qemu => Ok(Box::new(qemu::Qemu::new(&config.qemu.path)?)),
+        Backend::Builtin => Ok(Box::new(builtin::Builtin::new())),
     }
+}
+
+/// Starts a VM's host process `name` with stdout and stderr in `log`, in a
+/// session of its own (the VM outlives the command that started it, and a
+/// terminal's ^C does not reach it), and records it at once.
+pub(crate) fn spawn_logged(
+    name: &str,
+    mut cmd: std::process::Command,
+    log: &Path,
+    record: &mut dyn FnMut(ProcessRecord),
+) -> Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    let out = std::fs::File::create(log).map_err(|e| Error::io("creating log", log, e))?;
+    let err = out.try_clone().map_err(|e| Error::io("creating log", log, e))?;
+    cmd.stdin(std::process::Stdio::null()).stdout(out).stderr(err);
+    // SAFETY: setsid is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let child = cmd.spawn().map_err(|e| Error::io("starting", program, e))?;
+    if let Some(rec) = ProcessRecord::of(name, child.id() as i32) {
+        record(rec);
+    }
+    Ok(child)
 }
 
 /// Finds one of Tegmen's helper programs (the vhost-user backends): in
@@ -192,13 +231,21 @@ mod tests {
         assert_eq!(c.accel, Accel::Tcg);
         assert!(c.reason.contains("neither vmx nor svm"), "{}", c.reason);
         let c = choose(HypervisorChoice::Auto, true, "/proc/cpuinfo has vmx").unwrap();
-        assert_eq!(c.accel, Accel::Kvm);
+        assert_eq!((c.backend, c.accel), (Backend::Builtin, Accel::Kvm));
+        assert!(c.reason.contains("has vmx") && c.reason.contains("builtin"), "{}", c.reason);
     }
 
     #[test]
-    fn builtin_is_refused_until_it_exists() {
-        let e = choose(HypervisorChoice::Builtin, true, "").unwrap_err().to_string();
-        assert!(e.contains("builtin"), "{e}");
+    fn builtin_needs_hardware_virtualization() {
+        let e = choose(HypervisorChoice::Builtin, false, "/proc/cpuinfo has neither vmx nor svm")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("builtin") && e.contains("neither vmx nor svm"), "{e}");
+        let c = choose(HypervisorChoice::Builtin, true, "/proc/cpuinfo has svm").unwrap();
+        assert_eq!((c.backend, c.accel), (Backend::Builtin, Accel::Kvm));
+        // qemu stays available on either host.
+        let c = choose(HypervisorChoice::Qemu, true, "/proc/cpuinfo has svm").unwrap();
+        assert_eq!((c.backend, c.accel), (Backend::Qemu, Accel::Kvm));
     }
 
     #[test]

@@ -6,13 +6,11 @@
 //! QEMU announces the virtio-mmio devices on the kernel command line. A guest
 //! reboot ends QEMU (`-no-reboot`): that is how the agent powers the VM off.
 
-use std::fs::File;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use super::{helper_binary, tail_lines, Accel, Hypervisor, VmSpec};
+use super::{helper_binary, spawn_logged, tail_lines, Accel, Hypervisor, VmSpec};
 use crate::process::ProcessRecord;
 use crate::{Error, Result};
 
@@ -40,24 +38,8 @@ impl Qemu {
         &self.qemu
     }
 
-    fn spawn(&mut self, name: &str, mut cmd: Command, log: &Path, record: &mut dyn FnMut(ProcessRecord)) -> Result<()> {
-        let out = File::create(log).map_err(|e| Error::io("creating log", log, e))?;
-        let err = out.try_clone().map_err(|e| Error::io("creating log", log, e))?;
-        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        // Its own session: the VM outlives the command that started it and
-        // a terminal's ^C does not reach it.
-        // SAFETY: setsid is async-signal-safe and touches no memory.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
-        let program = cmd.get_program().to_string_lossy().into_owned();
-        let child = cmd.spawn().map_err(|e| Error::io("starting", program, e))?;
-        if let Some(rec) = ProcessRecord::of(name, child.id() as i32) {
-            record(rec);
-        }
+    fn spawn(&mut self, name: &str, cmd: Command, log: &Path, record: &mut dyn FnMut(ProcessRecord)) -> Result<()> {
+        let child = spawn_logged(name, cmd, log, record)?;
         self.children.push((name.to_string(), child));
         Ok(())
     }

@@ -1,0 +1,147 @@
+//! The builtin backend: Tegmen's own KVM monitor, `tegmen-vmm`, one
+//! process per VM with the vsock and virtio-fs devices inline — no QEMU,
+//! no vhost-user backends. Only where KVM can run a Linux guest (vmx/svm).
+//!
+//! The guest resets through the i8042 controller (`reboot=k`) to power
+//! off; `tegmen-vmm` then exits and removes the hybrid-vsock socket.
+
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use super::{helper_binary, spawn_logged, Hypervisor, VmSpec};
+use crate::process::ProcessRecord;
+use crate::Result;
+
+pub struct Builtin {
+    child: Option<Child>,
+    exit: Option<String>,
+}
+
+impl Builtin {
+    pub fn new() -> Builtin {
+        Builtin { child: None, exit: None }
+    }
+
+    /// `tegmen-vmm`'s command line for `spec`.
+    pub fn command_line(program: &std::path::Path, spec: &VmSpec) -> Command {
+        let mut cmdline = String::from("console=ttyS0 reboot=k panic=-1 quiet");
+        if !spec.kernel_params.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&spec.kernel_params);
+        }
+        let mut cmd = Command::new(program);
+        cmd.arg("--kernel")
+            .arg(&spec.kernel)
+            .arg("--initramfs")
+            .arg(&spec.initramfs)
+            .args(["--memory-mib", &spec.memory_mib.to_string()])
+            .args(["--vcpus", &spec.vcpus.min(u32::from(u8::MAX)).to_string()])
+            .args(["--cmdline", &cmdline])
+            .arg("--console")
+            .arg(&spec.console_log)
+            .arg("--vsock-uds")
+            .arg(&spec.vsock_socket)
+            .arg("--shared-dir")
+            .arg(&spec.shared_dir)
+            .args(["--fs-tag", tegmen_agent_api::SHARED_FS_TAG]);
+        cmd
+    }
+}
+
+impl Default for Builtin {
+    fn default() -> Self {
+        Builtin::new()
+    }
+}
+
+impl Hypervisor for Builtin {
+    fn name(&self) -> &'static str {
+        "builtin"
+    }
+
+    fn start(&mut self, spec: &VmSpec, record: &mut dyn FnMut(ProcessRecord)) -> Result<()> {
+        let program = helper_binary("tegmen-vmm")?;
+        let cmd = Builtin::command_line(&program, spec);
+        let child = spawn_logged("tegmen-vmm", cmd, &spec.run_dir.join("vmm.log"), record)?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn exited(&mut self) -> Option<String> {
+        if self.exit.is_none() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                self.exit = Some(format!("tegmen-vmm {status}"));
+            }
+        }
+        self.exit.clone()
+    }
+
+    fn wait(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.exited().is_none() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+        if self.exit.is_none() {
+            self.exit = Some("killed".into());
+        }
+    }
+}
+
+impl Drop for Builtin {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.kill();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::Accel;
+    use std::path::{Path, PathBuf};
+
+    #[test]
+    fn the_vmm_gets_the_guest_and_the_sandbox_paths() {
+        let spec = VmSpec {
+            id: "s1".into(),
+            kernel: "/k/vmlinux".into(),
+            initramfs: "/k/initramfs.cpio.gz".into(),
+            memory_mib: 384,
+            vcpus: 2,
+            kernel_params: "loglevel=3".into(),
+            run_dir: "/run/tegmen/sandboxes/s1".into(),
+            vsock_socket: "/run/tegmen/sandboxes/s1/vsock".into(),
+            shared_dir: "/run/tegmen/sandboxes/s1/shared".into(),
+            console_log: "/run/tegmen/sandboxes/s1/console.log".into(),
+            accel: Accel::Kvm,
+        };
+        let cmd = Builtin::command_line(Path::new("/usr/libexec/tegmen/tegmen-vmm"), &spec);
+        let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let value = |flag: &str| {
+            let i = args.iter().position(|a| a == flag).unwrap_or_else(|| panic!("{flag} missing: {args:?}"));
+            PathBuf::from(&args[i + 1])
+        };
+        assert_eq!(value("--kernel"), PathBuf::from("/k/vmlinux"));
+        assert_eq!(value("--memory-mib"), PathBuf::from("384"));
+        assert_eq!(value("--vcpus"), PathBuf::from("2"));
+        assert_eq!(value("--vsock-uds"), spec.vsock_socket);
+        assert_eq!(value("--shared-dir"), spec.shared_dir);
+        assert_eq!(value("--fs-tag"), PathBuf::from("tegmen"));
+        let cmdline = value("--cmdline").to_string_lossy().into_owned();
+        assert!(cmdline.contains("reboot=k") && cmdline.ends_with("loglevel=3"), "{cmdline}");
+    }
+}
