@@ -274,6 +274,112 @@ def idle_memory(repo, work):
     return out
 
 
+TINY_GUEST = """
+    .code32
+    .section .text
+    .globl _start
+_start:
+{body}
+1:  hlt
+    jmp 1b
+    .section .note.Xen, "a", @note
+    .align 4
+    .long 4, 4, 18
+    .asciz "Xen"
+    .long _start
+"""
+# Prints a line, writes the boot mark (port 0x440), resets through the i8042.
+BOOT_BODY = """
+    mov $0x3f8, %dx
+    mov $'h', %al
+    out %al, %dx
+    mov $0x440, %dx
+    mov $1, %al
+    out %al, %dx
+    mov $0xfe, %al
+    out %al, $0x64
+"""
+SPIN_BODY = "2:  jmp 2b"
+
+
+def tiny_guest(work, name, body):
+    """A PVH ELF of a few instructions, booted like a kernel by both monitors."""
+    src, obj, elf = (os.path.join(work, f"{name}.{ext}") for ext in ("S", "o", "elf"))
+    with open(src, "w") as f:
+        f.write(TINY_GUEST.format(body=body))
+    subprocess.run(["as", "--64", "-o", obj, src], check=True)
+    subprocess.run(["ld", "-m", "elf_x86_64", "-Ttext-segment=0x100000", "-e", "_start", "-o", elf, obj], check=True)
+    return elf
+
+
+def qemu_tiny_cmd(elf, accel):
+    # isa-debug-exit on the boot mark port: QEMU ends when the guest marks its boot.
+    return ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,acpi=off", "-m", "32M",
+            "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none", "-serial", "null",
+            "-kernel", elf, "-no-reboot", "-device", "isa-debug-exit,iobase=0x440,iosize=1", "-accel", accel]
+
+
+def bench_builtin_tiny(repo, work):
+    """The builtin monitor against QEMU microvm on the same tiny guest:
+    process start to the boot mark (wall clock), and the monitor's own
+    first guest entry and boot mark."""
+    vmm = os.path.join(repo, "target/release/tegmen-vmm")
+    elf = tiny_guest(work, "boot", BOOT_BODY)
+    ours, first, mark = [], [], []
+    for _ in range(RUNS * 2):
+        start = time.monotonic()
+        out = subprocess.run([vmm, "--kernel", elf, "--memory-mib", "32"], capture_output=True, text=True, check=True)
+        ours.append(time.monotonic() - start)
+        v = json.loads(out.stdout.strip().splitlines()[-1])
+        first.append(v["first_entry_ms"] / 1000)
+        mark.append(v["boot_mark_ms"] / 1000)
+    accel = "kvm" if has_hw_virt() else "tcg"
+    qemu = []
+    for _ in range(RUNS * 2):
+        start = time.monotonic()
+        rc = subprocess.run(qemu_tiny_cmd(elf, accel), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL).returncode
+        qemu.append(time.monotonic() - start)
+        if rc != 3:
+            raise RuntimeError(f"QEMU did not end at the boot mark (exit {rc})")
+    return ours, first, mark, qemu, accel
+
+
+def non_guest_rss_kib(pid, guest_ram_marker):
+    """RSS of every mapping of `pid` but the guest RAM's (KiB)."""
+    total, skip = 0, False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                skip = guest_ram_marker in line
+            elif fields and fields[0] == "Rss:" and not skip:
+                total += int(fields[1])
+    return total
+
+
+def builtin_memory(repo, work):
+    """Host memory of the monitor process beyond guest RAM, with a tiny
+    guest spinning: tegmen-vmm next to QEMU microvm."""
+    vmm = os.path.join(repo, "target/release/tegmen-vmm")
+    elf = tiny_guest(work, "spin", SPIN_BODY)
+    accel = "kvm" if has_hw_virt() else "tcg"
+    out = {}
+    for name, cmd, marker in (
+        ("tegmen-vmm", [vmm, "--kernel", elf, "--memory-mib", "32", "--timeout-secs", "30"], "memfd:tegmen-guest-ram"),
+        ("qemu", qemu_tiny_cmd(elf, accel)[:-4] + ["-object", "memory-backend-memfd,id=ram,size=32M",
+                                                  "-M", "microvm,memory-backend=ram", "-accel", accel], "memfd:ram"),
+    ):
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(1.5)
+            out[name] = (non_guest_rss_kib(p.pid, marker), rss_kib(p.pid))
+        finally:
+            p.kill()
+            p.wait()
+    return out
+
+
 def tegmen_bench(repo, *args):
     out = subprocess.run([os.path.join(repo, "target/release/tegmen-bench"), *args], capture_output=True, text=True)
     if out.returncode != 0:
@@ -316,6 +422,9 @@ def main():
         print("bench: tegmen run, idle memory ...", flush=True)
         tegmen_run, phases = bench_tegmen_run(repo, work)
         idle = idle_memory(repo, work)
+        print("bench: builtin monitor with a tiny guest ...", flush=True)
+        tiny = bench_builtin_tiny(repo, work)
+        vmm_mem = builtin_memory(repo, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -378,6 +487,31 @@ def main():
         f"| runc: the container's process | {idle['runc'][0]} KiB | {idle['runc'][1]} KiB | {idle['runc'][2]} |",
         f"| Tegmen: QEMU (256 MiB guest, memfd RAM), both backends, the monitor | {idle['tegmen'][0]} KiB | "
         f"{idle['tegmen'][1]} KiB | {idle['tegmen'][2]} |",
+        "",
+        "## The builtin monitor with a tiny guest",
+        "",
+        "A PVH ELF of a few instructions (prints, writes the boot mark to port 0x440, resets",
+        "through the i8042), booted like a kernel by both monitors. Process start to the",
+        f"process's exit at the boot mark; QEMU with accel {tiny[4]} ends at the mark through",
+        "`isa-debug-exit` on the same port.",
+        "",
+        "| what | median |",
+        "| --- | --- |",
+        f"| `tegmen-vmm` (release): process start → exit | {fmt_ms(tiny[0])} |",
+        f"| `tegmen-vmm`: VMM start → first guest entry (KVM_RUN) | {fmt_ms(tiny[1])} |",
+        f"| `tegmen-vmm`: VMM start → boot mark | {fmt_ms(tiny[2])} |",
+        f"| reference: QEMU microvm, same guest, process start → exit at the boot mark | {fmt_ms(tiny[3])} |",
+        f"| ratio | {statistics.median(tiny[0]) / statistics.median(tiny[3]):.2f}× |",
+        "",
+        "Host memory of the monitor process with the tiny guest running (32 MiB guest RAM):",
+        "",
+        "| process | RSS beyond guest RAM | total RSS |",
+        "| --- | --- | --- |",
+        f"| `tegmen-vmm` | {vmm_mem['tegmen-vmm'][0]} KiB | {vmm_mem['tegmen-vmm'][1]} KiB |",
+        f"| reference: QEMU microvm ({tiny[4]}) | {vmm_mem['qemu'][0]} KiB | {vmm_mem['qemu'][1]} KiB |",
+        "",
+        "On this host /dev/kvm emulates guest code (no vmx/svm), so only tiny guests run on the",
+        "builtin monitor here; the guest image boots on it where vmx/svm exist.",
         "",
         "## stdout throughput from a container in a guest",
         "",
