@@ -827,30 +827,28 @@ fn hooks_host_and_guest() {
     assert_eq!(s["status"], "stopped", "{s}");
     rt.root.assert_nothing_left();
 
-    // A failing createRuntime hook fails create; nothing is left.
-    let mut spec = runc_like_spec(&["true"], false);
-    spec["hooks"] = serde_json::json!({"createRuntime": [
-        {"path": "/bin/sh", "args": ["sh", "-c", "echo boom >&2; exit 3"]}]});
-    let bundle = rt.bundle_with("bad", spec);
-    let (code, _, e) = rt.out(&["create", "--bundle", Rt::b(&bundle), "bad"]);
-    assert_eq!(code, 1);
-    assert!(
-        e.contains("error running hook #0: error running hook: exit status 3, stdout: , stderr: boom"),
-        "{e}"
-    );
-    rt.root.assert_nothing_left();
-
-    // A hook the spec gets wrong is refused before any VM boots.
-    let mut spec = runc_like_spec(&["true"], false);
-    spec["hooks"] = serde_json::json!({"poststart": [{"path": "relative/hook"}]});
-    let bundle = rt.bundle_with("badpath", spec);
-    let (code, _, e) = rt.out(&["create", "--bundle", Rt::b(&bundle), "badpath"]);
-    assert_eq!(code, 1);
-    assert!(
-        e.contains("\"hooks.poststart[0].path\" must be an absolute path"),
-        "{e}"
-    );
-    rt.root.assert_nothing_left();
+    // A failing createRuntime hook fails create; a hook the spec gets
+    // wrong is refused before any VM boots. Nothing is left either way.
+    let cases = [
+        (
+            serde_json::json!({"createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", "echo boom >&2; exit 3"]}]}),
+            "error running hook #0: error running hook: exit status 3, stdout: , stderr: boom",
+        ),
+        (
+            serde_json::json!({"poststart": [{"path": "relative/hook"}]}),
+            "\"hooks.poststart[0].path\" must be an absolute path",
+        ),
+    ];
+    for (i, (hooks, want)) in cases.into_iter().enumerate() {
+        let mut spec = runc_like_spec(&["true"], false);
+        spec["hooks"] = hooks;
+        let id = format!("bad{i}");
+        let bundle = rt.bundle_with(&id, spec);
+        let (code, _, e) = rt.out(&["create", "--bundle", Rt::b(&bundle), &id]);
+        assert_eq!(code, 1, "{e}");
+        assert!(e.contains(want), "{e}");
+        rt.root.assert_nothing_left();
+    }
 }
 
 /// 20 containers created and deleted one after another (half of them

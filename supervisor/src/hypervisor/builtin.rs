@@ -6,7 +6,6 @@
 //! off; `tegmen-vmm` then exits and removes the hybrid-vsock socket.
 
 use std::process::{Child, Command};
-use std::time::{Duration, Instant};
 
 use super::{helper_binary, spawn_logged, Hypervisor, VmSpec};
 use crate::process::ProcessRecord;
@@ -19,7 +18,10 @@ pub struct Builtin {
 
 impl Builtin {
     pub fn new() -> Builtin {
-        Builtin { child: None, exit: None }
+        Builtin {
+            child: None,
+            exit: None,
+        }
     }
 
     /// `tegmen-vmm`'s command line for `spec`.
@@ -76,17 +78,6 @@ impl Hypervisor for Builtin {
         self.exit.clone()
     }
 
-    fn wait(&mut self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while self.exited().is_none() {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        true
-    }
-
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             if matches!(child.try_wait(), Ok(None)) {
@@ -132,7 +123,10 @@ mod tests {
         let cmd = Builtin::command_line(Path::new("/usr/libexec/tegmen/tegmen-vmm"), &spec);
         let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         let value = |flag: &str| {
-            let i = args.iter().position(|a| a == flag).unwrap_or_else(|| panic!("{flag} missing: {args:?}"));
+            let i = args
+                .iter()
+                .position(|a| a == flag)
+                .unwrap_or_else(|| panic!("{flag} missing: {args:?}"));
             PathBuf::from(&args[i + 1])
         };
         assert_eq!(value("--kernel"), PathBuf::from("/k/vmlinux"));
@@ -142,6 +136,9 @@ mod tests {
         assert_eq!(value("--shared-dir"), spec.shared_dir);
         assert_eq!(value("--fs-tag"), PathBuf::from("tegmen"));
         let cmdline = value("--cmdline").to_string_lossy().into_owned();
-        assert!(cmdline.contains("reboot=k") && cmdline.ends_with("loglevel=3"), "{cmdline}");
+        assert!(
+            cmdline.contains("reboot=k") && cmdline.ends_with("loglevel=3"),
+            "{cmdline}"
+        );
     }
 }

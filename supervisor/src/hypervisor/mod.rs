@@ -53,7 +53,16 @@ pub trait Hypervisor: Send {
     /// `Some(how it ended)` once the VM has ended, `None` while it runs.
     fn exited(&mut self) -> Option<String>;
     /// Waits up to `timeout` for the VM to end by itself; true if it did.
-    fn wait(&mut self, timeout: Duration) -> bool;
+    fn wait(&mut self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.exited().is_none() {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
     /// Ends the VM now and collects every process it started.
     fn kill(&mut self);
 }
@@ -232,14 +241,22 @@ mod tests {
         assert!(c.reason.contains("neither vmx nor svm"), "{}", c.reason);
         let c = choose(HypervisorChoice::Auto, true, "/proc/cpuinfo has vmx").unwrap();
         assert_eq!((c.backend, c.accel), (Backend::Builtin, Accel::Kvm));
-        assert!(c.reason.contains("has vmx") && c.reason.contains("builtin"), "{}", c.reason);
+        assert!(
+            c.reason.contains("has vmx") && c.reason.contains("builtin"),
+            "{}",
+            c.reason
+        );
     }
 
     #[test]
     fn builtin_needs_hardware_virtualization() {
-        let e = choose(HypervisorChoice::Builtin, false, "/proc/cpuinfo has neither vmx nor svm")
-            .unwrap_err()
-            .to_string();
+        let e = choose(
+            HypervisorChoice::Builtin,
+            false,
+            "/proc/cpuinfo has neither vmx nor svm",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("builtin") && e.contains("neither vmx nor svm"), "{e}");
         let c = choose(HypervisorChoice::Builtin, true, "/proc/cpuinfo has svm").unwrap();
         assert_eq!((c.backend, c.accel), (Backend::Builtin, Accel::Kvm));

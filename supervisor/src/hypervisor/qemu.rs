@@ -166,17 +166,6 @@ impl Hypervisor for Qemu {
         self.exit.clone()
     }
 
-    fn wait(&mut self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while self.exited().is_none() {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        true
-    }
-
     fn kill(&mut self) {
         // QEMU first: the backends end by themselves when it disconnects,
         // then anything left is killed.
