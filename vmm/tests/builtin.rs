@@ -10,11 +10,30 @@ use std::time::Duration;
 
 use tegmen_vmm::builtin::{StopReason, Vm, VmConfig};
 
-/// The guest's text follows the `_start` label; the note makes it PVH.
-fn tiny_guest(dir: &Path, name: &str, body: &str) -> PathBuf {
+/// Assembles and links `source` into an ELF64 whose first segment is at
+/// 1 MiB, as a kernel's.
+fn assemble(dir: &Path, name: &str, source: &str) -> PathBuf {
     let src = dir.join(format!("{name}.S"));
     let obj = dir.join(format!("{name}.o"));
     let elf = dir.join(format!("{name}.elf"));
+    std::fs::write(&src, source).unwrap();
+    let status = Command::new("as").arg("--64").arg("-o").arg(&obj).arg(&src).status();
+    assert!(
+        status.is_ok_and(|s| s.success()),
+        "assembling {name} (binutils' as is needed)"
+    );
+    let status = Command::new("ld")
+        .args(["-m", "elf_x86_64", "-Ttext-segment=0x100000", "-e", "_start", "-o"])
+        .arg(&elf)
+        .arg(&obj)
+        .status();
+    assert!(status.is_ok_and(|s| s.success()), "linking {name}");
+    elf
+}
+
+/// A 32-bit guest whose text follows the `_start` label; the note makes it
+/// PVH.
+fn tiny_guest(dir: &Path, name: &str, body: &str) -> PathBuf {
     let text = format!(
         r#"
     .code32
@@ -33,19 +52,7 @@ halt:
     .long _start
 "#
     );
-    std::fs::write(&src, text).unwrap();
-    let status = Command::new("as").arg("--64").arg("-o").arg(&obj).arg(&src).status();
-    assert!(
-        status.is_ok_and(|s| s.success()),
-        "assembling {name} (binutils' as is needed)"
-    );
-    let status = Command::new("ld")
-        .args(["-m", "elf_x86_64", "-Ttext-segment=0x100000", "-e", "_start", "-o"])
-        .arg(&elf)
-        .arg(&obj)
-        .status();
-    assert!(status.is_ok_and(|s| s.success()), "linking {name}");
-    elf
+    assemble(dir, name, &text)
 }
 
 /// Prints `text` on the serial port.
@@ -196,29 +203,6 @@ fn bad_kernels_and_sizes_are_named() {
     let e = err(&config(dir.path(), not_elf));
     assert!(e.contains("not an ELF vmlinux"), "{e}");
 
-    // An ELF without the PVH note.
-    let src = dir.path().join("nopvh.S");
-    std::fs::write(&src, ".code32\n.globl _start\n_start:\n hlt\n").unwrap();
-    let obj = dir.path().join("nopvh.o");
-    let elf = dir.path().join("nopvh.elf");
-    assert!(Command::new("as")
-        .arg("--64")
-        .arg("-o")
-        .arg(&obj)
-        .arg(&src)
-        .status()
-        .unwrap()
-        .success());
-    assert!(Command::new("ld")
-        .args(["-m", "elf_x86_64", "-Ttext-segment=0x100000", "-e", "_start", "-o"])
-        .arg(&elf)
-        .arg(&obj)
-        .status()
-        .unwrap()
-        .success());
-    let e = err(&config(dir.path(), elf));
-    assert!(e.contains("no PVH entry point"), "{e}");
-
     // Too little memory for kernel + initramfs.
     let kernel = tiny_guest(dir.path(), "small", I8042_RESET);
     let initramfs = dir.path().join("big.cpio");
@@ -365,4 +349,48 @@ fn the_vmm_process_runs_a_guest_with_its_devices() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-vmlinux"));
+}
+
+/// A 64-bit ELF without a PVH note boots through the 64-bit Linux boot
+/// protocol: it starts in long mode (a 64-bit shift works) and `%rsi`
+/// points at the zero page (boot flag 0xaa55, the command line pointer).
+#[test]
+fn a_guest_without_pvh_boots_in_long_mode_with_a_zero_page() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let source = r#"
+    .code64
+    .section .text
+    .globl _start
+_start:
+    mov $0x3f8, %dx
+    movabs $0x3100000000, %rax
+    shr $32, %rax
+    out %al, %dx
+    cmpw $0xaa55, 0x1fe(%rsi)
+    jne 1f
+    mov $'Z', %al
+    out %al, %dx
+1:
+    mov 0x228(%rsi), %ebx
+    mov (%rbx), %al
+    out %al, %dx
+    mov $'\n', %al
+    out %al, %dx
+    mov $0xfe, %al
+    out %al, $0x64
+2:  hlt
+    jmp 2b
+"#;
+    let elf = assemble(dir.path(), "lm", source);
+    let mut c = config(dir.path(), elf);
+    c.cmdline = "Kconsole=ttyS0".into();
+    let out = Vm::new(&c).unwrap().run(Some(Duration::from_secs(60))).unwrap();
+    assert_eq!(out.reason, StopReason::Reset);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("console.log")).unwrap(),
+        "1ZK\n"
+    );
 }

@@ -1,14 +1,16 @@
-//! A vCPU as Linux's PVH entry wants it: 32-bit protected mode with flat
-//! segments from a GDT in guest memory, paging off, `%ebx` pointing at the
-//! `hvm_start_info`; CPUID from `KVM_GET_SUPPORTED_CPUID` adjusted per vCPU;
-//! the MSRs, FPU state and local APIC set as Linux expects them.
+//! A vCPU as Linux's entry wants it: for PVH, 32-bit protected mode with
+//! flat segments from a GDT in guest memory, paging off, `%ebx` pointing at
+//! the `hvm_start_info`; for the 64-bit boot protocol, long mode on
+//! identity page tables for the first GiB, `%rsi` pointing at the zero
+//! page. CPUID from `KVM_GET_SUPPORTED_CPUID` adjusted per vCPU; the MSRs,
+//! FPU state and local APIC set as Linux expects them.
 
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::boot::BootEntry;
-use super::layout::BOOT_GDT_START;
+use super::layout::{BOOT_GDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START};
 use super::Error;
 
 /// A GDT entry from its parts (flags are the access byte and the
@@ -57,8 +59,32 @@ pub fn boot_gdt() -> [u64; 4] {
     ]
 }
 
+/// The GDT of the 64-bit boot protocol: null, 64-bit code, data, a TSS.
+pub fn long_mode_gdt() -> [u64; 4] {
+    [
+        0,
+        gdt_entry(0xa09b, 0, 0xf_ffff),
+        gdt_entry(0xc093, 0, 0xf_ffff),
+        gdt_entry(0x808b, 0, 0xf_ffff),
+    ]
+}
+
+/// Identity page tables for the first GiB (2 MiB pages): PML4 entry 0 →
+/// the PDPT, its entry 0 → the page directory of 512 large pages.
+pub fn identity_page_tables() -> Vec<(u64, u64)> {
+    let mut writes = vec![(PML4_START, PDPTE_START | 0x3), (PDPTE_START, PDE_START | 0x3)];
+    for i in 0..512u64 {
+        writes.push((PDE_START + i * 8, (i << 21) | 0x83));
+    }
+    writes
+}
+
 const X86_CR0_PE: u64 = 0x1;
 const X86_CR0_ET: u64 = 0x10;
+const X86_CR0_PG: u64 = 0x8000_0000;
+const X86_CR4_PAE: u64 = 0x20;
+const EFER_LME: u64 = 0x100;
+const EFER_LMA: u64 = 0x400;
 
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
@@ -155,10 +181,14 @@ pub fn setup(
     };
     vcpu.set_fpu(&fpu).map_err(kvm_err("KVM_SET_FPU"))?;
 
-    let gdt = boot_gdt();
+    let long_mode = matches!(boot, BootEntry::Linux64 { .. });
+    let gdt = if long_mode { long_mode_gdt() } else { boot_gdt() };
+    let write = |addr: u64, value: u64| {
+        mem.write_obj(value, GuestAddress(addr))
+            .map_err(|e| Error::Vcpu(format!("writing the boot GDT and page tables: {e}")))
+    };
     for (i, e) in gdt.iter().enumerate() {
-        mem.write_obj(*e, GuestAddress(BOOT_GDT_START + 8 * i as u64))
-            .map_err(|e| Error::Vcpu(format!("writing the boot GDT: {e}")))?;
+        write(BOOT_GDT_START + 8 * i as u64, *e)?;
     }
     let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
     let code = segment(1, gdt[1]);
@@ -175,18 +205,39 @@ pub fn setup(
     sregs.gs = data;
     sregs.ss = data;
     sregs.tr = tss;
-    sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
-    sregs.cr3 = 0;
-    sregs.cr4 = 0;
-    sregs.efer = 0;
+    let regs = match *boot {
+        BootEntry::Pvh { entry, start_info } => {
+            sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
+            sregs.cr3 = 0;
+            sregs.cr4 = 0;
+            sregs.efer = 0;
+            kvm_regs {
+                rip: entry.0,
+                rbx: start_info.0,
+                rflags: 0x2,
+                ..Default::default()
+            }
+        }
+        BootEntry::Linux64 { entry, zero_page } => {
+            for (addr, value) in identity_page_tables() {
+                write(addr, value)?;
+            }
+            sregs.cr3 = PML4_START;
+            sregs.cr4 = X86_CR4_PAE;
+            sregs.cr0 = X86_CR0_PE | X86_CR0_ET | X86_CR0_PG;
+            sregs.efer = EFER_LME | EFER_LMA;
+            kvm_regs {
+                rip: entry.0,
+                rsp: BOOT_STACK_POINTER,
+                rbp: BOOT_STACK_POINTER,
+                rsi: zero_page.0,
+                rflags: 0x2,
+                ..Default::default()
+            }
+        }
+    };
     vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
 
-    let regs = kvm_regs {
-        rip: boot.entry.0,
-        rbx: boot.start_info.0,
-        rflags: 0x2,
-        ..Default::default()
-    };
     vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
 
     // LINT0 delivers the PIC's interrupts (ExtINT), LINT1 NMIs.
@@ -221,6 +272,20 @@ mod tests {
         let tr = segment(3, gdt[3]);
         assert_eq!((tr.selector, tr.limit, tr.s, tr.g, tr.unusable), (0x18, 0x67, 0, 0, 0));
         assert_eq!(segment(0, 0).unusable, 1);
+    }
+
+    #[test]
+    fn long_mode_gdt_and_identity_tables() {
+        let gdt = long_mode_gdt();
+        let cs = segment(1, gdt[1]);
+        assert_eq!((cs.l, cs.db, cs.type_, cs.present), (1, 0, 0xb, 1), "64-bit code");
+        let tables = identity_page_tables();
+        assert_eq!(tables[0], (PML4_START, PDPTE_START | 3));
+        assert_eq!(tables[1], (PDPTE_START, PDE_START | 3));
+        assert_eq!(tables.len(), 2 + 512);
+        // Present, writable, 2 MiB: the last one maps 1 GiB - 2 MiB.
+        assert_eq!(tables[2], (PDE_START, 0x83));
+        assert_eq!(tables[513], (PDE_START + 511 * 8, (511 << 21) | 0x83));
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! ```text
 //! 0x0000_0500  boot GDT
 //! 0x0000_6000  PVH hvm_start_info, then the module list (initramfs)
-//! 0x0000_7000  PVH memory map
+//! 0x0000_7000  PVH memory map, or the zero page (64-bit boot protocol)
+//! 0x0000_9000  identity page tables (64-bit boot protocol)
 //! 0x0002_0000  kernel command line (2 KiB)
 //! 0x0009_fc00  end of base RAM (EBDA and MP table above, reserved)
 //! 0x0010_0000  the kernel (its ELF physical addresses), then RAM
@@ -19,6 +20,13 @@ pub const BOOT_GDT_START: u64 = 0x500;
 pub const PVH_INFO_START: u64 = 0x6000;
 pub const PVH_MODLIST_START: u64 = 0x6040;
 pub const PVH_MEMMAP_START: u64 = 0x7000;
+/// 64-bit boot protocol: the zero page (`boot_params`), the boot stack
+/// below it, and identity page tables for the first GiB.
+pub const ZERO_PAGE_START: u64 = 0x7000;
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+pub const PML4_START: u64 = 0x9000;
+pub const PDPTE_START: u64 = 0xa000;
+pub const PDE_START: u64 = 0xb000;
 pub const CMDLINE_START: u64 = 0x2_0000;
 /// Linux's x86 `COMMAND_LINE_SIZE`.
 pub const CMDLINE_MAX_SIZE: usize = 2048;
