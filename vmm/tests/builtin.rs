@@ -244,18 +244,18 @@ impl tegmen_vmm::builtin::virtio_mmio::VirtioDevice for Probe {
         &mut self,
         _: vm_memory::GuestMemoryMmap,
         _: u64,
-        _: Vec<virtio_queue::Queue>,
+        _: Vec<(virtio_queue::Queue, vmm_sys_util::eventfd::EventFd)>,
         _: std::sync::Arc<tegmen_vmm::builtin::virtio_mmio::Interrupt>,
     ) -> Result<(), String> {
         Ok(())
     }
-    fn queue_notify(&mut self, _: u16) {}
     fn reset(&mut self) {}
 }
 
 /// The guest reads the first virtio-mmio device's magic, version and
-/// device id, sets ACKNOWLEDGE and reads the status back; the command line
-/// it was given announces the device.
+/// device id, sets ACKNOWLEDGE and reads the status back, finds nothing in
+/// the next window, and notifies queue 0 twice: the queue's eventfd (a KVM
+/// ioeventfd) counts both.
 #[test]
 fn a_tiny_guest_reads_a_virtio_mmio_device() {
     if !kvm_available() {
@@ -288,13 +288,22 @@ fn a_tiny_guest_reads_a_virtio_mmio_device() {
     mov $'-', %al
     out %al, %dx
 1:
+    movl $0, 0x50(%esi)
+    movl $0, 0x50(%esi)
     mov $'\n', %al
     out %al, %dx
 "#;
     let body = format!("{body}{I8042_RESET}");
     let kernel = tiny_guest(dir.path(), "mmio", &body);
     let vm = Vm::with_devices(&config(dir.path(), kernel), vec![Box::new(Probe)]).unwrap();
+    let kick = vm.queue_kick(0, 0).expect("device 0 has queue 0");
+    assert!(vm.queue_kick(0, 1).is_none() && vm.queue_kick(1, 0).is_none());
     let out = vm.run(Some(Duration::from_secs(60))).unwrap();
+    assert_eq!(
+        kick.read().unwrap(),
+        2,
+        "both notifications of queue 0 reached its eventfd"
+    );
     assert_eq!(out.reason, StopReason::Reset);
     // "virt", version 2, device '*', status 1, nothing at the next window.
     assert_eq!(

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::virtio_mmio::{copy_config, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use super::worker::{Worker, WorkerEvent};
@@ -54,7 +55,7 @@ impl VirtioDevice for InlineFs {
         &mut self,
         mem: GuestMemoryMmap,
         _features: u64,
-        queues: Vec<Queue>,
+        queues: Vec<(Queue, EventFd)>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), String> {
         if queues.is_empty() {
@@ -76,12 +77,6 @@ impl VirtioDevice for InlineFs {
         })?;
         self.worker = Some(worker);
         Ok(())
-    }
-
-    fn queue_notify(&mut self, index: u16) {
-        if let Some(w) = &self.worker {
-            w.kick(usize::from(index));
-        }
     }
 
     fn reset(&mut self) {

@@ -31,7 +31,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Address, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -246,7 +246,17 @@ impl Vm {
             vm.register_irqfd(&irqfd, irq)
                 .map_err(|e| Error::Device(format!("irqfd on IRQ {irq}: {e}")))?;
             let interrupt = Arc::new(Interrupt::new(irqfd));
-            transports.push(Mutex::new(MmioTransport::new(device, mem.clone(), interrupt)));
+            let transport = MmioTransport::new(device, mem.clone(), interrupt)
+                .map_err(|e| Error::Device(format!("queue eventfds: {e}")))?;
+            // Notifications of queue q reach its kick without a VM exit.
+            let notify =
+                layout::MMIO_DEVICES_START + n as u64 * layout::MMIO_DEVICE_SIZE + virtio_mmio::reg::QUEUE_NOTIFY;
+            for q in 0..transport.num_queues() {
+                let kick = transport.kick(q).expect("one kick per queue");
+                vm.register_ioevent(kick, &IoEventAddress::Mmio(notify), q as u32)
+                    .map_err(|e| Error::Device(format!("ioeventfd of device {n} queue {q}: {e}")))?;
+            }
+            transports.push(Mutex::new(transport));
         }
         let mmio = Arc::new(MmioBus { devices: transports });
         let mut vcpus = Vec::new();
@@ -278,6 +288,14 @@ impl Vm {
     /// The guest's memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// The eventfd that the driver's notifications of queue `queue` of
+    /// virtio device `device` signal (a copy).
+    pub fn queue_kick(&self, device: usize, queue: usize) -> Option<EventFd> {
+        let d = self.mmio.devices.get(device)?;
+        let t = d.lock().unwrap_or_else(|p| p.into_inner());
+        t.kick(queue).and_then(|k| k.try_clone().ok())
     }
 
     /// Runs the vCPUs until the VM stops, or `timeout` passes (then it is

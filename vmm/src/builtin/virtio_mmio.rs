@@ -5,6 +5,12 @@
 //! a [`VirtioDevice`]. The device is activated with its queues when the
 //! driver sets DRIVER_OK, and reset when it writes 0 to the status.
 //!
+//! Notifications: the transport owns one eventfd per queue (its "kick").
+//! The monitor registers each as a KVM ioeventfd on QueueNotify with the
+//! queue's index as datamatch, so a driver's notification wakes the
+//! device's worker without leaving the kernel; a QueueNotify write that
+//! does reach the transport kicks the same eventfd.
+//!
 //! Guest-controlled values are checked: queue sizes beyond the maximum or
 //! not a power of two, queues that do not fit guest memory, feature bits
 //! the device never offered, status changes out of order, a queue index
@@ -129,16 +135,15 @@ pub trait VirtioDevice: Send {
     /// Writes to the configuration space (read-only for most devices).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// DRIVER_OK: the device starts with the negotiated features and its
-    /// queues, ready and checked against guest memory.
+    /// ready queues, checked against guest memory, each with the eventfd
+    /// the driver's notifications of it signal.
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
         features: u64,
-        queues: Vec<Queue>,
+        queues: Vec<(Queue, EventFd)>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), String>;
-    /// The driver notified queue `index`.
-    fn queue_notify(&mut self, index: u16);
     /// The driver reset the device: drop queues and state.
     fn reset(&mut self);
 }
@@ -152,15 +157,23 @@ pub struct MmioTransport {
     driver_features: u64,
     queue_sel: u32,
     queues: Vec<Queue>,
+    kicks: Vec<EventFd>,
     status: u32,
     config_generation: u32,
     active: bool,
 }
 
 impl MmioTransport {
-    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, interrupt: Arc<Interrupt>) -> MmioTransport {
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<Interrupt>,
+    ) -> std::io::Result<MmioTransport> {
         let queues = Self::fresh_queues(device.as_ref());
-        MmioTransport {
+        let kicks = (0..queues.len())
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(MmioTransport {
             device,
             mem,
             interrupt,
@@ -169,10 +182,21 @@ impl MmioTransport {
             driver_features: 0,
             queue_sel: 0,
             queues,
+            kicks,
             status: 0,
             config_generation: 0,
             active: false,
-        }
+        })
+    }
+
+    /// The eventfd notifications of queue `index` signal.
+    pub fn kick(&self, index: usize) -> Option<&EventFd> {
+        self.kicks.get(index)
+    }
+
+    /// How many queues the device has.
+    pub fn num_queues(&self) -> usize {
+        self.queues.len()
     }
 
     fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
@@ -334,8 +358,10 @@ impl MmioTransport {
                     _ => q.set_used_ring_address(None, Some(v)),
                 }
             }
-            reg::QUEUE_NOTIFY if self.active && (v as usize) < self.queues.len() => {
-                self.device.queue_notify(v as u16);
+            reg::QUEUE_NOTIFY => {
+                if let Some(k) = self.kicks.get(v as usize) {
+                    let _ = k.write(1);
+                }
             }
             reg::INTERRUPT_ACK => self.interrupt.ack(v),
             reg::STATUS => self.set_status(v),
@@ -405,16 +431,15 @@ impl MmioTransport {
         // The ready queues go to the device; the transport keeps stand-ins
         // that answer QueueReady and QueueNumMax until the next reset.
         let mut queues = Vec::new();
-        for q in self.queues.iter_mut().filter(|q| q.ready()) {
-            let mut stand_in = match Queue::new(q.max_size()) {
-                Ok(s) => s,
-                Err(_) => continue,
+        for (q, kick) in self.queues.iter_mut().zip(&self.kicks).filter(|(q, _)| q.ready()) {
+            let (Ok(mut stand_in), Ok(kick)) = (Queue::new(q.max_size()), kick.try_clone()) else {
+                continue;
             };
             stand_in.set_size(q.size());
             stand_in.set_ready(true);
             let mut queue = std::mem::replace(q, stand_in);
             queue.set_event_idx(event_idx);
-            queues.push(queue);
+            queues.push((queue, kick));
         }
         match self
             .device
@@ -436,7 +461,7 @@ mod tests {
     #[derive(Default)]
     struct Seen {
         activated: Option<(u64, Vec<u16>)>,
-        notified: Vec<u16>,
+        kicks: Vec<EventFd>,
         resets: usize,
         config_writes: Vec<(u64, Vec<u8>)>,
     }
@@ -462,12 +487,17 @@ mod tests {
         fn write_config(&mut self, offset: u64, data: &[u8]) {
             self.0.lock().unwrap().config_writes.push((offset, data.to_vec()));
         }
-        fn activate(&mut self, _: GuestMemoryMmap, f: u64, q: Vec<Queue>, _: Arc<Interrupt>) -> Result<(), String> {
-            self.0.lock().unwrap().activated = Some((f, q.iter().map(|q| q.size()).collect()));
+        fn activate(
+            &mut self,
+            _: GuestMemoryMmap,
+            f: u64,
+            q: Vec<(Queue, EventFd)>,
+            _: Arc<Interrupt>,
+        ) -> Result<(), String> {
+            let mut seen = self.0.lock().unwrap();
+            seen.activated = Some((f, q.iter().map(|(q, _)| q.size()).collect()));
+            seen.kicks = q.into_iter().map(|(_, k)| k).collect();
             Ok(())
-        }
-        fn queue_notify(&mut self, index: u16) {
-            self.0.lock().unwrap().notified.push(index);
         }
         fn reset(&mut self) {
             self.0.lock().unwrap().resets += 1;
@@ -478,7 +508,10 @@ mod tests {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-        (MmioTransport::new(Box::new(Fake(seen.clone())), mem, irq), seen)
+        (
+            MmioTransport::new(Box::new(Fake(seen.clone())), mem, irq).unwrap(),
+            seen,
+        )
     }
 
     fn r(t: &mut MmioTransport, off: u64) -> u32 {
@@ -628,14 +661,18 @@ mod tests {
     #[test]
     fn notifications_interrupts_config_and_reset() {
         let (mut t, seen) = transport();
-        w(&mut t, reg::QUEUE_NOTIFY, 0);
-        assert!(seen.lock().unwrap().notified.is_empty(), "not before activation");
+        assert_eq!(t.num_queues(), 3);
         set_up(&mut t, VIRTIO_F_VERSION_1);
         queue(&mut t, 0, 128, 0x10000);
         w(&mut t, reg::STATUS, 0xf);
+        // A notification signals the queue's kick, which the device got.
+        w(&mut t, reg::QUEUE_NOTIFY, 0);
         w(&mut t, reg::QUEUE_NOTIFY, 0);
         w(&mut t, reg::QUEUE_NOTIFY, 9);
-        assert_eq!(seen.lock().unwrap().notified, vec![0]);
+        assert_eq!(seen.lock().unwrap().kicks.len(), 1);
+        assert_eq!(seen.lock().unwrap().kicks[0].read().unwrap(), 2);
+        assert!(t.kick(1).unwrap().read().is_err(), "queue 1 was not notified");
+        assert!(t.kick(9).is_none());
 
         t.interrupt().raise(INT_VRING);
         assert_eq!(r(&mut t, reg::INTERRUPT_STATUS), INT_VRING);

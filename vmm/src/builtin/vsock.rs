@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::virtio_mmio::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use super::worker::{Worker, WorkerEvent};
@@ -55,7 +56,7 @@ impl VirtioDevice for InlineVsock {
         &mut self,
         mem: GuestMemoryMmap,
         _features: u64,
-        queues: Vec<Queue>,
+        queues: Vec<(Queue, EventFd)>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), String> {
         if queues.len() != NUM_QUEUES {
@@ -91,12 +92,6 @@ impl VirtioDevice for InlineVsock {
         )?;
         self.worker = Some(worker);
         Ok(())
-    }
-
-    fn queue_notify(&mut self, index: u16) {
-        if let Some(w) = &self.worker {
-            w.kick(usize::from(index));
-        }
     }
 
     fn reset(&mut self) {
@@ -156,10 +151,17 @@ mod tests {
         mem.write_obj(1u16, GuestAddress(rx + 0x1000 + 2)).unwrap(); // avail idx = 1
 
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let kicks: Vec<EventFd> = (0..3).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect();
+        let queues = queues
+            .into_iter()
+            .zip(&kicks)
+            .map(|(q, k)| (q, k.try_clone().unwrap()))
+            .collect();
         inline
             .activate(mem.clone(), VIRTIO_F_VERSION_1, queues, irq.clone())
             .unwrap();
-        inline.queue_notify(RXQ_INDEX as u16);
+        // The driver's notification of the rx queue.
+        kicks[RXQ_INDEX].write(1).unwrap();
 
         let mut host = UnixStream::connect(&uds).unwrap();
         host.write_all(b"CONNECT 1024\n").unwrap();

@@ -1,5 +1,6 @@
 //! The thread behind an inline virtio device: it waits (epoll) on one kick
-//! per queue (the driver's notifications, written by the transport), on the
+//! per queue (the driver's notifications: a KVM ioeventfd, or the
+//! transport), on the
 //! device's own host-side descriptor if it has one, and on an exit event;
 //! hands each event to the device's handler, and raises the interrupt
 //! when the handler used buffers.
@@ -29,7 +30,6 @@ pub enum WorkerEvent {
 
 pub struct Worker {
     exit: EventFd,
-    kicks: Vec<EventFd>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -39,7 +39,7 @@ impl Worker {
     pub fn spawn<H>(
         name: &str,
         host_fd: Option<RawFd>,
-        mut queues: Vec<Queue>,
+        queues: Vec<(Queue, EventFd)>,
         mem: GuestMemoryMmap,
         interrupt: Arc<Interrupt>,
         mut handler: H,
@@ -47,9 +47,8 @@ impl Worker {
     where
         H: FnMut(WorkerEvent, &mut [Queue], &GuestMemoryMmap) -> bool + Send + 'static,
     {
-        let eventfd = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"));
-        let exit = eventfd()?;
-        let kicks = (0..queues.len()).map(|_| eventfd()).collect::<Result<Vec<_>, _>>()?;
+        let exit = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+        let (mut queues, kicks): (Vec<Queue>, Vec<EventFd>) = queues.into_iter().unzip();
         let epoll = Epoll::new().map_err(|e| format!("epoll: {e}"))?;
         let add = |fd: RawFd, token: u64| {
             epoll
@@ -63,11 +62,7 @@ impl Worker {
         for (i, k) in kicks.iter().enumerate() {
             add(k.as_raw_fd(), i as u64)?;
         }
-        let worker_kicks = kicks
-            .iter()
-            .map(|k| k.try_clone())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("eventfd: {e}"))?;
+        let worker_kicks = kicks;
         let thread = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
@@ -104,16 +99,8 @@ impl Worker {
             .map_err(|e| format!("starting the device worker: {e}"))?;
         Ok(Worker {
             exit,
-            kicks,
             thread: Some(thread),
         })
-    }
-
-    /// The driver notified queue `index`.
-    pub fn kick(&self, index: usize) {
-        if let Some(k) = self.kicks.get(index) {
-            let _ = k.write(1);
-        }
     }
 }
 
