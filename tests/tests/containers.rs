@@ -25,6 +25,23 @@ struct Target {
 impl Target {
     fn guest(name: &str) -> Target {
         let root = TestRoot::new(name);
+        Target::boot(root, name)
+    }
+
+    /// In a guest on the builtin monitor; `None` (the test skips, saying
+    /// why) where KVM cannot run a Linux guest.
+    fn builtin(name: &str) -> Option<Target> {
+        let mut root = TestRoot::new(name);
+        let (hw, why) = tegmen_supervisor::hypervisor::effective_hw_virt(&root.config);
+        if !hw {
+            eprintln!("skipped: the builtin monitor needs hardware virtualization, and {why}");
+            return None;
+        }
+        root.config.hypervisor = tegmen_supervisor::config::HypervisorChoice::Builtin;
+        Some(Target::boot(root, name))
+    }
+
+    fn boot(root: TestRoot, name: &str) -> Target {
         let sandbox = Sandbox::create(
             &root.config,
             name,
@@ -131,7 +148,9 @@ impl Drop for Target {
 }
 
 /// Each scenario as `<name>::host` (the agent on the host over Unix
-/// sockets) and `<name>::guest` (inside a real VM).
+/// sockets), `<name>::guest` (inside a real VM, the host's default
+/// backend) and `<name>::builtin` (inside a VM on Tegmen's own monitor,
+/// where vmx/svm allow).
 macro_rules! on_host_and_in_guest {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
@@ -142,6 +161,13 @@ macro_rules! on_host_and_in_guest {
             #[test]
             fn guest() {
                 super::$name(super::Target::guest(&stringify!($name).replace('_', "-")));
+            }
+            #[test]
+            fn builtin() {
+                let name = format!("b-{}", stringify!($name).replace('_', "-"));
+                if let Some(target) = super::Target::builtin(&name) {
+                    super::$name(target);
+                }
             }
         }
     )*};
