@@ -340,7 +340,12 @@ fn the_vmm_process_runs_a_guest_with_its_devices() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("sandboxed:"),
+        "the monitor pivots into its directory: {stderr}"
+    );
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(v["reason"], "reset");
     assert!(v["boot_mark_ms"].as_f64().unwrap() > 0.0);
@@ -358,6 +363,36 @@ fn the_vmm_process_runs_a_guest_with_its_devices() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-vmlinux"));
+
+    // Sandboxed, the share must be below the sandbox directory.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tegmen-vmm"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory-mib", "32"])
+        .arg("--vsock-uds")
+        .arg(&uds)
+        .arg("--shared-dir")
+        .arg(elsewhere.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is not below the sandbox directory"), "{stderr}");
+    assert!(!uds.exists(), "nothing left after the refusal");
+    // Unsandboxed, it may be anywhere.
+    let out = Command::new(env!("CARGO_BIN_EXE_tegmen-vmm"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory-mib", "32", "--sandbox", "none"])
+        .arg("--vsock-uds")
+        .arg(&uds)
+        .arg("--shared-dir")
+        .arg(elsewhere.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!uds.exists());
 }
 
 /// A 64-bit ELF without a PVH note boots through the 64-bit Linux boot

@@ -5,6 +5,12 @@
 //! powers off, then prints one JSON line with how the VM ended and its
 //! timings, and exits: 0 for a guest that ended itself, 1 for a VM stopped
 //! by an error (the reason is on stderr), 2 for a VM that could not start.
+//!
+//! Sandbox (`--sandbox chroot`, the default): once the kernel is loaded
+//! and the console open, the process pivots into the directory of the
+//! vsock socket (the sandbox directory) in a mount namespace of its own,
+//! so the shared directory must be below it; the devices then use paths
+//! relative to it. The rest of the host's file system is gone for it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,10 +21,11 @@ use tegmen_vmm::builtin::fs::InlineFs;
 use tegmen_vmm::builtin::virtio_mmio::VirtioDevice;
 use tegmen_vmm::builtin::vsock::InlineVsock;
 use tegmen_vmm::builtin::{StopReason, Vm, VmConfig};
+use tegmen_vmm::devices::fs::sandbox::{self, SandboxMode};
 use tegmen_vmm::devices::fs::{FsConfig, FsDevice};
 use tegmen_vmm::devices::vsock::{VsockConfig, VsockDevice, DEFAULT_GUEST_CID};
 
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(about = "Tegmen's builtin KVM monitor: one VM, devices inline")]
 struct Args {
     /// Uncompressed ELF vmlinux with a PVH entry point.
@@ -49,22 +56,86 @@ struct Args {
     /// Stop the VM after this many seconds.
     #[arg(long)]
     timeout_secs: Option<u64>,
+    /// `chroot`: pivot into the vsock socket's directory before the guest
+    /// runs; `none`: stay in the host's file system (tests, debugging).
+    #[arg(long, default_value = "chroot")]
+    sandbox: SandboxMode,
 }
 
-fn devices(args: &Args) -> Result<Vec<Box<dyn VirtioDevice>>, String> {
+/// The devices, with paths as the process will see them: relative to the
+/// sandbox directory (the working directory then) when it pivots there.
+fn devices(args: &Args, jail: Option<&std::path::Path>) -> Result<Vec<Box<dyn VirtioDevice>>, String> {
+    let inside = |p: &PathBuf| -> Result<PathBuf, String> {
+        match jail {
+            None => Ok(p.clone()),
+            Some(j) => p
+                .strip_prefix(j)
+                .map(PathBuf::from)
+                .map_err(|_| format!("{} is not below the sandbox directory {}", p.display(), j.display())),
+        }
+    };
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     if let Some(uds) = &args.vsock_uds {
-        let config = VsockConfig::new(uds).with_guest_cid(args.guest_cid);
+        let config = VsockConfig::new(inside(uds)?).with_guest_cid(args.guest_cid);
         let device = VsockDevice::new(config).map_err(|e| format!("vsock {}: {e}", uds.display()))?;
         devices.push(Box::new(InlineVsock::new(device)));
     }
     if let Some(dir) = &args.shared_dir {
-        let mut config = FsConfig::new(dir);
+        let mut config = FsConfig::new(inside(dir)?);
         config.tag = args.fs_tag.clone();
         let device = FsDevice::new(config).map_err(|e| format!("virtio-fs {}: {e}", dir.display()))?;
         devices.push(Box::new(InlineFs::new(device)));
     }
     Ok(devices)
+}
+
+/// Makes the VM: kernel, console and KVM first, then (sandboxed) the
+/// devices from inside the sandbox directory.
+fn make_vm(args: &Args, config: &VmConfig) -> Result<Vm, String> {
+    let slots = usize::from(args.vsock_uds.is_some()) + usize::from(args.shared_dir.is_some());
+    let mut vm = Vm::prepare(config, slots).map_err(|e| e.to_string())?;
+    let jail = match args.sandbox {
+        SandboxMode::None => None,
+        SandboxMode::Chroot => {
+            let Some(uds) = &args.vsock_uds else {
+                return Err("--sandbox chroot needs --vsock-uds: its directory is the sandbox".into());
+            };
+            let dir = uds
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            let dir = std::fs::canonicalize(dir).map_err(|e| format!("sandbox directory {}: {e}", dir.display()))?;
+            std::env::set_current_dir(&dir).map_err(|e| format!("entering {}: {e}", dir.display()))?;
+            Some(dir)
+        }
+    };
+    let canonical = |p: &Option<PathBuf>| -> Result<Option<PathBuf>, String> {
+        match (p, &jail) {
+            (Some(p), Some(_)) => {
+                // The socket does not exist yet: resolve its directory.
+                let parent = p.parent().unwrap_or(std::path::Path::new("."));
+                let name = p
+                    .file_name()
+                    .ok_or_else(|| format!("{} has no file name", p.display()))?;
+                let parent = std::fs::canonicalize(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+                Ok(Some(parent.join(name)))
+            }
+            (p, _) => Ok(p.clone()),
+        }
+    };
+    let resolved = Args {
+        vsock_uds: canonical(&args.vsock_uds)?,
+        shared_dir: canonical(&args.shared_dir)?,
+        ..args.clone()
+    };
+    for device in devices(&resolved, jail.as_deref())? {
+        vm.attach(device).map_err(|e| e.to_string())?;
+    }
+    if let Some(dir) = &jail {
+        sandbox::enter_chroot(dir).map_err(|e| format!("sandbox: {e}"))?;
+        log::info!("sandboxed: {} is now /", dir.display());
+    }
+    Ok(vm)
 }
 
 fn main() -> ExitCode {
@@ -80,7 +151,7 @@ fn main() -> ExitCode {
         cmdline: args.cmdline.clone(),
         console: args.console.clone(),
     };
-    let vm = match devices(&args).and_then(|d| Vm::with_devices(&config, d).map_err(|e| e.to_string())) {
+    let vm = match make_vm(&args, &config) {
         Ok(vm) => vm,
         Err(e) => {
             log::error!("{e}");

@@ -175,7 +175,9 @@ pub struct Vm {
     mem: GuestMemoryMmap,
     vcpus: Vec<VcpuFd>,
     pio: Arc<PioDevices>,
-    mmio: Arc<MmioBus>,
+    /// virtio-mmio windows announced, and the devices in them so far.
+    slots: usize,
+    transports: Vec<Mutex<MmioTransport>>,
     shared: Arc<Shared>,
 }
 
@@ -187,11 +189,22 @@ impl Vm {
     /// A VM with `devices` on virtio-mmio transports, announced to the
     /// kernel on its command line.
     pub fn with_devices(config: &VmConfig, devices: Vec<Box<dyn VirtioDevice>>) -> Result<Vm, Error> {
+        let mut vm = Vm::prepare(config, devices.len())?;
+        for device in devices {
+            vm.attach(device)?;
+        }
+        Ok(vm)
+    }
+
+    /// The VM with its kernel loaded and `slots` virtio-mmio windows
+    /// announced on the command line, for devices [`Vm::attach`]ed later
+    /// (after the monitor has entered its sandbox, say). A window left
+    /// empty reads as no device.
+    pub fn prepare(config: &VmConfig, slots: usize) -> Result<Vm, Error> {
         let started = Instant::now();
-        if devices.len() > VIRTIO_MAX_DEVICES {
+        if slots > VIRTIO_MAX_DEVICES {
             return Err(Error::Config(format!(
-                "{} virtio devices; at most {VIRTIO_MAX_DEVICES}",
-                devices.len()
+                "{slots} virtio devices; at most {VIRTIO_MAX_DEVICES}"
             )));
         }
         if config.vcpus == 0 {
@@ -233,32 +246,12 @@ impl Vm {
                 .map_err(|e| Error::Kvm(format!("KVM_SET_USER_MEMORY_REGION: {e}")))?;
         }
 
-        let cmdline = boot::cmdline(&full_cmdline(&config.cmdline, devices.len()))?;
+        let cmdline = boot::cmdline(&full_cmdline(&config.cmdline, slots))?;
         let size = u64::from(config.memory_mib) << 20;
         let entry = boot::load(&mem, &config.kernel, config.initramfs.as_deref(), &cmdline, size)?;
         mptable::write(&mem, config.vcpus)?;
 
         let pio = Arc::new(PioDevices::new(&vm, config.console.as_deref())?);
-        let mut transports = Vec::new();
-        for (n, device) in devices.into_iter().enumerate() {
-            let irq = VIRTIO_FIRST_IRQ + n as u32;
-            let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(format!("eventfd: {e}")))?;
-            vm.register_irqfd(&irqfd, irq)
-                .map_err(|e| Error::Device(format!("irqfd on IRQ {irq}: {e}")))?;
-            let interrupt = Arc::new(Interrupt::new(irqfd));
-            let transport = MmioTransport::new(device, mem.clone(), interrupt)
-                .map_err(|e| Error::Device(format!("queue eventfds: {e}")))?;
-            // Notifications of queue q reach its kick without a VM exit.
-            let notify =
-                layout::MMIO_DEVICES_START + n as u64 * layout::MMIO_DEVICE_SIZE + virtio_mmio::reg::QUEUE_NOTIFY;
-            for q in 0..transport.num_queues() {
-                let kick = transport.kick(q).expect("one kick per queue");
-                vm.register_ioevent(kick, &IoEventAddress::Mmio(notify), q as u32)
-                    .map_err(|e| Error::Device(format!("ioeventfd of device {n} queue {q}: {e}")))?;
-            }
-            transports.push(Mutex::new(transport));
-        }
-        let mmio = Arc::new(MmioBus { devices: transports });
         let mut vcpus = Vec::new();
         for id in 0..config.vcpus {
             let vcpu = vm
@@ -273,7 +266,8 @@ impl Vm {
             mem,
             vcpus,
             pio,
-            mmio,
+            slots,
+            transports: Vec::new(),
             shared: Arc::new(Shared {
                 stop: AtomicBool::new(false),
                 reason: Mutex::new(None),
@@ -285,6 +279,36 @@ impl Vm {
         })
     }
 
+    /// Puts `device` in the next announced virtio-mmio window: its IRQ
+    /// line as an irqfd, its queue notifications as ioeventfds.
+    pub fn attach(&mut self, device: Box<dyn VirtioDevice>) -> Result<(), Error> {
+        let n = self.transports.len();
+        if n >= self.slots {
+            return Err(Error::Config(format!(
+                "{} virtio-mmio windows were announced, all taken",
+                self.slots
+            )));
+        }
+        let irq = VIRTIO_FIRST_IRQ + n as u32;
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Device(format!("eventfd: {e}")))?;
+        self.vm
+            .register_irqfd(&irqfd, irq)
+            .map_err(|e| Error::Device(format!("irqfd on IRQ {irq}: {e}")))?;
+        let interrupt = Arc::new(Interrupt::new(irqfd));
+        let transport = MmioTransport::new(device, self.mem.clone(), interrupt)
+            .map_err(|e| Error::Device(format!("queue eventfds: {e}")))?;
+        // Notifications of queue q reach its kick without a VM exit.
+        let notify = layout::MMIO_DEVICES_START + n as u64 * layout::MMIO_DEVICE_SIZE + virtio_mmio::reg::QUEUE_NOTIFY;
+        for q in 0..transport.num_queues() {
+            let kick = transport.kick(q).expect("one kick per queue");
+            self.vm
+                .register_ioevent(kick, &IoEventAddress::Mmio(notify), q as u32)
+                .map_err(|e| Error::Device(format!("ioeventfd of device {n} queue {q}: {e}")))?;
+        }
+        self.transports.push(Mutex::new(transport));
+        Ok(())
+    }
+
     /// The guest's memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
@@ -293,7 +317,7 @@ impl Vm {
     /// The eventfd that the driver's notifications of queue `queue` of
     /// virtio device `device` signal (a copy).
     pub fn queue_kick(&self, device: usize, queue: usize) -> Option<EventFd> {
-        let d = self.mmio.devices.get(device)?;
+        let d = self.transports.get(device)?;
         let t = d.lock().unwrap_or_else(|p| p.into_inner());
         t.kick(queue).and_then(|k| k.try_clone().ok())
     }
@@ -305,9 +329,12 @@ impl Vm {
         // A no-op handler: the signal only makes KVM_RUN return EINTR.
         register_signal_handler(SIGRTMIN(), kick).map_err(|e| Error::Vcpu(format!("signal handler: {e}")))?;
 
+        let mmio = Arc::new(MmioBus {
+            devices: std::mem::take(&mut self.transports),
+        });
         let mut threads = Vec::new();
         for (id, vcpu) in self.vcpus.drain(..).enumerate() {
-            let (shared, pio, mmio) = (self.shared.clone(), self.pio.clone(), self.mmio.clone());
+            let (shared, pio, mmio) = (self.shared.clone(), self.pio.clone(), mmio.clone());
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || vcpu_loop(vcpu, id as u8, &shared, &pio, &mmio))
