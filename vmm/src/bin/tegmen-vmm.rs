@@ -6,8 +6,8 @@
 //! timings, and exits: 0 for a guest that ended itself, 1 for a VM stopped
 //! by an error (the reason is on stderr), 2 for a VM that could not start.
 //!
-//! Sandbox (`--sandbox chroot`, the default): once the kernel is loaded
-//! and the console open, the process pivots into the directory of the
+//! Sandbox (`--sandbox chroot`, the default, for a VM with devices): once
+//! the kernel is loaded and the console open, the process pivots into the directory of the
 //! vsock socket (the sandbox directory) in a mount namespace of its own,
 //! so the shared directory must be below it; the devices then use paths
 //! relative to it. The rest of the host's file system is gone for it.
@@ -95,7 +95,9 @@ fn make_vm(args: &Args, config: &VmConfig) -> Result<Vm, String> {
     let slots = usize::from(args.vsock_uds.is_some()) + usize::from(args.shared_dir.is_some());
     let mut vm = Vm::prepare(config, slots).map_err(|e| e.to_string())?;
     let jail = match args.sandbox {
+        // Without devices the guest reaches nothing on the host: no jail.
         SandboxMode::None => None,
+        SandboxMode::Chroot if slots == 0 => None,
         SandboxMode::Chroot => {
             let Some(uds) = &args.vsock_uds else {
                 return Err("--sandbox chroot needs --vsock-uds: its directory is the sandbox".into());

@@ -368,7 +368,7 @@ impl Vm {
             for t in threads.iter().filter(|t| !t.is_finished()) {
                 let _ = t.kill(SIGRTMIN());
             }
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_micros(200));
         }
         for t in threads {
             let _ = t.join();
