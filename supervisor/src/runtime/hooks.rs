@@ -118,16 +118,18 @@ fn run_one(h: &Value, state: &Value) -> std::result::Result<(), String> {
     };
     let args = strings("args");
     let mut cmd = Command::new(path);
-    cmd.env_clear()
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     if let Some((first, rest)) = args.split_first() {
         cmd.arg0(first).args(rest);
     }
-    for kv in strings("env") {
-        if let Some((k, v)) = kv.split_once('=') {
-            cmd.env(k, v);
+    // As runc (Go's exec.Cmd): a hook with an `env` list gets exactly that
+    // environment, one without inherits the runtime's.
+    if h["env"].is_array() {
+        cmd.env_clear();
+        for kv in strings("env") {
+            if let Some((k, v)) = kv.split_once('=') {
+                cmd.env(k, v);
+            }
         }
     }
     let mut child = cmd.spawn().map_err(|e| {
@@ -277,6 +279,22 @@ mod tests {
         );
         // Phases without hooks run nothing.
         run(&hooks, "poststop", &st()).unwrap();
+
+        // Without `env` the hook inherits the runtime's environment; with
+        // one, it gets exactly that.
+        let probe = |hook: Value| {
+            let out = dir.path().join("env");
+            let mut h = hook;
+            h["path"] = "/bin/sh".into();
+            h["args"] = json!(["sh", "-c", format!("echo \"${{HOME:-unset}}\" > {}", out.display())]);
+            run(&json!({"prestart": [h]}), "prestart", &st()).unwrap();
+            std::fs::read_to_string(&out).unwrap().trim().to_string()
+        };
+        assert_eq!(
+            probe(json!({})),
+            std::env::var("HOME").unwrap_or_else(|_| "unset".into())
+        );
+        assert_eq!(probe(json!({"env": []})), "unset");
     }
 
     #[test]
