@@ -153,7 +153,7 @@ fn check(config: &Config, boot: bool) -> Result<()> {
             ok = false;
         }
     }
-    for helper in ["tegmen-vsock-backend", "tegmen-fs-backend"] {
+    for helper in ["tegmen-vsock-backend", "tegmen-fs-backend", "tegmen-vmm"] {
         match hypervisor::helper_binary(helper) {
             Ok(p) => println!("{helper}: {}", p.display()),
             Err(e) => {
