@@ -26,9 +26,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
 pub const MMIO_VERSION: u32 = 2;
-/// "QEMU"'s vendor id is what Linux shows for unknown vendors anyway; use
-/// our own.
-pub const VENDOR_ID: u32 = 0x5445_474d; // "TEGM"
+/// The vendor id the transport reports ("TEGM" in ASCII; drivers do not
+/// look at it).
+pub const VENDOR_ID: u32 = 0x5445_474d;
 
 pub const STATUS_ACKNOWLEDGE: u32 = 1;
 pub const STATUS_DRIVER: u32 = 2;
