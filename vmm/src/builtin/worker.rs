@@ -1,8 +1,8 @@
 //! The thread behind an inline virtio device: it waits (epoll) on one kick
 //! per queue (the driver's notifications: a KVM ioeventfd, or the
-//! transport), on the
-//! device's own host-side descriptor if it has one, and on an exit event;
-//! hands each event to the device's handler, and raises the interrupt
+//! transport), on the device's own host-side descriptor if it has one, and
+//! on an exit event; hands each event to the device's handler, and raises
+//! the interrupt
 //! when the handler used buffers.
 
 use std::os::fd::{AsRawFd, RawFd};
