@@ -2,8 +2,7 @@
 //! per queue (the driver's notifications: a KVM ioeventfd, or the
 //! transport), on the device's own host-side descriptor if it has one, and
 //! on an exit event; hands each event to the device's handler, and raises
-//! the interrupt
-//! when the handler used buffers.
+//! the interrupt when the handler used buffers.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
