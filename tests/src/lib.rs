@@ -292,3 +292,20 @@ impl Drop for HostAgent {
         }
     }
 }
+
+/// Waits up to `timeout` for `child`: its exit code, or `None` after
+/// killing it once the time is up.
+pub fn wait_child(child: &mut std::process::Child, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use tegmen_tests::image::write_oci_archive;
-use tegmen_tests::{busybox_rootfs, mounts_below, processes_mentioning, workspace_binary};
+use tegmen_tests::{busybox_rootfs, mounts_below, processes_mentioning, wait_child, workspace_binary};
 
 const IMAGE: &str = "docker.io/library/busybox:latest";
 
@@ -41,11 +41,7 @@ impl Scratch {
     }
 
     fn clean(&self) {
-        let mut mounts = mounts_below(&self.0);
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mounts {
-            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
-        }
+        tegmen_supervisor::sandbox::unmount_below(&self.0);
         let _ = std::fs::remove_dir_all(&self.0);
     }
 
@@ -343,21 +339,6 @@ fn podman_interactive_terminal() {
     assert_eq!(status, Some(5), "podman run -it: {out:?}");
     assert!(out.contains("/dev/pts/0\n"), "no terminal inside: {out:?}");
     assert!(out.contains("size=27 91\n"), "terminal size not passed on: {out:?}");
-}
-
-fn wait_child(child: &mut Child, timeout: Duration) -> Option<i32> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s.code();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 // ------------------------------------------------------------ containerd

@@ -726,7 +726,7 @@ fn events_stats_and_oom() {
     );
 
     rt.ok(&["kill", "ev", "KILL"]);
-    let status = wait_with_timeout(&mut stream, Duration::from_secs(30));
+    let status = tegmen_tests::wait_child(&mut stream, Duration::from_secs(30));
     assert_eq!(status, Some(0), "events ends with the container");
     reader.join().unwrap();
 
@@ -736,19 +736,6 @@ fn events_stats_and_oom() {
     assert_eq!((code, e.trim()), (1, "container does not exist"));
     rt.ok(&["delete", "ev"]);
     rt.root.assert_nothing_left();
-}
-
-fn wait_with_timeout(child: &mut std::process::Child, timeout: Duration) -> Option<i32> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s.code();
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    None
 }
 
 /// The runtime-namespace hooks run on the host with the OCI state on

@@ -10,3 +10,11 @@ pub mod builtin;
 pub mod devices;
 pub mod unix_path;
 pub mod vhost_user;
+
+/// The log set-up of Tegmen's VMM processes (`tegmen-vmm` and the
+/// vhost-user backends): `RUST_LOG`, `info` by default, to stderr.
+pub fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+}

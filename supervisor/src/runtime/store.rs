@@ -48,15 +48,11 @@ pub struct ContainerRecord {
 impl ContainerRecord {
     /// The OCI state a hook reads on stdin.
     pub fn hook_state(&self, status: Status) -> serde_json::Value {
-        let pid = match (status, &self.monitor) {
-            (Status::Stopped, _) | (_, None) => 0,
-            (_, Some(m)) => m.pid,
-        };
         super::hooks::state(
             &self.oci_version,
             &self.id,
             status.as_str(),
-            pid,
+            pid(status, Some(self)),
             &self.bundle.display().to_string(),
             &serde_json::to_value(&self.annotations).unwrap_or_default(),
         )
@@ -220,13 +216,18 @@ pub struct StateJson {
     pub annotations: BTreeMap<String, String>,
 }
 
+/// The pid callers see: the monitor's, 0 once stopped or before it exists.
+fn pid(status: Status, rec: Option<&ContainerRecord>) -> i32 {
+    match (status, rec.and_then(|r| r.monitor.as_ref())) {
+        (Status::Stopped, _) | (_, None) => 0,
+        (_, Some(m)) => m.pid,
+    }
+}
+
 /// runc's `state` output.
 pub fn state_json(config: &Config, id: &str, rec: Option<&ContainerRecord>) -> StateJson {
     let status = status(config, id, rec);
-    let pid = match (status, rec.and_then(|r| r.monitor.as_ref())) {
-        (Status::Stopped, _) | (_, None) => 0,
-        (_, Some(m)) => m.pid,
-    };
+    let pid = pid(status, rec);
     StateJson {
         oci_version: rec.map(|r| r.oci_version.clone()).unwrap_or_default(),
         id: id.to_string(),

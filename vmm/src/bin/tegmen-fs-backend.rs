@@ -264,9 +264,7 @@ fn run(args: Args) -> Result<()> {
 }
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
-        .init();
+    tegmen_vmm::init_logging();
     let args = Args::parse();
     if let Err(e) = run(args) {
         eprintln!("tegmen-fs-backend: error: {e:#}");

@@ -25,7 +25,7 @@ use tegmen_vmm::devices::fs::sandbox::{self, SandboxMode};
 use tegmen_vmm::devices::fs::{FsConfig, FsDevice};
 use tegmen_vmm::devices::vsock::{VsockConfig, VsockDevice, DEFAULT_GUEST_CID};
 
-#[derive(Debug, Clone, Parser)]
+#[derive(Debug, Parser)]
 #[command(about = "Tegmen's builtin KVM monitor: one VM, devices inline")]
 struct Args {
     /// Uncompressed ELF vmlinux with a PVH entry point.
@@ -66,13 +66,20 @@ struct Args {
 /// sandbox directory (the working directory then) when it pivots there.
 fn devices(args: &Args, jail: Option<&std::path::Path>) -> Result<Vec<Box<dyn VirtioDevice>>, String> {
     let inside = |p: &PathBuf| -> Result<PathBuf, String> {
-        match jail {
-            None => Ok(p.clone()),
-            Some(j) => p
-                .strip_prefix(j)
-                .map(PathBuf::from)
-                .map_err(|_| format!("{} is not below the sandbox directory {}", p.display(), j.display())),
-        }
+        let Some(j) = jail else {
+            return Ok(p.clone());
+        };
+        // The socket does not exist yet: resolve the directory it goes in.
+        let parent = p.parent().unwrap_or(std::path::Path::new("."));
+        let name = p
+            .file_name()
+            .ok_or_else(|| format!("{} has no file name", p.display()))?;
+        let parent = std::fs::canonicalize(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        parent
+            .join(name)
+            .strip_prefix(j)
+            .map(PathBuf::from)
+            .map_err(|_| format!("{} is not below the sandbox directory {}", p.display(), j.display()))
     };
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     if let Some(uds) = &args.vsock_uds {
@@ -111,26 +118,7 @@ fn make_vm(args: &Args, config: &VmConfig) -> Result<Vm, String> {
             Some(dir)
         }
     };
-    let canonical = |p: &Option<PathBuf>| -> Result<Option<PathBuf>, String> {
-        match (p, &jail) {
-            (Some(p), Some(_)) => {
-                // The socket does not exist yet: resolve its directory.
-                let parent = p.parent().unwrap_or(std::path::Path::new("."));
-                let name = p
-                    .file_name()
-                    .ok_or_else(|| format!("{} has no file name", p.display()))?;
-                let parent = std::fs::canonicalize(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-                Ok(Some(parent.join(name)))
-            }
-            (p, _) => Ok(p.clone()),
-        }
-    };
-    let resolved = Args {
-        vsock_uds: canonical(&args.vsock_uds)?,
-        shared_dir: canonical(&args.shared_dir)?,
-        ..args.clone()
-    };
-    for device in devices(&resolved, jail.as_deref())? {
+    for device in devices(args, jail.as_deref())? {
         vm.attach(device).map_err(|e| e.to_string())?;
     }
     if let Some(dir) = &jail {
@@ -141,9 +129,7 @@ fn make_vm(args: &Args, config: &VmConfig) -> Result<Vm, String> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
-        .init();
+    tegmen_vmm::init_logging();
     let args = Args::parse();
     let config = VmConfig {
         vcpus: args.vcpus,

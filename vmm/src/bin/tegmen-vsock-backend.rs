@@ -40,12 +40,6 @@ struct Args {
     guest_cid: u64,
 }
 
-fn init_logging() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
-        .init();
-}
-
 /// Socket files to remove if a signal ends us early, as C strings so the
 /// handler needs no allocation.
 static CLEANUP_PATHS: OnceLock<Vec<CString>> = OnceLock::new();
@@ -109,7 +103,7 @@ fn run(args: &Args) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging();
+    tegmen_vmm::init_logging();
     let result = run(&args);
     // Whatever happened, leave no socket files of ours behind (and nothing
     // that is not a socket is ours).
