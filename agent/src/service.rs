@@ -151,14 +151,21 @@ impl Agent for AgentService {
         Ok(ShutdownResponse::new())
     }
 
-    fn create_container(&self, _ctx: &TtrpcContext, req: CreateContainerRequest) -> ttrpc::Result<Empty> {
+    fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<CreateContainerResponse> {
         let rootfs = self.resolve_rootfs(&req.rootfs)?;
         let id = &req.container_id;
-        self.containers
+        let pid = self
+            .containers
             .create(id, &req.spec_json, &rootfs, req.terminal)
             .map_err(container_status)?;
         close_unused_stdin(&self.containers, id, None, req.stdin, req.terminal);
-        Ok(Empty::new())
+        let mut resp = CreateContainerResponse::new();
+        resp.pid = pid;
+        Ok(resp)
     }
 
     fn start_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<Empty> {

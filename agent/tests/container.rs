@@ -912,7 +912,7 @@ fn invalid_specs_and_missing_executable(env: &Env) -> Result<(), String> {
     bad(s.to_string(), "process.cwd")?;
     let mut s = spec(&["sh"]);
     s["linux"]["namespaces"][1] = json!({"type": "network", "path": "/var/run/netns/x"});
-    bad(s.to_string(), "not supported yet")?;
+    bad(s.to_string(), "only /proc/<pid>/ns/<name>")?;
     let mut s = spec(&["sh"]);
     s["ociVersion"] = json!("0.9");
     bad(s.to_string(), "ociVersion")?;

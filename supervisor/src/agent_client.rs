@@ -60,7 +60,8 @@ pub fn hybrid_vsock_connect(socket: &Path, port: u32, timeout: Duration) -> std:
     Ok(stream)
 }
 
-/// A connection to one sandbox's agent.
+/// A connection to one sandbox's agent. Clones share the connection.
+#[derive(Clone)]
 pub struct AgentClient {
     stub: AgentStub,
     timeout: Duration,
@@ -134,10 +135,12 @@ impl AgentClient {
         ttrpc::context::Context::default()
     }
 
-    pub fn create_container(&self, req: &CreateContainerRequest) -> Result<()> {
+    /// Creates a container stopped before its process runs; returns the
+    /// pid of its init in the guest.
+    pub fn create_container(&self, req: &CreateContainerRequest) -> Result<i32> {
         self.stub
             .create_container(self.ctx(), req)
-            .map(drop)
+            .map(|r| r.pid)
             .map_err(|e| rpc_error("CreateContainer", e))
     }
 

@@ -9,6 +9,7 @@
 
 pub mod agent_client;
 pub mod config;
+pub mod container;
 pub mod error;
 pub mod guest_image;
 pub mod host;
@@ -16,5 +17,6 @@ pub mod hypervisor;
 pub mod process;
 pub mod runtime;
 pub mod sandbox;
+pub mod shim;
 
 pub use error::{Error, Result};

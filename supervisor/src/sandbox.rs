@@ -48,11 +48,47 @@ pub enum Status {
     Stopped,
 }
 
+/// Which of Tegmen's faces made a sandbox and drives it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Face {
+    /// The `supervisor` CLI (a throwaway sandbox of `check --boot`, tests).
+    #[default]
+    Supervisor,
+    /// `tegmen`, the OCI runtime: one container per sandbox.
+    Tegmen,
+    /// `containerd-shim-tegmen-v2`: one pod per sandbox.
+    Shim,
+}
+
+impl Face {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Face::Supervisor => "supervisor",
+            Face::Tegmen => "tegmen",
+            Face::Shim => "shim",
+        }
+    }
+}
+
+/// A container of a sandbox, as `state.json` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerEntry {
+    pub id: String,
+    /// The bundle it was created from, when a face gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<PathBuf>,
+    /// Seconds since the epoch.
+    pub created: u64,
+}
+
 /// What `state.json` records.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SandboxState {
     pub id: String,
     pub status: Status,
+    #[serde(default)]
+    pub face: Face,
     pub hypervisor: String,
     /// Seconds since the epoch.
     pub created: u64,
@@ -64,6 +100,9 @@ pub struct SandboxState {
     pub vcpus: u32,
     /// Milliseconds from starting the VM to the agent's first answer.
     pub boot_to_agent_ms: Option<u64>,
+    /// The containers in the guest, in the order they were added.
+    #[serde(default)]
+    pub containers: Vec<ContainerEntry>,
 }
 
 /// Options of one sandbox beyond the configuration.
@@ -71,6 +110,8 @@ pub struct SandboxState {
 pub struct SandboxOptions {
     /// Tie the sandbox to this process: removed as stale once it is gone.
     pub owned_by_current_process: bool,
+    /// Who drives the sandbox (recorded for `supervisor list`).
+    pub face: Face,
 }
 
 pub struct Sandbox {
@@ -133,7 +174,7 @@ pub fn validate_id(id: &str) -> Result<()> {
     Ok(())
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -155,23 +196,9 @@ pub fn read_state(dir: &Path) -> Result<SandboxState> {
 
 impl Sandbox {
     /// Lays out the sandbox, boots its VM and waits for the agent. On any
-    /// error everything made so far is removed again.
+    /// error everything made so far is removed again. Containers are added
+    /// afterwards ([`Sandbox::add_container`]).
     pub fn create(config: &Config, id: &str, options: &SandboxOptions) -> Result<Sandbox> {
-        Sandbox::create_prepared(config, id, options, &mut |_| Ok(()))
-    }
-
-    /// As [`Sandbox::create`], and calls `prepare` with the shared directory
-    /// once it exists but before the file system backend starts serving it:
-    /// the place for host mounts below the share (the backend serves the
-    /// share from a private mount namespace copied at its start, so later
-    /// host mounts would not reach the guest). Mounts made there are
-    /// unmounted at teardown.
-    pub fn create_prepared(
-        config: &Config,
-        id: &str,
-        options: &SandboxOptions,
-        prepare: &mut dyn FnMut(&Path) -> Result<()>,
-    ) -> Result<Sandbox> {
         validate_id(id)?;
         let layout = Layout::new(config, id);
         let image = GuestImage::resolve(config)?;
@@ -187,6 +214,7 @@ impl Sandbox {
         let state = SandboxState {
             id: id.to_string(),
             status: Status::Creating,
+            face: options.face,
             hypervisor: hypervisor.name().to_string(),
             created: now_secs(),
             owner,
@@ -194,6 +222,7 @@ impl Sandbox {
             memory_mib: config.guest.memory_mib,
             vcpus: config.guest.vcpus,
             boot_to_agent_ms: None,
+            containers: Vec::new(),
         };
         make_dir_atomically(config, id, &state)?;
 
@@ -207,7 +236,7 @@ impl Sandbox {
             spawn_time: Duration::ZERO,
             torn_down: false,
         };
-        match sandbox.boot(config, &layout, &image, choice.accel, prepare) {
+        match sandbox.boot(config, &layout, &image, choice.accel) {
             Ok(()) => Ok(sandbox),
             Err(e) => {
                 sandbox.teardown();
@@ -222,13 +251,14 @@ impl Sandbox {
         layout: &Layout,
         image: &GuestImage,
         accel: hypervisor::Accel,
-        prepare: &mut dyn FnMut(&Path) -> Result<()>,
     ) -> Result<()> {
         let shared = layout.shared();
         std::fs::create_dir(&shared).map_err(|e| Error::io("creating", &shared, e))?;
         let id_file = shared.join(SANDBOX_ID_FILE);
         std::fs::write(&id_file, &self.id).map_err(|e| Error::io("writing", &id_file, e))?;
-        prepare(&shared)?;
+        // Mounts made below the share later (containers added to the
+        // running sandbox) propagate into the backends' copies of it.
+        crate::container::make_shared_mount(&shared)?;
 
         let spec = VmSpec {
             id: self.id.clone(),
@@ -322,6 +352,12 @@ impl Sandbox {
 
     pub fn state(&self) -> &SandboxState {
         &self.state
+    }
+
+    /// Changes the recorded state and writes `state.json`.
+    pub(crate) fn update_state(&mut self, change: impl FnOnce(&mut SandboxState)) -> Result<()> {
+        change(&mut self.state);
+        write_state(&self.layout().state(), &self.state)
     }
 
     /// The host side of the virtio-fs share (`/run/tegmen/shared` in the
@@ -662,6 +698,8 @@ mod tests {
             memory_mib: 256,
             vcpus: 1,
             boot_to_agent_ms: None,
+            face: Face::Tegmen,
+            containers: Vec::new(),
         }
     }
 

@@ -47,6 +47,7 @@ impl Target {
             name,
             &SandboxOptions {
                 owned_by_current_process: true,
+                ..Default::default()
             },
         )
         .unwrap_or_else(|e| panic!("booting {name}: {e}"));

@@ -13,6 +13,7 @@ use tegmen_tests::{busybox_initramfs, processes_mentioning, workspace_binary, Te
 fn options() -> SandboxOptions {
     SandboxOptions {
         owned_by_current_process: true,
+        ..Default::default()
     }
 }
 

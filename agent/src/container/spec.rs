@@ -82,12 +82,8 @@ pub(super) fn prepare_container(
         .ok_or_else(|| ContainerError::InvalidSpec("linux: missing (only Linux containers are supported)".into()))?;
     if let Some(namespaces) = linux.namespaces() {
         for ns in namespaces {
-            if let (LinuxNamespaceType::Network, Some(path)) = (ns.typ(), ns.path()) {
-                return Err(ContainerError::InvalidSpec(format!(
-                    "linux.namespaces: joining an existing network namespace ({}) is not supported yet; \
-                     omit the path to get a new, empty one",
-                    path.display()
-                )));
+            if let Some(path) = ns.path() {
+                check_namespace_path(path)?;
             }
         }
     }
@@ -118,6 +114,27 @@ pub(super) fn prepare_container(
     let relative = cgroups_path.strip_prefix("/").unwrap_or(&cgroups_path);
     let cgroup_dir = Path::new(CGROUP_ROOT).join(relative);
     Ok(Prepared { spec, cgroup_dir })
+}
+
+/// A namespace to join must be another process's in this guest,
+/// `/proc/<pid>/ns/<name>`: a pod's containers join its sandbox
+/// container's namespaces that way. Paths of the host (a CNI netns under
+/// `/var/run/netns`) mean nothing in the guest and are refused.
+fn check_namespace_path(path: &Path) -> Result<(), ContainerError> {
+    let text = path.to_string_lossy();
+    let ok = text
+        .strip_prefix("/proc/")
+        .and_then(|rest| rest.split_once("/ns/"))
+        .is_some_and(|(pid, name)| {
+            !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) && !name.is_empty() && !name.contains('/')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(ContainerError::InvalidSpec(format!(
+            "linux.namespaces: {text}: only /proc/<pid>/ns/<name> of a process in this guest can be joined"
+        )))
+    }
 }
 
 /// An exec's OCI process object made ready for libcontainer.

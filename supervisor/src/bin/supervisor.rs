@@ -173,6 +173,7 @@ fn check(config: &Config, boot: bool) -> Result<()> {
     println!("booting throwaway sandbox {id} ...");
     let options = SandboxOptions {
         owned_by_current_process: true,
+        ..Default::default()
     };
     let sandbox = Sandbox::create(config, &id, &options).with_context(|| format!("booting sandbox {id}"))?;
     let details = sandbox.agent().guest_details();

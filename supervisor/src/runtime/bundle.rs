@@ -27,17 +27,20 @@ pub struct Bundle {
     pub terminal: bool,
 }
 
-/// One host bind mount of the spec, to be made below the share.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostBind {
-    /// Index into the spec's `mounts`.
-    pub index: usize,
-    pub source: PathBuf,
-}
+pub use crate::container::HostBind;
 
 impl Bundle {
-    /// Reads `<dir>/config.json` (dir relative to the current directory).
+    /// Reads `<dir>/config.json` (dir relative to the current directory),
+    /// for a container that is a VM of its own (`tegmen`).
     pub fn load(dir: &Path) -> Result<Bundle> {
+        let bundle = Bundle::load_pod_member(dir)?;
+        refuse_network_namespace_path(&bundle.spec)?;
+        Ok(bundle)
+    }
+
+    /// As [`Bundle::load`], for a container of a pod: its namespace paths
+    /// name the pod's namespaces and are mapped into the guest by the shim.
+    pub fn load_pod_member(dir: &Path) -> Result<Bundle> {
         let dir = if dir.is_absolute() {
             dir.to_path_buf()
         } else {
@@ -92,16 +95,6 @@ impl Bundle {
             return Err(Error::Spec(format!("rootfs ({}) does not exist", rootfs.display())));
         }
         super::hooks::validate(&spec["hooks"]).map_err(|m| Error::Spec(format!("{}: {m}", path.display())))?;
-        if let Some(namespaces) = spec["linux"]["namespaces"].as_array() {
-            let joins_net = namespaces
-                .iter()
-                .any(|n| n["type"] == "network" && n["path"].as_str().is_some_and(|p| !p.is_empty()));
-            if joins_net {
-                return Err(Error::Spec(
-                    "joining a network namespace by path is not supported yet".into(),
-                ));
-            }
-        }
         Ok(Bundle {
             readonly: spec["root"]["readonly"].as_bool().unwrap_or(false),
             terminal: spec["process"]["terminal"].as_bool().unwrap_or(false),
@@ -168,11 +161,31 @@ impl Bundle {
     }
 }
 
+/// A VM of its own has only the guest's loopback (until pod networking).
+fn refuse_network_namespace_path(spec: &serde_json::Value) -> Result<()> {
+    let joins_net = spec["linux"]["namespaces"].as_array().is_some_and(|namespaces| {
+        namespaces
+            .iter()
+            .any(|n| n["type"] == "network" && n["path"].as_str().is_some_and(|p| !p.is_empty()))
+    });
+    if joins_net {
+        return Err(Error::Spec(
+            "joining a network namespace by path is not supported yet".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn is_bind(m: &serde_json::Value) -> bool {
     m["type"] == "bind"
         || m["options"]
             .as_array()
             .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
+}
+
+/// (memory MiB, vCPUs) of a VM for a container with `spec`.
+pub fn vm_size_of(spec: &serde_json::Value, defaults: &GuestConfig) -> (u32, u32) {
+    vm_size(spec, defaults)
 }
 
 fn vm_size(spec: &serde_json::Value, defaults: &GuestConfig) -> (u32, u32) {
@@ -231,7 +244,8 @@ mod tests {
         assert!(e.contains("rootfs") && e.contains("does not exist"), "{e}");
         let mut s = minimal();
         s["linux"]["namespaces"] = serde_json::json!([{"type": "network", "path": "/proc/1/ns/net"}]);
-        let e = bundle(s).err().unwrap().to_string();
+        assert!(bundle(s.clone()).is_ok(), "a pod member may name namespaces");
+        let e = refuse_network_namespace_path(&s).err().unwrap().to_string();
         assert_eq!(e, "joining a network namespace by path is not supported yet");
     }
 

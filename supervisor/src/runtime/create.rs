@@ -1,27 +1,21 @@
-//! `create` (and the first half of `run`): boot the container's VM with its
-//! rootfs and host bind mounts below the share, create the container in
-//! the guest, record it, start its monitor, write `--pid-file`.
-//!
-//! Host mounts (made before the VM's file system backend starts, see
-//! [`Sandbox::create_prepared`]): the rootfs is bind-mounted (`MS_BIND |
-//! MS_REC`, read-only when `root.readonly`) on `<sandbox>/shared/<id>/rootfs`,
-//! the n-th host bind mount of the spec on `<sandbox>/shared/<id>/mounts/<n>`.
-//! Everything made is removed again on any error.
+//! `create` (and the first half of `run`): boot the container's VM, add the
+//! container to it (its rootfs and host bind mounts below the share, then
+//! the container in the guest: [`Sandbox::add_container`]), record it,
+//! start its monitor, write `--pid-file`. Everything made is removed again
+//! on any error.
 
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::Instant;
 
-use nix::mount::{mount, MsFlags};
-use tegmen_agent_api::agent::CreateContainerRequest;
-
-use super::bundle::{Bundle, HostBind};
+use super::bundle::Bundle;
 use super::hooks;
 use super::monitor::{self, MonitorArgs};
 use super::store::{self, ContainerRecord, Status};
 use super::{log, validate_id, Error, Globals, Result};
 use crate::process::ProcessRecord;
-use crate::sandbox::{Sandbox, SandboxOptions};
+use crate::container::{self, NewContainer};
+use crate::sandbox::{Face, Sandbox, SandboxOptions};
 
 #[derive(Debug, Clone, Default)]
 pub struct CreateOptions {
@@ -64,35 +58,35 @@ pub fn create(globals: &Globals, opts: &CreateOptions) -> Result<Child> {
     config.guest.vcpus = vcpus;
     log::debug(&format!("create {id}: VM of {memory} MiB and {vcpus} vCPU(s)"));
 
-    let mut mounts = Vec::new();
     let t0 = Instant::now();
-    let sandbox = Sandbox::create_prepared(
+    let mut sandbox = Sandbox::create(
         &config,
         id,
         &SandboxOptions {
             owned_by_current_process: true,
+            face: Face::Tegmen,
         },
-        &mut |shared| mount_all(shared, id, &bundle, &binds, &mut mounts),
     )
     .map_err(|e| match e {
         crate::Error::SandboxExists(_) => Error::Exists(id.to_string()),
         crate::Error::InvalidId { .. } => Error::InvalidId(id.to_string()),
         other => Error::Supervisor(other),
     })?;
-
-    let req = CreateContainerRequest {
-        container_id: id.into(),
-        spec_json: bundle.guest_spec(id, &binds).to_string(),
-        rootfs: format!("{id}/rootfs"),
-        terminal: bundle.terminal,
-        stdin: true,
-        ..Default::default()
-    };
     let booted = t0.elapsed();
     log::phase("vm-setup", booted - sandbox.boot_time() + sandbox.spawn_time());
     log::phase("guest-boot", sandbox.boot_time() - sandbox.spawn_time());
     let t1 = Instant::now();
-    sandbox.agent().create_container(&req)?;
+    let added = sandbox.add_container(&NewContainer {
+        id,
+        rootfs: &bundle.rootfs,
+        readonly: bundle.readonly,
+        binds: &binds,
+        guest_spec: bundle.guest_spec(id, &binds).to_string(),
+        mount_destinations: container::mount_destinations(&bundle.spec),
+        terminal: bundle.terminal,
+        stdin: true,
+        bundle: Some(bundle.dir.clone()),
+    })?;
     log::phase("container-create", t1.elapsed());
     let t2 = Instant::now();
     let record = ContainerRecord {
@@ -108,7 +102,7 @@ pub fn create(globals: &Globals, opts: &CreateOptions) -> Result<Child> {
         started: false,
         paused: false,
         exit_code: None,
-        mounts,
+        mounts: added.mounts,
         hooks: bundle.host_hooks(),
     };
     store::save(&globals.config, &record)?;
@@ -140,105 +134,6 @@ pub fn create(globals: &Globals, opts: &CreateOptions) -> Result<Child> {
     sandbox.detach()?;
     log::phase("monitor", t2.elapsed());
     Ok(child)
-}
-
-/// Mounts the rootfs and the host binds below `shared`; every mount point
-/// made is pushed to `made`.
-fn mount_all(
-    shared: &Path,
-    id: &str,
-    bundle: &Bundle,
-    binds: &[HostBind],
-    made: &mut Vec<PathBuf>,
-) -> crate::Result<()> {
-    let sys = |what: String, e: nix::Error| crate::Error::io("mounting", what, std::io::Error::from(e));
-    let rootfs = shared.join(id).join("rootfs");
-    std::fs::create_dir_all(&rootfs).map_err(|e| crate::Error::io("creating", &rootfs, e))?;
-    bind(&bundle.rootfs, &rootfs)
-        .map_err(|e| sys(format!("{} on {}", bundle.rootfs.display(), rootfs.display()), e))?;
-    made.push(rootfs.clone());
-    if bundle.readonly {
-        // The guest cannot make mount points in a read-only share: make
-        // them now, as runc makes them in the bundle's rootfs.
-        make_mount_points(&bundle.rootfs, &bundle.spec);
-        remount_readonly(&rootfs).map_err(|e| sys(format!("{} read-only", rootfs.display()), e))?;
-    }
-    for (n, b) in binds.iter().enumerate() {
-        let target = shared.join(id).join("mounts").join(n.to_string());
-        let parent = target.parent().expect("has a parent");
-        std::fs::create_dir_all(parent).map_err(|e| crate::Error::io("creating", parent, e))?;
-        let made_target = if b.source.is_dir() {
-            std::fs::create_dir(&target)
-        } else {
-            std::fs::File::create(&target).map(drop)
-        };
-        made_target.map_err(|e| crate::Error::io("creating", &target, e))?;
-        bind(&b.source, &target).map_err(|e| sys(format!("{} on {}", b.source.display(), target.display()), e))?;
-        made.push(target);
-    }
-    Ok(())
-}
-
-/// Creates the destination of every spec mount below `rootfs` that does
-/// not exist yet: directories, or an empty file for a bind mount of a file.
-/// A destination whose existing part passes through a symlink is left to
-/// the guest (resolving it on the host could leave the rootfs).
-fn make_mount_points(rootfs: &Path, spec: &serde_json::Value) {
-    let Some(mounts) = spec["mounts"].as_array() else {
-        return;
-    };
-    for m in mounts {
-        let Some(dest) = m["destination"].as_str() else {
-            continue;
-        };
-        let file = m["source"]
-            .as_str()
-            .is_some_and(|s| Path::new(s).is_absolute() && Path::new(s).is_file());
-        let parts: Vec<_> = Path::new(dest)
-            .components()
-            .filter_map(|c| match c {
-                std::path::Component::Normal(p) => Some(p),
-                _ => None,
-            })
-            .collect();
-        let mut at = rootfs.to_path_buf();
-        for (i, part) in parts.iter().enumerate() {
-            at.push(part);
-            let last = i + 1 == parts.len();
-            match std::fs::symlink_metadata(&at) {
-                Ok(meta) if meta.file_type().is_symlink() => break,
-                Ok(_) => continue,
-                Err(_) if last && file => {
-                    let _ = std::fs::File::create(&at);
-                }
-                Err(_) => {
-                    if std::fs::create_dir(&at).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn bind(source: &Path, target: &Path) -> nix::Result<()> {
-    mount(
-        Some(source),
-        target,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-}
-
-fn remount_readonly(target: &Path) -> nix::Result<()> {
-    mount(
-        None::<&str>,
-        target,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-        None::<&str>,
-    )
 }
 
 /// Writes `pid` to `path` atomically, as runc does.

@@ -65,6 +65,7 @@ fn boot(name: &str) -> (TestRoot, Sandbox) {
         name,
         &SandboxOptions {
             owned_by_current_process: true,
+            ..Default::default()
         },
     )
     .expect("boot");

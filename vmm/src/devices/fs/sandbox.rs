@@ -9,8 +9,12 @@
 //!
 //! 1. `unshare(CLONE_NEWNS)`: a mount namespace of its own, so nothing below
 //!    leaks to the host;
-//! 2. every mount made private (`MS_REC | MS_PRIVATE`), so no mount event
-//!    propagates either way;
+//! 2. every mount made a slave (`MS_REC | MS_SLAVE`): nothing mounted here
+//!    reaches the host, while mounts the host makes below a *shared* mount
+//!    do reach us. The supervisor makes the share a shared mount before it
+//!    starts a backend, so a container added to a running sandbox (its
+//!    rootfs bind-mounted below the share) appears to the guest at once,
+//!    and its unmount propagates the same way;
 //! 3. the share bind-mounted onto itself, which makes it a mount point;
 //! 4. `pivot_root(".", ".")` inside it and a lazy unmount of the old root
 //!    stacked on top: the share is now `/` and the host tree is gone from
@@ -130,11 +134,11 @@ pub fn enter_chroot(dir: &Path) -> Result<(), SandboxError> {
             std::ptr::null(),
             c"/".as_ptr(),
             std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
+            libc::MS_REC | libc::MS_SLAVE,
             std::ptr::null(),
         )
     })
-    .map_err(step("make mounts private (MS_REC|MS_PRIVATE on /)"))?;
+    .map_err(step("make mounts slaves (MS_REC|MS_SLAVE on /)"))?;
 
     // SAFETY: as above.
     check(unsafe {
@@ -246,5 +250,155 @@ mod tests {
         assert_eq!(libc::WEXITSTATUS(status), 0, "see the child's exit code");
         // The host's view of the share is untouched.
         assert!(dir.path().join("marker").exists());
+    }
+
+    fn sys(what: &str, ret: libc::c_int) {
+        if ret != 0 {
+            eprintln!("{what}: {}", io::Error::last_os_error());
+            // SAFETY: leaving a forked child.
+            unsafe { libc::_exit(20) };
+        }
+    }
+
+    fn cstr(p: &Path) -> CString {
+        CString::new(p.as_os_str().as_bytes()).unwrap()
+    }
+
+    /// One byte over a pipe: the two sides of the propagation test take turns.
+    fn send(fd: libc::c_int) {
+        // SAFETY: writing one byte from a local buffer.
+        unsafe { libc::write(fd, b"x".as_ptr().cast(), 1) };
+    }
+    fn recv(fd: libc::c_int) -> bool {
+        let mut b = 0u8;
+        // SAFETY: reading one byte into a local buffer.
+        unsafe { libc::read(fd, (&mut b as *mut u8).cast(), 1) == 1 }
+    }
+
+    fn wait_child(pid: libc::pid_t) -> i32 {
+        let mut status = 0;
+        // SAFETY: waiting for our own child with a valid status pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(r, pid);
+        assert!(libc::WIFEXITED(status), "child died: {status:#x}");
+        libc::WEXITSTATUS(status)
+    }
+
+    /// The host side makes the share a shared mount (as the supervisor
+    /// does) in a mount namespace of its own; a backend child enters the
+    /// sandbox; then a mount the host makes below the share shows in the
+    /// backend, its unmount too, and a mount the backend makes stays in
+    /// the backend.
+    #[test]
+    fn fs_sandbox_sees_host_mounts_made_after_it_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let share = dir.path().join("share");
+        std::fs::create_dir_all(share.join("late")).unwrap();
+        std::fs::create_dir_all(share.join("own")).unwrap();
+        let extra = dir.path().join("extra");
+        std::fs::create_dir(&extra).unwrap();
+        std::fs::write(extra.join("hello"), b"from the host").unwrap();
+
+        // SAFETY: the child only runs code below and leaves with _exit.
+        let host = unsafe { libc::fork() };
+        assert!(host >= 0);
+        if host == 0 {
+            // The "host": a private copy of the test machine's mounts.
+            // SAFETY: plain system calls on C strings that outlive them.
+            unsafe {
+                sys("unshare", libc::unshare(libc::CLONE_NEWNS));
+                let null = std::ptr::null::<libc::c_char>();
+                let no_data = std::ptr::null::<libc::c_void>();
+                sys("rprivate", libc::mount(null, c"/".as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, no_data));
+                let s = cstr(&share);
+                sys("bind share", libc::mount(s.as_ptr(), s.as_ptr(), null, libc::MS_BIND, no_data));
+                sys("make shared", libc::mount(null, s.as_ptr(), null, libc::MS_SHARED, no_data));
+            }
+            let mut to_backend = [0; 2];
+            let mut to_host = [0; 2];
+            // SAFETY: pipe writes two fds into the arrays.
+            unsafe {
+                sys("pipe", libc::pipe(to_backend.as_mut_ptr()));
+                sys("pipe", libc::pipe(to_host.as_mut_ptr()));
+            }
+            // SAFETY: as above.
+            let backend = unsafe { libc::fork() };
+            if backend == 0 {
+                // SAFETY: closing our copies of the other side's ends, so
+                // a side that dies gives the other EOF instead of a hang.
+                unsafe {
+                    libc::close(to_host[0]);
+                    libc::close(to_backend[1]);
+                }
+                let code = (|| {
+                    if let Err(e) = enter_chroot(&share) {
+                        eprintln!("enter_chroot: {e}");
+                        return 10;
+                    }
+                    send(to_host[1]);
+                    // The host has mounted `extra` on late/.
+                    if !recv(to_backend[0]) {
+                        return 11;
+                    }
+                    if std::fs::read("/late/hello").ok().as_deref() != Some(&b"from the host"[..]) {
+                        return 12;
+                    }
+                    // SAFETY: mounting a tmpfs on a directory of ours.
+                    let r = unsafe {
+                        libc::mount(c"tmpfs".as_ptr(), c"/own".as_ptr(), c"tmpfs".as_ptr(), 0, std::ptr::null())
+                    };
+                    if r != 0 {
+                        return 13;
+                    }
+                    std::fs::write("/own/mine", b"x").unwrap();
+                    send(to_host[1]);
+                    // The host has unmounted late/.
+                    if !recv(to_backend[0]) {
+                        return 14;
+                    }
+                    if Path::new("/late/hello").exists() {
+                        return 15;
+                    }
+                    0
+                })();
+                // SAFETY: leaving the forked child.
+                unsafe { libc::_exit(code) };
+            }
+            // SAFETY: as in the backend.
+            unsafe {
+                libc::close(to_host[1]);
+                libc::close(to_backend[0]);
+            }
+            let code = (|| {
+                if !recv(to_host[0]) {
+                    return 30;
+                }
+                let late = cstr(&share.join("late"));
+                let src = cstr(&extra);
+                // SAFETY: C strings that outlive the call.
+                if unsafe { libc::mount(src.as_ptr(), late.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) } != 0 {
+                    return 31;
+                }
+                send(to_backend[1]);
+                if !recv(to_host[0]) {
+                    return 100 + wait_child(backend); // the backend failed
+                }
+                if share.join("own/mine").exists() {
+                    return 33; // the backend's mount leaked out
+                }
+                // SAFETY: as above.
+                if unsafe { libc::umount2(late.as_ptr(), 0) } != 0 {
+                    return 34;
+                }
+                send(to_backend[1]);
+                match wait_child(backend) {
+                    0 => 0,
+                    n => n,
+                }
+            })();
+            // SAFETY: leaving the forked child.
+            unsafe { libc::_exit(code) };
+        }
+        assert_eq!(wait_child(host), 0, "see the exit codes in the test");
     }
 }

@@ -1,0 +1,290 @@
+//! Containers in a running sandbox: their host mounts below the share and
+//! their creation and removal in the guest.
+//!
+//! A sandbox holds any number of containers. [`Sandbox::add_container`]
+//! bind-mounts a container's rootfs on `shared/<id>/rootfs` and the n-th
+//! host bind mount of its spec on `shared/<id>/mounts/<n>`, then has the
+//! agent create it on `/run/tegmen/shared/<id>/rootfs`. The share is a
+//! *shared* mount on the host and the file system backends hold *slave*
+//! copies of it (see `tegmen_vmm::devices::fs::sandbox`), so mounts made
+//! after the VM booted reach the guest at once, while the backends stay
+//! confined to the share. [`Sandbox::remove_container`] removes the
+//! container in the guest and unmounts its part; the sandbox goes on.
+//!
+//! A read-only rootfs is bound and made read-only away from the share
+//! first (`staging/`, a private place), then moved below it: the
+//! propagated copies are clones of the mount as it is attached, so they
+//! are read-only too (a remount after attaching would not propagate).
+
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use tegmen_agent_api::agent::CreateContainerRequest;
+
+use crate::sandbox::{mounts_below, now_secs, unmount_below, validate_id, ContainerEntry, Sandbox};
+use crate::{Error, Result};
+
+/// One host bind mount of a spec, to be made below the share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostBind {
+    /// Index into the spec's `mounts`.
+    pub index: usize,
+    pub source: PathBuf,
+}
+
+/// What a sandbox needs to add one container.
+#[derive(Debug, Clone)]
+pub struct NewContainer<'a> {
+    pub id: &'a str,
+    /// The root file system on the host, absolute.
+    pub rootfs: &'a Path,
+    pub readonly: bool,
+    /// The spec's host bind mounts, in the order the guest spec numbers
+    /// them (`<share>/<id>/mounts/<n>`).
+    pub binds: &'a [HostBind],
+    /// The spec as the guest gets it (bind sources on the share), JSON.
+    pub guest_spec: String,
+    /// Mount points of the spec's mounts, made in a read-only rootfs
+    /// before it is made read-only, as runc makes them in the bundle.
+    pub mount_destinations: Vec<(String, bool)>,
+    pub terminal: bool,
+    /// False: the container's stdin is at EOF from the start.
+    pub stdin: bool,
+    /// The bundle it comes from, recorded in `state.json`.
+    pub bundle: Option<PathBuf>,
+}
+
+/// A container added to a sandbox.
+#[derive(Debug, Clone)]
+pub struct AddedContainer {
+    /// Its init's pid in the guest.
+    pub guest_pid: i32,
+    /// The host mount points made for it, outermost first.
+    pub mounts: Vec<PathBuf>,
+}
+
+impl Sandbox {
+    /// Mounts the container's file systems below the share and creates it
+    /// in the guest, stopped before its process runs. On any error the
+    /// mounts are undone.
+    pub fn add_container(&mut self, c: &NewContainer) -> Result<AddedContainer> {
+        validate_id(c.id)?;
+        let shared = self.shared_dir();
+        let staging = self.dir().join("staging");
+        let mut mounts = Vec::new();
+        let made = mount_container(&shared, &staging, c, &mut mounts);
+        let created = made.and_then(|()| {
+            self.agent().create_container(&CreateContainerRequest {
+                container_id: c.id.into(),
+                spec_json: c.guest_spec.clone(),
+                rootfs: format!("{}/rootfs", c.id),
+                terminal: c.terminal,
+                stdin: c.stdin,
+                ..Default::default()
+            })
+        });
+        match created {
+            Ok(guest_pid) => {
+                let entry = ContainerEntry {
+                    id: c.id.to_string(),
+                    bundle: c.bundle.clone(),
+                    created: now_secs(),
+                };
+                self.update_state(|s| s.containers.push(entry))?;
+                Ok(AddedContainer { guest_pid, mounts })
+            }
+            Err(e) => {
+                unmount_container(&shared, c.id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes container `id` in the guest (killing what is left of it)
+    /// and unmounts its part of the share. The mounts go even when the
+    /// guest refuses, so nothing of the container stays on the host.
+    pub fn remove_container(&mut self, id: &str) -> Result<()> {
+        validate_id(id)?;
+        let removed = self.agent().remove_container(id, true);
+        let unmounted = unmount_container(&self.shared_dir(), id);
+        self.update_state(|s| s.containers.retain(|c| c.id != id))?;
+        removed?;
+        if unmounted {
+            Ok(())
+        } else {
+            Err(Error::Hypervisor(format!(
+                "container {id}: {} could not be removed",
+                self.shared_dir().join(id).display()
+            )))
+        }
+    }
+}
+
+/// Unmounts everything below `<shared>/<id>` and removes it; true when
+/// nothing is left.
+pub fn unmount_container(shared: &Path, id: &str) -> bool {
+    let dir = shared.join(id);
+    unmount_below(&dir);
+    if mounts_below(&dir).is_empty() {
+        // Never recurse into a file system still mounted below.
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    !dir.exists()
+}
+
+fn sys(what: String) -> impl FnOnce(nix::Error) -> Error {
+    move |e| Error::io("mounting", what, std::io::Error::from(e))
+}
+
+/// Makes the container's mounts; each mount point made is pushed to `made`.
+fn mount_container(shared: &Path, staging: &Path, c: &NewContainer, made: &mut Vec<PathBuf>) -> Result<()> {
+    let top = shared.join(c.id);
+    let rootfs = top.join("rootfs");
+    std::fs::create_dir_all(&rootfs).map_err(|e| Error::io("creating", &rootfs, e))?;
+    if c.readonly {
+        make_mount_points(c.rootfs, &c.mount_destinations);
+        let stage = staging.join(c.id);
+        std::fs::create_dir_all(&stage).map_err(|e| Error::io("creating", &stage, e))?;
+        let staged = bind(c.rootfs, &stage)
+            .map_err(sys(format!("{} on {}", c.rootfs.display(), stage.display())))
+            .and_then(|()| remount_readonly(&stage).map_err(sys(format!("{} read-only", stage.display()))))
+            .and_then(|()| {
+                mount(Some(&stage), &rootfs, None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+                    .map_err(sys(format!("moving {} to {}", stage.display(), rootfs.display())))
+            });
+        if staged.is_err() {
+            let _ = umount2(&stage, MntFlags::MNT_DETACH);
+        }
+        let _ = std::fs::remove_dir(&stage);
+        let _ = std::fs::remove_dir(staging);
+        staged?;
+    } else {
+        bind(c.rootfs, &rootfs).map_err(sys(format!("{} on {}", c.rootfs.display(), rootfs.display())))?;
+    }
+    made.push(rootfs);
+    for (n, b) in c.binds.iter().enumerate() {
+        let target = top.join("mounts").join(n.to_string());
+        let parent = target.parent().expect("has a parent");
+        std::fs::create_dir_all(parent).map_err(|e| Error::io("creating", parent, e))?;
+        let made_target = if b.source.is_dir() {
+            std::fs::create_dir(&target)
+        } else {
+            std::fs::File::create(&target).map(drop)
+        };
+        made_target.map_err(|e| Error::io("creating", &target, e))?;
+        bind(&b.source, &target).map_err(sys(format!("{} on {}", b.source.display(), target.display())))?;
+        made.push(target);
+    }
+    Ok(())
+}
+
+/// The mount points of a spec's mounts: (destination, is a file bind).
+pub fn mount_destinations(spec: &serde_json::Value) -> Vec<(String, bool)> {
+    let Some(mounts) = spec["mounts"].as_array() else {
+        return Vec::new();
+    };
+    mounts
+        .iter()
+        .filter_map(|m| {
+            let dest = m["destination"].as_str()?;
+            let file = m["source"]
+                .as_str()
+                .is_some_and(|s| Path::new(s).is_absolute() && Path::new(s).is_file());
+            Some((dest.to_string(), file))
+        })
+        .collect()
+}
+
+/// Creates each destination below `rootfs` that does not exist yet:
+/// directories, or an empty file for a bind mount of a file. A destination
+/// whose existing part passes through a symlink is left to the guest
+/// (resolving it on the host could leave the rootfs).
+fn make_mount_points(rootfs: &Path, destinations: &[(String, bool)]) {
+    for (dest, file) in destinations {
+        let parts: Vec<_> = Path::new(dest)
+            .components()
+            .filter_map(|c| match c {
+                std::path::Component::Normal(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        let mut at = rootfs.to_path_buf();
+        for (i, part) in parts.iter().enumerate() {
+            at.push(part);
+            let last = i + 1 == parts.len();
+            match std::fs::symlink_metadata(&at) {
+                Ok(meta) if meta.file_type().is_symlink() => break,
+                Ok(_) => continue,
+                Err(_) if last && *file => {
+                    let _ = std::fs::File::create(&at);
+                }
+                Err(_) => {
+                    if std::fs::create_dir(&at).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn bind(source: &Path, target: &Path) -> nix::Result<()> {
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+}
+
+fn remount_readonly(target: &Path) -> nix::Result<()> {
+    mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+}
+
+/// Makes `dir` a mount point of its own with shared propagation, so that
+/// mounts made below it later reach the backends' slave copies.
+pub fn make_shared_mount(dir: &Path) -> Result<()> {
+    mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(sys(format!("{} on itself", dir.display())))?;
+    mount(None::<&str>, dir, None::<&str>, MsFlags::MS_SHARED, None::<&str>).map_err(|e| {
+        let _ = umount2(dir, MntFlags::MNT_DETACH);
+        sys(format!("{} shared", dir.display()))(e)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_points_are_made_inside_the_rootfs_only() {
+        let root = tempfile::tempdir().unwrap();
+        let file = root.path().join("hostfile");
+        std::fs::write(&file, b"x").unwrap();
+        let rootfs = root.path().join("rootfs");
+        std::fs::create_dir(&rootfs).unwrap();
+        let outside = root.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, rootfs.join("escape")).unwrap();
+        let spec = serde_json::json!({"mounts": [
+            {"destination": "/data/deep", "type": "bind", "source": "/srv"},
+            {"destination": "/etc/hosts", "type": "bind", "source": file.to_str().unwrap()},
+            {"destination": "/escape/tmp/x", "type": "tmpfs", "source": "tmpfs"},
+        ]});
+        make_mount_points(&rootfs, &mount_destinations(&spec));
+        assert!(rootfs.join("data/deep").is_dir());
+        assert!(rootfs.join("etc/hosts").is_file());
+        assert!(!outside.join("tmp").exists(), "nothing made through the symlink");
+        assert!(
+            std::fs::symlink_metadata(rootfs.join("escape")).unwrap().file_type().is_symlink(),
+            "the symlink is left alone"
+        );
+    }
+}
