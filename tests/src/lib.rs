@@ -2,6 +2,7 @@
 //! private state directory per test, leftover checks, and tiny initramfs
 //! archives for fault tests.
 
+pub mod clients;
 pub mod image;
 
 use std::path::{Path, PathBuf};

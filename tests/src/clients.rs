@@ -1,0 +1,230 @@
+//! What the client tests share: scratch directories, the busybox image as
+//! an OCI archive, containerd started with its own root, state and sockets.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::image::write_oci_archive;
+use crate::{busybox_rootfs, mounts_below, processes_mentioning, wait_child, workspace_binary};
+
+pub const IMAGE: &str = "docker.io/library/busybox:latest";
+
+pub fn tool(name: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/sbin", "/bin", "/sbin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{name} is not installed: run scripts/setup.sh (as `make test` does)");
+}
+
+/// A scratch directory for one client, removed (after unmounting whatever
+/// is below it) when dropped.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let dir = PathBuf::from(format!("/var/tmp/tegmen-e2e-{name}-{}", std::process::id()));
+        let s = Scratch(dir);
+        s.clean();
+        std::fs::create_dir_all(&s.0).unwrap();
+        s
+    }
+
+    pub fn clean(&self) {
+        tegmen_supervisor::sandbox::unmount_below(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+
+    /// The busybox image as an OCI archive.
+    pub fn image(&self) -> PathBuf {
+        let rootfs = self.0.join("image-rootfs");
+        busybox_rootfs(&rootfs);
+        let archive = self.0.join("busybox-oci.tar");
+        write_oci_archive(&rootfs, IMAGE, &["sh"], &archive).expect("writing the image archive");
+        archive
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        self.clean();
+    }
+}
+
+pub fn text(o: &Output) -> (i32, String, String) {
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Panics naming what the container `id` left on the host: processes that
+/// name it (QEMU, backends, monitors), its sandbox directory under `root`,
+/// mounts below that directory.
+pub fn assert_container_gone(root: &Path, id: &str) {
+    let dir = root.join("sandboxes").join(id);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let procs = processes_mentioning(&dir);
+        let mounts = mounts_below(&dir);
+        let exists = dir.exists();
+        if procs.is_empty() && mounts.is_empty() && !exists {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "container {id} left: processes {procs:?}, mounts {mounts:?}, directory present: {exists}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A process of the container's VM is running (so it is not runc's).
+pub fn assert_vm_running(root: &Path, id: &str) {
+    let dir = root.join("sandboxes").join(id);
+    let procs = processes_mentioning(&dir);
+    assert!(
+        procs.iter().any(|(_, cmd)| cmd.contains("qemu-system")),
+        "no QEMU for {id}: {procs:?}"
+    );
+}
+
+/// Host kernel, to tell the guest's apart.
+pub fn host_kernel() -> String {
+    let u = nix::sys::utsname::uname().unwrap();
+    format!("{} {}", u.release().to_string_lossy(), u.version().to_string_lossy())
+}
+
+// ------------------------------------------------------------ containerd
+
+/// A containerd started here: own root, state, sockets and namespace,
+/// CRI off; stopped (by its pid) and cleaned when dropped.
+pub struct Containerd {
+    pub dir: Scratch,
+    daemon: Child,
+    pub namespace: String,
+    /// `tegmen`, for `--runc-binary`.
+    pub runtime: PathBuf,
+}
+
+impl Containerd {
+    pub fn start(name: &str) -> Containerd {
+        tool("containerd");
+        tool("ctr");
+        tool("containerd-shim-runc-v2");
+        let dir = Scratch::new(&format!("ctrd-{name}"));
+        let d = dir.0.display();
+        std::fs::write(
+            dir.0.join("config.toml"),
+            format!(
+                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{d}/containerd.sock\"\n\
+                 [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n\
+                 [debug]\n  address = \"{d}/debug.sock\"\n"
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.0.join("containerd.log")).unwrap();
+        // containerd looks for `containerd-shim-tegmen-v2` on its PATH.
+        let bin_dir = workspace_binary("containerd-shim-tegmen-v2")
+            .canonicalize()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+        let daemon = Command::new("containerd")
+            .env("PATH", path)
+            .arg("--config")
+            .arg(dir.0.join("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting containerd");
+        let c = Containerd {
+            dir,
+            daemon,
+            namespace: format!("tegmen-e2e-{name}-{}", std::process::id()),
+            runtime: workspace_binary("tegmen").canonicalize().unwrap(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.out(&["version"]).0 != 0 {
+            let log = std::fs::read_to_string(c.dir.0.join("containerd.log")).unwrap_or_default();
+            assert!(Instant::now() < deadline, "containerd did not come up:\n{log}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let image = c.dir.image();
+        c.ok(&["images", "import", image.to_str().unwrap()]);
+        c
+    }
+
+    /// containerd's own log (the shims' logs are copied into it).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("containerd.log")).unwrap_or_default()
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address")
+            .arg(self.dir.0.join("containerd.sock"))
+            .arg("--namespace")
+            .arg(&self.namespace)
+            .args(args)
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn out(&self, args: &[&str]) -> (i32, String, String) {
+        text(&self.cmd(args).output().expect("running ctr"))
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.out(args);
+        assert_eq!(code, 0, "ctr {args:?}: {out}{err}");
+        out
+    }
+
+    /// The runtime root the runc shim gives `--root`.
+    pub fn runtime_root(&self) -> PathBuf {
+        Path::new("/run/containerd/runc").join(&self.namespace)
+    }
+
+    pub fn task_status(&self, id: &str) -> String {
+        let out = self.ok(&["tasks", "ls"]);
+        out.lines()
+            .find(|l| l.split_whitespace().next() == Some(id))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .unwrap_or("")
+            .to_string()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let tasks = self.out(&["tasks", "ls", "-q"]).1;
+        for t in tasks.lines() {
+            let _ = self.cmd(&["tasks", "kill", "-s", "KILL", t]).output();
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = self.cmd(&["tasks", "delete", "-f", t]).output();
+        }
+        let containers = self.out(&["containers", "ls", "-q"]).1;
+        for c in containers.lines() {
+            let _ = self.cmd(&["containers", "delete", c]).output();
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.daemon.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        if wait_child(&mut self.daemon, Duration::from_secs(10)).is_none() {
+            let _ = self.daemon.wait();
+        }
+        let _ = std::fs::remove_dir_all(self.runtime_root());
+    }
+}
+

@@ -1,0 +1,212 @@
+//! End-to-end: `containerd-shim-tegmen-v2` under Debian's containerd 1.6,
+//! driven by `ctr run --runtime io.containerd.tegmen.v2` (containerd
+//! started here, finding the shim on its PATH). Each task runs in a real
+//! guest; the shim's configuration (a private state root) reaches it as
+//! containerd's runtime options (`--runtime-config-path`).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tegmen_tests::clients::{host_kernel, Containerd, IMAGE};
+use tegmen_tests::{mounts_below, TestRoot};
+
+const RUNTIME: &str = "io.containerd.tegmen.v2";
+
+/// The shim's configuration file, with `root`'s state directory.
+fn shim_config(root: &TestRoot) -> PathBuf {
+    let path = root.root().join("config.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "root = \"{}\"\n[guest]\nboot_timeout_secs = 180\n",
+            root.root().join("state").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Pids of running shims of ours.
+fn shims() -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let first = cmd.split(|b| *b == 0).next().unwrap_or_default();
+        if String::from_utf8_lossy(first).ends_with("containerd-shim-tegmen-v2") {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Waits until no shim runs and nothing of a sandbox is left in `state`.
+fn assert_pods_gone(state: &Path, before: &[i32]) {
+    let sandboxes = state.join("sandboxes");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left: Vec<i32> = shims().into_iter().filter(|p| !before.contains(p)).collect();
+        let dirs: Vec<String> = std::fs::read_dir(&sandboxes)
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        let mounts = mounts_below(state);
+        if left.is_empty() && dirs.is_empty() && mounts.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind: shims {left:?}, sandboxes {dirs:?}, mounts {mounts:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `ctr run --rm`: output, the exit code as ctr's, the guest's kernel;
+/// `--log-uri file://` gets both streams; nothing left afterwards.
+#[test]
+fn ctr_run_with_the_shim() {
+    let root = TestRoot::new("shim-run");
+    let config = shim_config(&root);
+    let before = shims();
+    let c = Containerd::start("shim-run");
+    let cfg = config.to_str().unwrap();
+    let (code, out, err) = c.out(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--runtime-config-path",
+        cfg,
+        IMAGE,
+        "r1",
+        "sh",
+        "-c",
+        "echo hello from the shim; echo \"$(uname -r) $(uname -v)\"; echo to-stderr >&2; exit 3",
+    ]);
+    assert_eq!(code, 3, "ctr run: {out}{err}\n{}", c.log());
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("hello from the shim"), "output {out:?} {err}");
+    let kernel = lines.next().unwrap_or_default();
+    assert!(
+        !kernel.is_empty() && kernel != host_kernel(),
+        "the task ran on the host kernel: {kernel:?}"
+    );
+    assert!(err.contains("to-stderr"), "stderr: {err:?}");
+    assert_pods_gone(&root.root().join("state"), &before);
+
+    let log = root.root().join("r2.log");
+    let uri = format!("file://{}", log.display());
+    let (code, out, err) = c.out(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--runtime-config-path",
+        cfg,
+        "--log-uri",
+        &uri,
+        IMAGE,
+        "r2",
+        "sh",
+        "-c",
+        "seq 1 20000; echo done >&2",
+    ]);
+    assert_eq!(code, 0, "ctr run --log-uri: {out}{err}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let want: String = (1..=20000).map(|i| format!("{i}\n")).collect();
+    assert!(text.starts_with(&want[..want.len() - 6]), "log {} bytes", text.len());
+    assert!(text.contains(&want[want.len() - 30..]), "the log lost bytes");
+    assert!(text.contains("done\n"), "stderr in the log");
+    assert_pods_gone(&root.root().join("state"), &before);
+}
+
+/// A detached task: its VM, `tasks exec` (output and exit code), `tasks
+/// ps`, pause/resume, `tasks kill` reaching a TERM trap, the exit code
+/// reported by `tasks delete`, and nothing left after `containers delete`.
+#[test]
+fn ctr_detached_task_exec_kill_with_the_shim() {
+    let root = TestRoot::new("shim-task");
+    let config = shim_config(&root);
+    let state = root.root().join("state");
+    let before = shims();
+    let c = Containerd::start("shim-task");
+    let cfg = config.to_str().unwrap();
+    let script = "trap 'exit 9' TERM; while :; do sleep 0.2; done";
+    c.ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--runtime-config-path",
+        cfg,
+        IMAGE,
+        "t1",
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert_eq!(c.task_status("t1"), "RUNNING");
+    let sandbox = state.join("sandboxes/t1");
+    let st = tegmen_supervisor::sandbox::read_state(&sandbox).expect("the pod's sandbox");
+    assert_eq!(st.face, tegmen_supervisor::sandbox::Face::Shim);
+    assert_eq!(st.containers.len(), 1);
+    assert!(st.processes.iter().any(|p| p.name == "qemu" && p.is_alive()));
+
+    let (code, out, err) = c.out(&["tasks", "exec", "--exec-id", "e1", "t1", "sh", "-c", "echo exec-ok; exit 6"]);
+    assert_eq!((code, out.as_str()), (6, "exec-ok\n"), "ctr tasks exec: {err}");
+    let ps = c.ok(&["tasks", "ps", "t1"]);
+    assert!(ps.lines().count() >= 2, "tasks ps: {ps}");
+
+    c.ok(&["tasks", "pause", "t1"]);
+    assert_eq!(c.task_status("t1"), "PAUSED");
+    c.ok(&["tasks", "resume", "t1"]);
+    assert_eq!(c.task_status("t1"), "RUNNING");
+
+    c.ok(&["tasks", "kill", "t1"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.task_status("t1") != "STOPPED" {
+        assert!(Instant::now() < deadline, "t1 never stopped");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, out, err) = c.out(&["tasks", "delete", "t1"]);
+    assert_eq!(code, 0, "ctr tasks delete: {out}{err}");
+    assert!(err.contains("task t1 exit with non-zero exit code 9"), "ctr tasks delete: {err}");
+    c.ok(&["containers", "delete", "t1"]);
+    assert_pods_gone(&state, &before);
+}
+
+/// A shim killed with SIGKILL: containerd runs the binary's `delete`, which
+/// removes the pod's VM; nothing is left.
+#[test]
+fn a_killed_shim_leaves_nothing_after_delete() {
+    let root = TestRoot::new("shim-kill");
+    let config = shim_config(&root);
+    let state = root.root().join("state");
+    let before = shims();
+    let c = Containerd::start("shim-kill");
+    c.ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--runtime-config-path",
+        config.to_str().unwrap(),
+        IMAGE,
+        "k1",
+        "sleep",
+        "1000",
+    ]);
+    let ours: Vec<i32> = shims().into_iter().filter(|p| !before.contains(p)).collect();
+    assert_eq!(ours.len(), 1, "one shim for the pod: {ours:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(ours[0]), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.task_status("k1") != "STOPPED" && !c.task_status("k1").is_empty() {
+        assert!(Instant::now() < deadline, "k1 never stopped after its shim died");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = c.out(&["tasks", "delete", "k1"]);
+    c.ok(&["containers", "delete", "k1"]);
+    assert_pods_gone(&state, &before);
+}
