@@ -210,3 +210,106 @@ fn a_killed_shim_leaves_nothing_after_delete() {
     c.ok(&["containers", "delete", "k1"]);
     assert_pods_gone(&state, &before);
 }
+
+/// The PID column of `ctr tasks ls` for `id`.
+fn task_pid(c: &Containerd, id: &str) -> u32 {
+    let out = c.ok(&["tasks", "ls"]);
+    out.lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid for {id} in {out}"))
+}
+
+/// A pod as CRI makes one, through ctr: a sandbox container, then an app
+/// container with the pod's annotations that names the pod's namespaces
+/// as `/proc/<task pid>/ns/…`. Both run in one VM (one QEMU, one shim),
+/// see the same guest boot id and the same net, IPC and UTS namespaces,
+/// and the app reaches a listener of the sandbox on the pod's loopback.
+/// Removing the app leaves the sandbox running; removing the sandbox
+/// ends the pod.
+#[test]
+fn a_pod_is_one_vm_with_shared_namespaces() {
+    let root = TestRoot::new("shim-pod");
+    let config = shim_config(&root);
+    let state = root.root().join("state");
+    let before = shims();
+    let c = Containerd::start("shim-pod");
+    let cfg = config.to_str().unwrap();
+    let pod = "pod1";
+    let ns_report = "echo boot=$(cat /proc/sys/kernel/random/boot_id) net=$(readlink /proc/self/ns/net) \
+                     ipc=$(readlink /proc/self/ns/ipc) uts=$(readlink /proc/self/ns/uts) host=$(hostname)";
+    let sandbox_script = format!(
+        "{ns_report} > /tmp/ns; while :; do echo pong-from-sandbox | nc -l -p 7777; done"
+    );
+    c.ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--runtime-config-path",
+        cfg,
+        "--annotation",
+        &format!("io.kubernetes.cri.sandbox-id={pod}"),
+        "--annotation",
+        "io.kubernetes.cri.container-type=sandbox",
+        IMAGE,
+        pod,
+        "sh",
+        "-c",
+        &sandbox_script,
+    ]);
+    let shim_pid = task_pid(&c, pod);
+    assert!(shims().contains(&(shim_pid as i32)), "the task pid is the shim's");
+    let ns = |t: &str| format!("{t}:/proc/{shim_pid}/ns/{}", if t == "network" { "net" } else { t });
+    let app_script = format!("sleep 1; {ns_report}; echo ping | nc 127.0.0.1 7777");
+    let (code, out, err) = c.out(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        &format!("io.kubernetes.cri.sandbox-id={pod}"),
+        "--annotation",
+        "io.kubernetes.cri.container-type=container",
+        "--with-ns",
+        &ns("network"),
+        "--with-ns",
+        &ns("ipc"),
+        "--with-ns",
+        &ns("uts"),
+        IMAGE,
+        "app1",
+        "sh",
+        "-c",
+        &app_script,
+    ]);
+    assert_eq!(code, 0, "app container: {out}{err}\n{}", c.log());
+    let mut lines = out.lines();
+    let app_ns = lines.next().unwrap_or_default().to_string();
+    assert_eq!(lines.next(), Some("pong-from-sandbox"), "the pod's loopback: {out:?}");
+
+    // The sandbox's view, read through an exec in it.
+    let sandbox_ns = c.ok(&["tasks", "exec", "--exec-id", "e1", pod, "cat", "/tmp/ns"]);
+    assert_eq!(sandbox_ns.trim(), app_ns.trim(), "same boot id and namespaces");
+    assert_eq!(shims().iter().filter(|p| !before.contains(p)).count(), 1, "one shim for the pod");
+    let st = tegmen_supervisor::sandbox::read_state(&state.join("sandboxes").join(pod)).unwrap();
+    let qemus = st.processes.iter().filter(|p| p.name == "qemu").count();
+    assert_eq!(qemus, 1, "one VM for the pod");
+    assert_eq!(
+        st.containers.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(),
+        [pod],
+        "the app container was removed from the pod"
+    );
+    assert_eq!(c.task_status(pod), "RUNNING", "the sandbox goes on");
+
+    c.ok(&["tasks", "kill", "-s", "KILL", pod]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.task_status(pod) != "STOPPED" {
+        assert!(Instant::now() < deadline, "the sandbox never stopped");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.ok(&["tasks", "delete", pod]);
+    c.ok(&["containers", "delete", pod]);
+    assert_pods_gone(&state, &before);
+}

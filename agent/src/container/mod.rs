@@ -22,6 +22,7 @@
 mod cgroup;
 mod error;
 mod helper;
+pub mod loopback;
 mod spec;
 mod stdio;
 
@@ -354,6 +355,12 @@ impl ContainerManager {
     pub fn create(&self, id: &str, spec_json: &str, rootfs: &Path, terminal: bool) -> Result<i32, ContainerError> {
         spec::validate_id(id)?;
         let prepared = spec::prepare_container(id, spec_json, rootfs, terminal)?;
+        let loopback_up = prepared
+            .spec
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get(loopback::LOOPBACK_ANNOTATION))
+            .is_some_and(|v| v == "up");
         let bundle = self.bundles.join(id);
         let ctr = {
             let mut map = lock(&self.containers);
@@ -390,6 +397,12 @@ impl ContainerManager {
             }
             drop(map);
             let _ = std::fs::remove_dir_all(&bundle);
+        }
+        if let (Ok(pid), true) = (&result, loopback_up) {
+            if let Err(e) = loopback::bring_up(*pid) {
+                let _ = self.remove(id, true);
+                return Err(ContainerError::io(format!("container {id}: bringing up lo"), e));
+            }
         }
         result
     }

@@ -17,6 +17,9 @@
 //!   sandbox container (reached through containerd's `pod_annotations`),
 //!   else the spec's limits as `tegmen` sizes a VM, else the configured
 //!   default.
+//! - **Loopback.** The sandbox container's guest network namespace gets
+//!   `lo` up ([`LOOPBACK_ANNOTATION`]), as CNI's loopback plugin does on a
+//!   node; the app containers share it.
 
 use crate::config::GuestConfig;
 
@@ -24,6 +27,8 @@ pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
 pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
 pub const MEMORY_ANNOTATION: &str = "io.tegmen.vm.memory_mib";
 pub const VCPUS_ANNOTATION: &str = "io.tegmen.vm.vcpus";
+/// Asks the agent to bring `lo` up in a container's new network namespace.
+pub const LOOPBACK_ANNOTATION: &str = "io.tegmen.guest.loopback";
 /// Bounds of the VM-size annotations.
 pub const MEMORY_RANGE_MIB: (u32, u32) = (64, 256 * 1024);
 pub const VCPUS_RANGE: (u32, u32) = (1, 64);
@@ -114,6 +119,10 @@ pub fn map_for_guest(
     if spec["linux"].is_object() {
         spec["linux"]["cgroupsPath"] = format!("/tegmen/{pod}/{container_id}").into();
     }
+    if sandbox_guest_pid.is_none() {
+        // The pod's network namespace: its `lo` is up, as CNI leaves it.
+        spec["annotations"][LOOPBACK_ANNOTATION] = "up".into();
+    }
     Ok(())
 }
 
@@ -155,6 +164,7 @@ mod tests {
         assert_eq!(ns[2]["path"], "/proc/5/ns/uts");
         assert!(ns[3].get("path").is_none());
         assert_eq!(s["linux"]["cgroupsPath"], "/tegmen/pod1/c1");
+        assert!(s["annotations"].get(LOOPBACK_ANNOTATION).is_none());
     }
 
     #[test]
@@ -163,6 +173,7 @@ mod tests {
         map_for_guest(&mut s, "pod1", "pod1", 77, None).unwrap();
         assert!(s["linux"]["namespaces"][1].get("path").is_none());
         assert_eq!(s["linux"]["namespaces"][1]["type"], "network");
+        assert_eq!(s["annotations"][LOOPBACK_ANNOTATION], "up", "the pod's lo is up");
         let mut s = json!({"linux": {"namespaces": [{"type": "ipc", "path": "/proc/1/ns/ipc"}]}});
         let e = map_for_guest(&mut s, "pod1", "c1", 77, Some(5)).unwrap_err();
         assert!(e.contains("ipc namespace /proc/1/ns/ipc"), "{e}");
