@@ -153,6 +153,31 @@ fn ctr_detached_task_exec_kill_with_the_shim() {
     assert_eq!(st.face, tegmen_supervisor::sandbox::Face::Shim);
     assert_eq!(st.containers.len(), 1);
     assert!(st.processes.iter().any(|p| p.name == "qemu" && p.is_alive()));
+    // `supervisor list` / `inspect` show the pod, its face and container.
+    let supervisor = tegmen_tests::workspace_binary("supervisor");
+    let list = std::process::Command::new(&supervisor)
+        .arg("--root")
+        .arg(&state)
+        .arg("list")
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&list.stdout).into_owned();
+    let row = list.lines().find(|l| l.starts_with("t1 ")).unwrap_or_else(|| panic!("{list}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!((cols[1], cols[2], cols[cols.len() - 1]), ("running", "shim", "t1"), "{list}");
+    let inspect = std::process::Command::new(&supervisor)
+        .arg("--root")
+        .arg(&state)
+        .args(["inspect", "t1"])
+        .output()
+        .unwrap();
+    let inspect: serde_json::Value = serde_json::from_slice(&inspect.stdout).expect("inspect prints JSON");
+    assert_eq!(inspect["face"], "shim");
+    assert_eq!(inspect["containers"][0]["id"], "t1");
+    assert!(
+        inspect["containers"][0]["bundle"].as_str().is_some_and(|b| b.ends_with("/t1")),
+        "{inspect}"
+    );
 
     let (code, out, err) = c.out(&["tasks", "exec", "--exec-id", "e1", "t1", "sh", "-c", "echo exec-ok; exit 6"]);
     assert_eq!((code, out.as_str()), (6, "exec-ok\n"), "ctr tasks exec: {err}");

@@ -43,7 +43,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Print one sandbox's state as JSON
+    /// Print one sandbox's state as JSON: its face (tegmen, shim), VM,
+    /// host processes and containers (id, bundle, created)
     Inspect { id: String },
     /// Remove sandboxes whose owning process is gone
     Cleanup,
@@ -73,15 +74,28 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&states)?);
             } else {
                 println!(
-                    "{:<24} {:<9} {:<6} {:>8} {:>5} {:>10}",
-                    "ID", "STATUS", "VMM", "MEM MiB", "CPUS", "BOOT ms"
+                    "{:<24} {:<9} {:<10} {:<6} {:>8} {:>5} {:>10}  CONTAINERS",
+                    "ID", "STATUS", "FACE", "VMM", "MEM MiB", "CPUS", "BOOT ms"
                 );
                 for s in states {
                     let boot = s.boot_to_agent_ms.map(|m| m.to_string()).unwrap_or_else(|| "-".into());
                     let status = format!("{:?}", s.status).to_lowercase();
+                    let containers: Vec<&str> = s.containers.iter().map(|c| c.id.as_str()).collect();
+                    let containers = if containers.is_empty() {
+                        "-".to_string()
+                    } else {
+                        containers.join(",")
+                    };
                     println!(
-                        "{:<24} {:<9} {:<6} {:>8} {:>5} {:>10}",
-                        s.id, status, s.hypervisor, s.memory_mib, s.vcpus, boot
+                        "{:<24} {:<9} {:<10} {:<6} {:>8} {:>5} {:>10}  {}",
+                        s.id,
+                        status,
+                        s.face.as_str(),
+                        s.hypervisor,
+                        s.memory_mib,
+                        s.vcpus,
+                        boot,
+                        containers
                     );
                 }
             }
