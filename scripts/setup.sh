@@ -18,6 +18,9 @@ packages=(
     # reference the benchmarks compare against); `script` (bsdutils) gives
     # them a terminal
     runc containerd podman conmon bsdutils
+    # containerd's CRI plugin runs CNI's loopback plugin for each pod; the
+    # tests' CRI client (k8s-cri) is generated with protoc at build time
+    containernetworking-plugins protobuf-compiler
 )
 
 missing=()

@@ -8,6 +8,14 @@ use std::time::{Duration, Instant};
 use crate::image::write_oci_archive;
 use crate::{busybox_rootfs, mounts_below, processes_mentioning, wait_child, workspace_binary};
 
+/// The CNI bridge of this test process's CRI containerd.
+fn bridge_name() -> String {
+    format!("tgme2e{}", std::process::id() % 1_000_000)
+}
+
+/// The pod sandbox image of the CRI tests: busybox sleeping.
+pub const PAUSE_IMAGE: &str = "localhost/pause:tegmen";
+
 pub const IMAGE: &str = "docker.io/library/busybox:latest";
 
 pub fn tool(name: &str) -> PathBuf {
@@ -36,6 +44,17 @@ impl Scratch {
     pub fn clean(&self) {
         tegmen_supervisor::sandbox::unmount_below(&self.0);
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+
+    /// The pod sandbox image as an OCI archive: busybox's `sleep`.
+    pub fn pause_image(&self) -> PathBuf {
+        let rootfs = self.0.join("image-rootfs");
+        if !rootfs.exists() {
+            busybox_rootfs(&rootfs);
+        }
+        let archive = self.0.join("pause-oci.tar");
+        write_oci_archive(&rootfs, PAUSE_IMAGE, &["sleep", "2147483647"], &archive).expect("writing the pause image");
+        archive
     }
 
     /// The busybox image as an OCI archive.
@@ -112,17 +131,61 @@ pub struct Containerd {
 }
 
 impl Containerd {
+    /// containerd without its CRI plugin, namespace private to the test.
     pub fn start(name: &str) -> Containerd {
+        Containerd::start_with(name, None)
+    }
+
+    /// containerd with its CRI plugin on (namespace `k8s.io`): handler
+    /// `tegmen` is the shim with `shim_config` as its ConfigPath; pods get
+    /// CNI's loopback network; the sandbox image is a busybox `sleep`.
+    pub fn start_cri(name: &str, shim_config: &Path) -> Containerd {
+        Containerd::start_with(name, Some(shim_config))
+    }
+
+    fn start_with(name: &str, cri: Option<&Path>) -> Containerd {
         tool("containerd");
         tool("ctr");
         tool("containerd-shim-runc-v2");
         let dir = Scratch::new(&format!("ctrd-{name}"));
         let d = dir.0.display();
+        let plugins = match cri {
+            None => "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n".to_string(),
+            Some(shim_config) => {
+                std::fs::create_dir_all(dir.0.join("cni")).unwrap();
+                // CRI wants an eth0 with an address: a bridge of this
+                // test's own, no gateway and no masquerade (no iptables).
+                std::fs::write(
+                    dir.0.join("cni/10-tegmen-e2e.conflist"),
+                    serde_json::json!({
+                        "cniVersion": "0.4.0", "name": "tegmen-e2e",
+                        "plugins": [{"type": "bridge", "bridge": bridge_name(), "isGateway": false,
+                                     "ipMasq": false, "hairpinMode": false,
+                                     "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.213.0.0/24"}]],
+                                              "dataDir": format!("{d}/cni-ipam")}}]
+                    })
+                    .to_string(),
+                )
+                .unwrap();
+                let cri = "[plugins.\"io.containerd.grpc.v1.cri\"";
+                let runtimes = "[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes";
+                format!(
+                    "{cri}]\n  sandbox_image = \"{PAUSE_IMAGE}\"\n  restrict_oom_score_adj = true\n  \
+                     netns_mounts_under_state_dir = true\n\
+                     {cri}.cni]\n  bin_dir = \"/usr/lib/cni\"\n  conf_dir = \"{d}/cni\"\n\
+                     {cri}.containerd]\n  default_runtime_name = \"runc\"\n\
+                     {runtimes}.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n\
+                     {runtimes}.tegmen]\n  runtime_type = \"io.containerd.tegmen.v2\"\n  \
+                     pod_annotations = [\"io.tegmen.*\"]\n\
+                     {runtimes}.tegmen.options]\n  ConfigPath = \"{}\"\n",
+                    shim_config.display()
+                )
+            }
+        };
         std::fs::write(
             dir.0.join("config.toml"),
             format!(
-                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n{plugins}\
                  [grpc]\n  address = \"{d}/containerd.sock\"\n\
                  [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n\
                  [debug]\n  address = \"{d}/debug.sock\"\n"
@@ -150,7 +213,11 @@ impl Containerd {
         let c = Containerd {
             dir,
             daemon,
-            namespace: format!("tegmen-e2e-{name}-{}", std::process::id()),
+            namespace: if cri.is_some() {
+                "k8s.io".to_string()
+            } else {
+                format!("tegmen-e2e-{name}-{}", std::process::id())
+            },
             runtime: workspace_binary("tegmen").canonicalize().unwrap(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -161,7 +228,21 @@ impl Containerd {
         }
         let image = c.dir.image();
         c.ok(&["images", "import", image.to_str().unwrap()]);
+        if cri.is_some() {
+            let pause = c.dir.pause_image();
+            c.ok(&["images", "import", pause.to_str().unwrap()]);
+        }
         c
+    }
+
+    /// The containerd socket (gRPC: ctr and CRI clients).
+    pub fn socket(&self) -> PathBuf {
+        self.dir.0.join("containerd.sock")
+    }
+
+    /// True when the CRI plugin is on.
+    fn cri(&self) -> bool {
+        self.namespace == "k8s.io"
     }
 
     /// containerd's own log (the shims' logs are copied into it).
@@ -225,6 +306,9 @@ impl Drop for Containerd {
             let _ = self.daemon.wait();
         }
         let _ = std::fs::remove_dir_all(self.runtime_root());
+        if self.cri() {
+            let _ = Command::new("ip").args(["link", "del", &bridge_name()]).output();
+        }
     }
 }
 
