@@ -338,3 +338,67 @@ fn a_pod_is_one_vm_with_shared_namespaces() {
     c.ok(&["containers", "delete", pod]);
     assert_pods_gone(&state, &before);
 }
+
+/// `ctr run -t` and `ctr tasks exec -t` through the shim: a pty in the
+/// guest, the client's terminal size passed on, the exit code.
+#[test]
+fn ctr_run_with_a_terminal_through_the_shim() {
+    let root = TestRoot::new("shim-tty");
+    let config = shim_config(&root);
+    let state = root.root().join("state");
+    let before = shims();
+    let c = Containerd::start("shim-tty");
+    tegmen_tests::clients::tool("script");
+    let ctr = format!(
+        "ctr --address {} --namespace {}",
+        c.socket().display(),
+        c.namespace
+    );
+    let run_in_script = |line: &str| {
+        let mut child = std::process::Command::new("script")
+            .args(["-qec", &format!("stty rows 27 cols 91; {line}"), "/dev/null"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status = tegmen_tests::wait_child(&mut child, Duration::from_secs(90));
+        let mut out = String::new();
+        let _ = std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out);
+        (status, out.replace('\r', ""))
+    };
+    let (status, out) = run_in_script(&format!(
+        "{ctr} run --rm -t --runtime {RUNTIME} --runtime-config-path {} {IMAGE} tty1 \
+         sh -c 'tty; stty size; exit 5'",
+        config.display()
+    ));
+    assert_eq!(status, Some(5), "ctr run -t: {out:?}\n{}", c.log());
+    assert!(out.contains("/dev/pts/0\n"), "no terminal inside: {out:?}");
+    assert!(out.contains("27 91\n"), "terminal size not passed on: {out:?}");
+    assert_pods_gone(&state, &before);
+
+    c.ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--runtime-config-path",
+        config.to_str().unwrap(),
+        IMAGE,
+        "tty2",
+        "sleep",
+        "600",
+    ]);
+    let (status, out) = run_in_script(&format!("{ctr} tasks exec -t --exec-id e1 tty2 sh -c 'tty; exit 4'"));
+    assert_eq!(status, Some(4), "ctr tasks exec -t: {out:?}");
+    assert!(out.contains("/dev/pts/"), "no terminal in the exec: {out:?}");
+    c.ok(&["tasks", "kill", "-s", "KILL", "tty2"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.task_status("tty2") != "STOPPED" {
+        assert!(Instant::now() < deadline, "tty2 never stopped");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.ok(&["tasks", "delete", "tty2"]);
+    c.ok(&["containers", "delete", "tty2"]);
+    assert_pods_gone(&state, &before);
+}
