@@ -8,6 +8,32 @@ use std::time::{Duration, Instant};
 use crate::image::write_oci_archive;
 use crate::{busybox_rootfs, mounts_below, processes_mentioning, wait_child, workspace_binary};
 
+/// containerd on the config in `dir`, its log appended to `containerd.log`.
+fn spawn_containerd(dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("containerd.log"))
+        .unwrap();
+    // containerd looks for `containerd-shim-tegmen-v2` on its PATH.
+    let bin_dir = workspace_binary("containerd-shim-tegmen-v2")
+        .canonicalize()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    Command::new("containerd")
+        .env("PATH", path)
+        .arg("--config")
+        .arg(dir.join("config.toml"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("starting containerd")
+}
+
 /// The CNI bridge of this test process's CRI containerd.
 fn bridge_name() -> String {
     format!("tgme2e{}", std::process::id() % 1_000_000)
@@ -192,24 +218,7 @@ impl Containerd {
             ),
         )
         .unwrap();
-        let log = std::fs::File::create(dir.0.join("containerd.log")).unwrap();
-        // containerd looks for `containerd-shim-tegmen-v2` on its PATH.
-        let bin_dir = workspace_binary("containerd-shim-tegmen-v2")
-            .canonicalize()
-            .unwrap()
-            .parent()
-            .unwrap()
-            .to_path_buf();
-        let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
-        let daemon = Command::new("containerd")
-            .env("PATH", path)
-            .arg("--config")
-            .arg(dir.0.join("config.toml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting containerd");
+        let daemon = spawn_containerd(&dir.0);
         let c = Containerd {
             dir,
             daemon,
@@ -220,12 +229,7 @@ impl Containerd {
             },
             runtime: workspace_binary("tegmen").canonicalize().unwrap(),
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while c.out(&["version"]).0 != 0 {
-            let log = std::fs::read_to_string(c.dir.0.join("containerd.log")).unwrap_or_default();
-            assert!(Instant::now() < deadline, "containerd did not come up:\n{log}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        c.wait_up();
         let image = c.dir.image();
         c.ok(&["images", "import", image.to_str().unwrap()]);
         if cri.is_some() {
@@ -233,6 +237,23 @@ impl Containerd {
             c.ok(&["images", "import", pause.to_str().unwrap()]);
         }
         c
+    }
+
+    fn wait_up(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.out(&["version"]).0 != 0 {
+            assert!(Instant::now() < deadline, "containerd did not come up:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Kills containerd (SIGKILL) and starts it again on the same state:
+    /// it finds the running shims again from their bundles' `address`.
+    pub fn restart(&mut self) {
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+        self.daemon = spawn_containerd(&self.dir.0);
+        self.wait_up();
     }
 
     /// The containerd socket (gRPC: ctr and CRI clients).

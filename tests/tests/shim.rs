@@ -402,3 +402,45 @@ fn ctr_run_with_a_terminal_through_the_shim() {
     c.ok(&["containers", "delete", "tty2"]);
     assert_pods_gone(&state, &before);
 }
+
+/// containerd killed and restarted mid-pod: it reconnects to the shim
+/// from the bundle's `address`; State, Exec and a later exit still work.
+#[test]
+fn a_pod_survives_a_containerd_restart() {
+    let root = TestRoot::new("shim-restart");
+    let config = shim_config(&root);
+    let state = root.root().join("state");
+    let before = shims();
+    let mut c = Containerd::start("shim-restart");
+    let script = "trap 'exit 9' TERM; while :; do sleep 0.2; done";
+    c.ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--runtime-config-path",
+        config.to_str().unwrap(),
+        IMAGE,
+        "s1",
+        "sh",
+        "-c",
+        script,
+    ]);
+    let shim_pid = task_pid(&c, "s1");
+    c.restart();
+    assert_eq!(c.task_status("s1"), "RUNNING", "{}", c.log());
+    assert_eq!(task_pid(&c, "s1"), shim_pid, "the same shim");
+    let (code, out, err) = c.out(&["tasks", "exec", "--exec-id", "e1", "s1", "sh", "-c", "echo after-restart; exit 2"]);
+    assert_eq!((code, out.as_str()), (2, "after-restart\n"), "exec after the restart: {err}");
+    c.ok(&["tasks", "kill", "s1"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.task_status("s1") != "STOPPED" {
+        assert!(Instant::now() < deadline, "s1 never stopped");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, out, err) = c.out(&["tasks", "delete", "s1"]);
+    assert_eq!(code, 0, "ctr tasks delete: {out}{err}");
+    assert!(err.contains("exit code 9"), "the exit after the restart: {err}");
+    c.ok(&["containers", "delete", "s1"]);
+    assert_pods_gone(&state, &before);
+}

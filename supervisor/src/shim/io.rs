@@ -105,6 +105,8 @@ pub struct ProcessIo {
     guest: Vec<UnixStream>,
     /// The stdin stream, to close it on CloseIO.
     stdin: Option<UnixStream>,
+    /// containerd's stdin FIFO: its copy may still wait for a writer.
+    stdin_fifo: Option<PathBuf>,
     progress: Arc<Progress>,
 }
 
@@ -184,6 +186,7 @@ impl ProcessIo {
             outputs: Vec::new(),
             guest: Vec::new(),
             stdin: None,
+            stdin_fifo: None,
             progress: progress.clone(),
         };
         let clone = |s: &UnixStream| s.try_clone().map_err(|e| err("a stream", e));
@@ -194,6 +197,7 @@ impl ProcessIo {
             if let Target::Fifo(p) = &stdin {
                 let s = clone(&tty)?;
                 io.stdin = Some(clone(&tty)?);
+                io.stdin_fifo = Some(p.clone());
                 copy_in(p.clone(), s);
             }
             io.outputs.push(copy_out(tty, w, progress));
@@ -202,6 +206,7 @@ impl ProcessIo {
         if let Target::Fifo(p) = &stdin {
             let s = endpoint.open(container_id, exec_id, StreamKind::Stdin)?;
             io.stdin = Some(clone(&s)?);
+            io.stdin_fifo = Some(p.clone());
             copy_in(p.clone(), s);
         }
         let out_w = open_writer(&stdout).map_err(|e| err(&paths.stdout, e))?;
@@ -242,6 +247,14 @@ impl ProcessIo {
         }
         if let Some(s) = self.stdin {
             let _ = s.shutdown(Shutdown::Both);
+        }
+        if let Some(p) = self.stdin_fifo {
+            // A stdin copy still waiting in open(2) for containerd's writer
+            // gets one (ours, closed at once): it sees EOF and ends.
+            let _ = OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(p);
         }
     }
 }

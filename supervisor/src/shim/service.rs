@@ -906,13 +906,8 @@ fn init_logging(debug: bool) {
         .open("log")
         .ok();
     let Some(log) = log else { return };
-    // Writes block from now on: nothing logged is dropped.
-    // SAFETY: F_SETFL on a descriptor we own.
-    unsafe {
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&log);
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
-    }
+    // Writes stay non-blocking: when containerd stops reading (it is being
+    // restarted), lines are dropped rather than the shim stalled.
     let level = if debug { "debug" } else { "info" };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(level))
@@ -961,9 +956,26 @@ pub fn run(flags: Flags, fd: RawFd, socket: &Path) -> i32 {
         }
         tracing::info!(namespace = inner.flags.namespace, id = inner.flags.id, "shim serving");
         shutdown.notified().await;
+        tracing::info!("shutting down");
+        // Whatever still holds the runtime (a connection of a containerd
+        // that died, a blocked log write), the shim ends: containerd waits
+        // for its exit.
+        let socket_path = socket.to_path_buf();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(5));
+            let _ = std::fs::remove_file(&socket_path);
+            // SAFETY: ending the process without running destructors.
+            unsafe { libc::_exit(0) };
+        });
         // Let the Shutdown reply reach containerd.
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let _ = server.shutdown().await;
+        // A connection of a containerd that died may never drain.
+        if tokio::time::timeout(std::time::Duration::from_secs(2), server.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the ttrpc server did not stop within 2 s; exiting anyway");
+        }
         0
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
