@@ -182,3 +182,58 @@ fn containers_are_added_to_and_removed_from_a_running_sandbox() {
     sb.shutdown().expect("shutdown");
     t.assert_nothing_left();
 }
+
+/// Spec mounts' propagation options are applied in the guest as runc
+/// applies them: visible in the container's mountinfo.
+#[test]
+fn mount_propagation_options_show_in_the_guest_mountinfo() {
+    let t = TestRoot::new("prop");
+    let mut sb = Sandbox::create(
+        &t.config,
+        "prop",
+        &SandboxOptions {
+            owned_by_current_process: true,
+            ..Default::default()
+        },
+    )
+    .expect("boot");
+    let rootfs = t.root().join("work/rootfs");
+    busybox_rootfs(&rootfs);
+    let mut spec = runc_like_spec(&["cat", "/proc/self/mountinfo"], false);
+    let options = [
+        ("/m-shared", "shared"),
+        ("/m-rshared", "rshared"),
+        ("/m-private", "private"),
+        ("/m-unbindable", "unbindable"),
+        ("/m-runbindable", "runbindable"),
+        ("/m-rslave", "rslave"),
+    ];
+    for (dest, opt) in options {
+        spec["mounts"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"destination": dest, "type": "tmpfs", "source": "tmpfs", "options": [opt]}));
+    }
+    add(&mut sb, "p1", &rootfs, &spec).expect("add");
+    let (code, out) = run(&sb, "p1");
+    assert_eq!(code, 0, "{out}");
+    // mountinfo: id parent major:minor root mountpoint options [optional fields] - type source
+    let tags = |dest: &str| -> String {
+        let line = out
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(dest))
+            .unwrap_or_else(|| panic!("{dest} not mounted:\n{out}"));
+        let fields: Vec<&str> = line.split(' ').collect();
+        let end = fields.iter().position(|f| *f == "-").unwrap();
+        fields[6..end].join(" ")
+    };
+    assert!(tags("/m-shared").starts_with("shared:"), "{}", tags("/m-shared"));
+    assert!(tags("/m-rshared").starts_with("shared:"), "{}", tags("/m-rshared"));
+    assert_eq!(tags("/m-private"), "", "private: no propagation tags");
+    assert_eq!(tags("/m-unbindable"), "unbindable");
+    assert_eq!(tags("/m-runbindable"), "unbindable");
+    assert!(!tags("/m-rslave").contains("shared:"), "{}", tags("/m-rslave"));
+    sb.remove_container("p1").unwrap();
+    sb.shutdown().expect("shutdown");
+    t.assert_nothing_left();
+}

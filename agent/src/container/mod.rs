@@ -441,6 +441,7 @@ impl ContainerManager {
             .and_then(|l| l.cgroups_path().clone())
             .unwrap_or_default();
         let console_size = prepared.spec.process().as_ref().and_then(|p| p.console_size());
+        let propagation = spec::mount_propagation(&prepared.spec);
 
         let mut io = StdioSetup::new(terminal, &bundle.join("console.sock"))?;
         let child = io.child.take();
@@ -494,6 +495,18 @@ impl ContainerManager {
             st.cgroup_dir.clone()
         };
         self.oom.add(id, &cgroup_dir);
+        if !propagation.is_empty() {
+            let applied = {
+                let _fork = fork_lock_shared();
+                helper::run("set mount propagation in", id, move || {
+                    spec::apply_mount_propagation(pid, &propagation).map(|()| 0)
+                })
+            };
+            if let Err(e) = applied {
+                let _ = self.destroy(ctr);
+                return Err(e);
+            }
+        }
         Ok(pid)
     }
 

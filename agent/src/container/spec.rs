@@ -116,6 +116,58 @@ pub(super) fn prepare_container(
     Ok(Prepared { spec, cgroup_dir })
 }
 
+/// The propagation each spec mount asks for in its options (`shared`,
+/// `rslave`, ...), as (destination, mount flags): runc sets it on the
+/// mount once it is made, and so does the agent (libcontainer leaves it).
+pub(super) fn mount_propagation(spec: &Spec) -> Vec<(PathBuf, libc::c_ulong)> {
+    let mut out = Vec::new();
+    for m in spec.mounts().iter().flatten() {
+        for o in m.options().iter().flatten() {
+            let flags = match o.as_str() {
+                "shared" => libc::MS_SHARED,
+                "rshared" => libc::MS_SHARED | libc::MS_REC,
+                "slave" => libc::MS_SLAVE,
+                "rslave" => libc::MS_SLAVE | libc::MS_REC,
+                "private" => libc::MS_PRIVATE,
+                "rprivate" => libc::MS_PRIVATE | libc::MS_REC,
+                "unbindable" => libc::MS_UNBINDABLE,
+                "runbindable" => libc::MS_UNBINDABLE | libc::MS_REC,
+                _ => continue,
+            };
+            out.push((m.destination().clone(), flags));
+        }
+    }
+    out
+}
+
+/// In a forked helper: enters the mount namespace of the created (not yet
+/// started) init `pid`, whose root is the container's, and sets each
+/// mount's propagation.
+pub(super) fn apply_mount_propagation(
+    pid: i32,
+    mounts: &[(PathBuf, libc::c_ulong)],
+) -> Result<(), super::error::Failure> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let fail = |what: String| super::error::Failure::other(format!("{what}: {}", std::io::Error::last_os_error()));
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/mnt"))
+        .map_err(|e| super::error::Failure::other(format!("/proc/{pid}/ns/mnt: {e}")))?;
+    // SAFETY: setns on a namespace fd we own, in a single-threaded helper.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNS) } != 0 {
+        return Err(fail(format!("entering the mount namespace of {pid}")));
+    }
+    for (dest, flags) in mounts {
+        let target = std::ffi::CString::new(dest.as_os_str().as_bytes())
+            .map_err(|_| super::error::Failure::other(format!("mount {}: NUL in the path", dest.display())))?;
+        // SAFETY: a propagation change: only the target string is read.
+        let r = unsafe { libc::mount(std::ptr::null(), target.as_ptr(), std::ptr::null(), *flags, std::ptr::null()) };
+        if r != 0 {
+            return Err(fail(format!("setting the propagation of mount {}", dest.display())));
+        }
+    }
+    Ok(())
+}
+
 /// A namespace to join must be another process's in this guest,
 /// `/proc/<pid>/ns/<name>`: a pod's containers join its sandbox
 /// container's namespaces that way. Paths of the host (a CNI netns under
