@@ -422,6 +422,8 @@ def main():
         print("bench: tegmen run, idle memory ...", flush=True)
         tegmen_run, phases = bench_tegmen_run(repo, work)
         idle = idle_memory(repo, work)
+        print("bench: pods through containerd's CRI plugin, tegmen and runc handlers ...", flush=True)
+        cri = tegmen_bench(repo, "cri", str(RUNS))
         print("bench: builtin monitor with a tiny guest ...", flush=True)
         tiny = bench_builtin_tiny(repo, work)
         vmm_mem = builtin_memory(repo, work)
@@ -487,6 +489,26 @@ def main():
         f"| runc: the container's process | {idle['runc'][0]} KiB | {idle['runc'][1]} KiB | {idle['runc'][2]} |",
         f"| Tegmen: QEMU (256 MiB guest, memfd RAM), both backends, the monitor | {idle['tegmen'][0]} KiB | "
         f"{idle['tegmen'][1]} KiB | {idle['tegmen'][2]} |",
+        "",
+        "## Pods through containerd's CRI plugin (`tegmen-bench cri`)",
+        "",
+        "containerd 1.6 with its CRI plugin, driven by a CRI v1 client; each pod runs `sleep`",
+        "containers of the busybox image. The `tegmen` handler is `containerd-shim-tegmen-v2`",
+        f"(one VM per pod, {accel}); the reference is the `runc` handler (containerd's runc shim).",
+        "",
+        "| what | runc handler | tegmen handler | ratio |",
+        "| --- | --- | --- | --- |",
+        f"| RunPodSandbox → first container running | {fmt_ms(cri['runc']['first'])} | {fmt_ms(cri['tegmen']['first'])} | "
+        f"{statistics.median(cri['tegmen']['first']) / statistics.median(cri['runc']['first']):.1f}× |",
+        f"| a second container added to the running pod (create + start) | {fmt_ms(cri['runc']['second'])} | "
+        f"{fmt_ms(cri['tegmen']['second'])} | {statistics.median(cri['tegmen']['second']) / statistics.median(cri['runc']['second']):.1f}× |",
+        f"| shim RSS, pod with one container | {cri['runc']['shim_rss_kib']} KiB | {cri['tegmen']['shim_rss_kib']} KiB | "
+        f"{cri['tegmen']['shim_rss_kib'] / cri['runc']['shim_rss_kib']:.2f}× |",
+        f"| shim RSS, pod with ten containers | {cri['runc']['shim_rss_10_kib']} KiB | {cri['tegmen']['shim_rss_10_kib']} KiB | "
+        f"{cri['tegmen']['shim_rss_10_kib'] / cri['runc']['shim_rss_10_kib']:.2f}× |",
+        "",
+        "The shim's RSS is the shim process alone (the runc shim is one process per pod too);",
+        "the VM's own processes are in \"Host memory of one idle container\" above.",
         "",
         "## The builtin monitor with a tiny guest",
         "",

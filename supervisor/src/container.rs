@@ -149,8 +149,11 @@ fn mount_container(shared: &Path, staging: &Path, c: &NewContainer, made: &mut V
             .map_err(sys(format!("{} on {}", c.rootfs.display(), stage.display())))
             .and_then(|()| remount_readonly(&stage).map_err(sys(format!("{} read-only", stage.display()))))
             .and_then(|()| {
-                mount(Some(&stage), &rootfs, None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-                    .map_err(sys(format!("moving {} to {}", stage.display(), rootfs.display())))
+                mount(Some(&stage), &rootfs, None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(sys(format!(
+                    "moving {} to {}",
+                    stage.display(),
+                    rootfs.display()
+                )))
             });
         if staged.is_err() {
             let _ = umount2(&stage, MntFlags::MNT_DETACH);
@@ -283,7 +286,10 @@ mod tests {
         assert!(rootfs.join("etc/hosts").is_file());
         assert!(!outside.join("tmp").exists(), "nothing made through the symlink");
         assert!(
-            std::fs::symlink_metadata(rootfs.join("escape")).unwrap().file_type().is_symlink(),
+            std::fs::symlink_metadata(rootfs.join("escape"))
+                .unwrap()
+                .file_type()
+                .is_symlink(),
             "the symlink is left alone"
         );
     }

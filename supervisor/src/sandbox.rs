@@ -245,13 +245,7 @@ impl Sandbox {
         }
     }
 
-    fn boot(
-        &mut self,
-        config: &Config,
-        layout: &Layout,
-        image: &GuestImage,
-        accel: hypervisor::Accel,
-    ) -> Result<()> {
+    fn boot(&mut self, config: &Config, layout: &Layout, image: &GuestImage, accel: hypervisor::Accel) -> Result<()> {
         let shared = layout.shared();
         std::fs::create_dir(&shared).map_err(|e| Error::io("creating", &shared, e))?;
         let id_file = shared.join(SANDBOX_ID_FILE);

@@ -333,3 +333,43 @@ impl Drop for Containerd {
     }
 }
 
+/// Pids of running shims of ours.
+pub fn shim_pids() -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let first = cmd.split(|b| *b == 0).next().unwrap_or_default();
+        if String::from_utf8_lossy(first).ends_with("containerd-shim-tegmen-v2") {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Waits until no shim runs and nothing of a sandbox is left in `state`.
+pub fn assert_pods_gone(state: &Path, before: &[i32]) {
+    let sandboxes = state.join("sandboxes");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left: Vec<i32> = shim_pids().into_iter().filter(|p| !before.contains(p)).collect();
+        let dirs: Vec<String> = std::fs::read_dir(&sandboxes)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mounts = mounts_below(state);
+        if left.is_empty() && dirs.is_empty() && mounts.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind: shims {left:?}, sandboxes {dirs:?}, mounts {mounts:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

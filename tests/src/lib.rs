@@ -3,6 +3,7 @@
 //! archives for fault tests.
 
 pub mod clients;
+pub mod cri;
 pub mod image;
 
 use std::path::{Path, PathBuf};

@@ -5,160 +5,11 @@
 //! ExecSync → ContainerStatus → the container log → ListContainerStats →
 //! Stop/Remove → StopPodSandbox → RemovePodSandbox, and nothing left.
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use k8s_cri::v1::*;
-use tegmen_tests::clients::{Containerd, IMAGE};
-use tegmen_tests::{mounts_below, TestRoot};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tegmen_tests::clients::{assert_pods_gone, shim_pids as shims, Containerd};
+use tegmen_tests::cri::*;
+use tegmen_tests::TestRoot;
 
 const HANDLER: &str = "tegmen";
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
-}
-
-async fn connect(socket: &Path) -> RuntimeServiceClient<Channel> {
-    let socket = socket.to_path_buf();
-    let channel = Endpoint::try_from("http://[::]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await
-        .expect("connecting to containerd's CRI");
-    RuntimeServiceClient::new(channel)
-}
-
-fn shim_config(root: &TestRoot) -> PathBuf {
-    let path = root.root().join("config.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "root = \"{}\"\n[guest]\nboot_timeout_secs = 180\n",
-            root.root().join("state").display()
-        ),
-    )
-    .unwrap();
-    path
-}
-
-fn pod_config(name: &str, logs: &Path, annotations: &[(&str, &str)]) -> PodSandboxConfig {
-    PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}"),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        hostname: name.into(),
-        log_directory: logs.display().to_string(),
-        annotations: annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        linux: Some(LinuxPodSandboxConfig::default()),
-        ..Default::default()
-    }
-}
-
-fn container_config(name: &str, command: &[&str]) -> ContainerConfig {
-    ContainerConfig {
-        metadata: Some(ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(ImageSpec {
-            image: IMAGE.into(),
-            ..Default::default()
-        }),
-        command: command.iter().map(|s| s.to_string()).collect(),
-        log_path: format!("{name}.log"),
-        linux: Some(LinuxContainerConfig::default()),
-        ..Default::default()
-    }
-}
-
-/// Pids of running shims of ours.
-fn shims() -> Vec<i32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let first = cmd.split(|b| *b == 0).next().unwrap_or_default();
-        if String::from_utf8_lossy(first).ends_with("containerd-shim-tegmen-v2") {
-            found.push(pid);
-        }
-    }
-    found
-}
-
-fn assert_pods_gone(state: &Path, before: &[i32]) {
-    let sandboxes = state.join("sandboxes");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let left: Vec<i32> = shims().into_iter().filter(|p| !before.contains(p)).collect();
-        let dirs: Vec<String> = std::fs::read_dir(&sandboxes)
-            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-            .unwrap_or_default();
-        let mounts = mounts_below(state);
-        if left.is_empty() && dirs.is_empty() && mounts.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "left behind: shims {left:?}, sandboxes {dirs:?}, mounts {mounts:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-async fn wait_exited(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> ContainerStatus {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let status = rt
-            .container_status(ContainerStatusRequest {
-                container_id: id.into(),
-                verbose: false,
-            })
-            .await
-            .expect("ContainerStatus")
-            .into_inner()
-            .status
-            .expect("a status");
-        if status.state == ContainerState::ContainerExited as i32 {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "{id} never exited: {status:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// The stdout lines of a CRI log file (`<time> <stream> <P|F> <text>`),
-/// partial lines joined.
-fn cri_log_stdout(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut out = String::with_capacity(text.len());
-    for line in text.lines() {
-        let mut parts = line.splitn(4, ' ');
-        let (_time, stream, tag) = (parts.next(), parts.next(), parts.next());
-        let body = parts.next().unwrap_or("");
-        if stream != Some("stdout") {
-            continue;
-        }
-        out.push_str(body);
-        if tag == Some("F") {
-            out.push('\n');
-        }
-    }
-    out
-}
 
 #[test]
 fn a_kubernetes_pod_through_cri_is_one_vm() {
@@ -281,7 +132,10 @@ fn a_kubernetes_pod_through_cri_is_one_vm() {
         let cpu = s.cpu.as_ref().expect("cpu");
         let mem = s.memory.as_ref().expect("memory");
         assert!(cpu.timestamp > 0 && mem.timestamp > 0, "{s:?}");
-        assert!(cpu.usage_core_nano_seconds.as_ref().is_some_and(|v| v.value > 0), "{s:?}");
+        assert!(
+            cpu.usage_core_nano_seconds.as_ref().is_some_and(|v| v.value > 0),
+            "{s:?}"
+        );
         assert!(mem.working_set_bytes.as_ref().is_some_and(|v| v.value > 0), "{s:?}");
 
         // The pod is one VM holding its running containers (CRI deletes

@@ -104,7 +104,11 @@ fn containers_are_added_to_and_removed_from_a_running_sandbox() {
         &mut sb,
         "a",
         &work.join("a"),
-        &spec_with_volume("cat /marker; echo; cat /vol/data; echo out > /vol/written", Some(&vol), false),
+        &spec_with_volume(
+            "cat /marker; echo; cat /vol/data; echo out > /vol/written",
+            Some(&vol),
+            false,
+        ),
     )
     .expect("add a");
     // b has a read-only root, made read-only before it reached the share:
@@ -174,7 +178,13 @@ fn containers_are_added_to_and_removed_from_a_running_sandbox() {
     assert!(!shared.join("b").exists());
     assert!(sandbox::read_state(sb.dir()).unwrap().containers.is_empty());
     // The same id can come back.
-    add(&mut sb, "a", &work.join("a"), &spec_with_volume("cat /marker", None, false)).expect("add a again");
+    add(
+        &mut sb,
+        "a",
+        &work.join("a"),
+        &spec_with_volume("cat /marker", None, false),
+    )
+    .expect("add a again");
     let (code, out) = run(&sb, "a");
     assert_eq!((code, out.as_str()), (0, "rootfs of a"));
     sb.remove_container("a").unwrap();

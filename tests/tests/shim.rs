@@ -4,64 +4,13 @@
 //! guest; the shim's configuration (a private state root) reaches it as
 //! containerd's runtime options (`--runtime-config-path`).
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use tegmen_tests::clients::{host_kernel, Containerd, IMAGE};
-use tegmen_tests::{mounts_below, TestRoot};
+use tegmen_tests::clients::{assert_pods_gone, host_kernel, shim_pids as shims, Containerd, IMAGE};
+use tegmen_tests::cri::shim_config;
+use tegmen_tests::TestRoot;
 
 const RUNTIME: &str = "io.containerd.tegmen.v2";
-
-/// The shim's configuration file, with `root`'s state directory.
-fn shim_config(root: &TestRoot) -> PathBuf {
-    let path = root.root().join("config.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "root = \"{}\"\n[guest]\nboot_timeout_secs = 180\n",
-            root.root().join("state").display()
-        ),
-    )
-    .unwrap();
-    path
-}
-
-/// Pids of running shims of ours.
-fn shims() -> Vec<i32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let first = cmd.split(|b| *b == 0).next().unwrap_or_default();
-        if String::from_utf8_lossy(first).ends_with("containerd-shim-tegmen-v2") {
-            found.push(pid);
-        }
-    }
-    found
-}
-
-/// Waits until no shim runs and nothing of a sandbox is left in `state`.
-fn assert_pods_gone(state: &Path, before: &[i32]) {
-    let sandboxes = state.join("sandboxes");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let left: Vec<i32> = shims().into_iter().filter(|p| !before.contains(p)).collect();
-        let dirs: Vec<String> = std::fs::read_dir(&sandboxes)
-            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-            .unwrap_or_default();
-        let mounts = mounts_below(state);
-        if left.is_empty() && dirs.is_empty() && mounts.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "left behind: shims {left:?}, sandboxes {dirs:?}, mounts {mounts:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 /// `ctr run --rm`: output, the exit code as ctr's, the guest's kernel;
 /// `--log-uri file://` gets both streams; nothing left afterwards.
@@ -162,9 +111,16 @@ fn ctr_detached_task_exec_kill_with_the_shim() {
         .output()
         .unwrap();
     let list = String::from_utf8_lossy(&list.stdout).into_owned();
-    let row = list.lines().find(|l| l.starts_with("t1 ")).unwrap_or_else(|| panic!("{list}"));
+    let row = list
+        .lines()
+        .find(|l| l.starts_with("t1 "))
+        .unwrap_or_else(|| panic!("{list}"));
     let cols: Vec<&str> = row.split_whitespace().collect();
-    assert_eq!((cols[1], cols[2], cols[cols.len() - 1]), ("running", "shim", "t1"), "{list}");
+    assert_eq!(
+        (cols[1], cols[2], cols[cols.len() - 1]),
+        ("running", "shim", "t1"),
+        "{list}"
+    );
     let inspect = std::process::Command::new(&supervisor)
         .arg("--root")
         .arg(&state)
@@ -175,11 +131,22 @@ fn ctr_detached_task_exec_kill_with_the_shim() {
     assert_eq!(inspect["face"], "shim");
     assert_eq!(inspect["containers"][0]["id"], "t1");
     assert!(
-        inspect["containers"][0]["bundle"].as_str().is_some_and(|b| b.ends_with("/t1")),
+        inspect["containers"][0]["bundle"]
+            .as_str()
+            .is_some_and(|b| b.ends_with("/t1")),
         "{inspect}"
     );
 
-    let (code, out, err) = c.out(&["tasks", "exec", "--exec-id", "e1", "t1", "sh", "-c", "echo exec-ok; exit 6"]);
+    let (code, out, err) = c.out(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "e1",
+        "t1",
+        "sh",
+        "-c",
+        "echo exec-ok; exit 6",
+    ]);
     assert_eq!((code, out.as_str()), (6, "exec-ok\n"), "ctr tasks exec: {err}");
     let ps = c.ok(&["tasks", "ps", "t1"]);
     assert!(ps.lines().count() >= 2, "tasks ps: {ps}");
@@ -197,7 +164,10 @@ fn ctr_detached_task_exec_kill_with_the_shim() {
     }
     let (code, out, err) = c.out(&["tasks", "delete", "t1"]);
     assert_eq!(code, 0, "ctr tasks delete: {out}{err}");
-    assert!(err.contains("task t1 exit with non-zero exit code 9"), "ctr tasks delete: {err}");
+    assert!(
+        err.contains("task t1 exit with non-zero exit code 9"),
+        "ctr tasks delete: {err}"
+    );
     c.ok(&["containers", "delete", "t1"]);
     assert_pods_gone(&state, &before);
 }
@@ -264,9 +234,7 @@ fn a_pod_is_one_vm_with_shared_namespaces() {
     let pod = "pod1";
     let ns_report = "echo boot=$(cat /proc/sys/kernel/random/boot_id) net=$(readlink /proc/self/ns/net) \
                      ipc=$(readlink /proc/self/ns/ipc) uts=$(readlink /proc/self/ns/uts) host=$(hostname)";
-    let sandbox_script = format!(
-        "{ns_report} > /tmp/ns; while :; do echo pong-from-sandbox | nc -l -p 7777; done"
-    );
+    let sandbox_script = format!("{ns_report} > /tmp/ns; while :; do echo pong-from-sandbox | nc -l -p 7777; done");
     c.ok(&[
         "run",
         "-d",
@@ -317,7 +285,11 @@ fn a_pod_is_one_vm_with_shared_namespaces() {
     // The sandbox's view, read through an exec in it.
     let sandbox_ns = c.ok(&["tasks", "exec", "--exec-id", "e1", pod, "cat", "/tmp/ns"]);
     assert_eq!(sandbox_ns.trim(), app_ns.trim(), "same boot id and namespaces");
-    assert_eq!(shims().iter().filter(|p| !before.contains(p)).count(), 1, "one shim for the pod");
+    assert_eq!(
+        shims().iter().filter(|p| !before.contains(p)).count(),
+        1,
+        "one shim for the pod"
+    );
     let st = tegmen_supervisor::sandbox::read_state(&state.join("sandboxes").join(pod)).unwrap();
     let qemus = st.processes.iter().filter(|p| p.name == "qemu").count();
     assert_eq!(qemus, 1, "one VM for the pod");
@@ -349,11 +321,7 @@ fn ctr_run_with_a_terminal_through_the_shim() {
     let before = shims();
     let c = Containerd::start("shim-tty");
     tegmen_tests::clients::tool("script");
-    let ctr = format!(
-        "ctr --address {} --namespace {}",
-        c.socket().display(),
-        c.namespace
-    );
+    let ctr = format!("ctr --address {} --namespace {}", c.socket().display(), c.namespace);
     let run_in_script = |line: &str| {
         let mut child = std::process::Command::new("script")
             .args(["-qec", &format!("stty rows 27 cols 91; {line}"), "/dev/null"])
@@ -430,8 +398,21 @@ fn a_pod_survives_a_containerd_restart() {
     c.restart();
     assert_eq!(c.task_status("s1"), "RUNNING", "{}", c.log());
     assert_eq!(task_pid(&c, "s1"), shim_pid, "the same shim");
-    let (code, out, err) = c.out(&["tasks", "exec", "--exec-id", "e1", "s1", "sh", "-c", "echo after-restart; exit 2"]);
-    assert_eq!((code, out.as_str()), (2, "after-restart\n"), "exec after the restart: {err}");
+    let (code, out, err) = c.out(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "e1",
+        "s1",
+        "sh",
+        "-c",
+        "echo after-restart; exit 2",
+    ]);
+    assert_eq!(
+        (code, out.as_str()),
+        (2, "after-restart\n"),
+        "exec after the restart: {err}"
+    );
     c.ok(&["tasks", "kill", "s1"]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while c.task_status("s1") != "STOPPED" {

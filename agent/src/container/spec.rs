@@ -160,7 +160,15 @@ pub(super) fn apply_mount_propagation(
         let target = std::ffi::CString::new(dest.as_os_str().as_bytes())
             .map_err(|_| super::error::Failure::other(format!("mount {}: NUL in the path", dest.display())))?;
         // SAFETY: a propagation change: only the target string is read.
-        let r = unsafe { libc::mount(std::ptr::null(), target.as_ptr(), std::ptr::null(), *flags, std::ptr::null()) };
+        let r = unsafe {
+            libc::mount(
+                std::ptr::null(),
+                target.as_ptr(),
+                std::ptr::null(),
+                *flags,
+                std::ptr::null(),
+            )
+        };
         if r != 0 {
             return Err(fail(format!("setting the propagation of mount {}", dest.display())));
         }

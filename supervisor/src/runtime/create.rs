@@ -13,8 +13,8 @@ use super::hooks;
 use super::monitor::{self, MonitorArgs};
 use super::store::{self, ContainerRecord, Status};
 use super::{log, validate_id, Error, Globals, Result};
-use crate::process::ProcessRecord;
 use crate::container::{self, NewContainer};
+use crate::process::ProcessRecord;
 use crate::sandbox::{Face, Sandbox, SandboxOptions};
 
 #[derive(Debug, Clone, Default)]

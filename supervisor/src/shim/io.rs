@@ -211,7 +211,11 @@ impl ProcessIo {
         }
         let out_w = open_writer(&stdout).map_err(|e| err(&paths.stdout, e))?;
         let err_w = if stderr == stdout && matches!(stdout, Target::File(_)) {
-            out_w.as_ref().map(|f| f.try_clone()).transpose().map_err(|e| err(&paths.stderr, e))?
+            out_w
+                .as_ref()
+                .map(|f| f.try_clone())
+                .transpose()
+                .map_err(|e| err(&paths.stderr, e))?
         } else {
             open_writer(&stderr).map_err(|e| err(&paths.stderr, e))?
         };
@@ -251,10 +255,7 @@ impl ProcessIo {
         if let Some(p) = self.stdin_fifo {
             // A stdin copy still waiting in open(2) for containerd's writer
             // gets one (ours, closed at once): it sees EOF and ends.
-            let _ = OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_NONBLOCK)
-                .open(p);
+            let _ = OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(p);
         }
     }
 }
@@ -266,11 +267,19 @@ mod tests {
     #[test]
     fn stdio_uris_are_parsed_as_containerd_writes_them() {
         assert_eq!(parse_uri("").unwrap(), Target::None);
-        assert_eq!(parse_uri("/run/x/c-stdout").unwrap(), Target::Fifo("/run/x/c-stdout".into()));
+        assert_eq!(
+            parse_uri("/run/x/c-stdout").unwrap(),
+            Target::Fifo("/run/x/c-stdout".into())
+        );
         assert_eq!(parse_uri("fifo:///run/x").unwrap(), Target::Fifo("/run/x".into()));
-        assert_eq!(parse_uri("file:///var/log/c.log").unwrap(), Target::File("/var/log/c.log".into()));
+        assert_eq!(
+            parse_uri("file:///var/log/c.log").unwrap(),
+            Target::File("/var/log/c.log".into())
+        );
         assert!(parse_uri("file://relative").is_err());
-        assert!(parse_uri("binary:///usr/bin/logger?x=1").unwrap_err().contains("binary://"));
+        assert!(parse_uri("binary:///usr/bin/logger?x=1")
+            .unwrap_err()
+            .contains("binary://"));
         assert!(parse_uri("http://x").unwrap_err().contains("unknown scheme"));
     }
 }

@@ -191,7 +191,14 @@ fn spawn_daemon(flags: &Flags, socket: &Path, bundle: &Path, config_path: Option
     let listener = UnixListener::bind(socket).map_err(|e| format!("binding {}: {e}", socket.display()))?;
     let exe = std::env::current_exe().map_err(|e| format!("/proc/self/exe: {e}"))?;
     let mut cmd = Command::new(exe);
-    cmd.args(["-namespace", &flags.namespace, "-id", &flags.id, "-address", &flags.address]);
+    cmd.args([
+        "-namespace",
+        &flags.namespace,
+        "-id",
+        &flags.id,
+        "-address",
+        &flags.address,
+    ]);
     if !flags.publish_binary.is_empty() {
         cmd.args(["-publish-binary", &flags.publish_binary]);
     }
@@ -274,7 +281,8 @@ pub fn delete(flags: &Flags) -> Result<Vec<u8>, String> {
     let mut resp = tegmen_shim_api::shim::DeleteResponse::new();
     resp.exit_status = 128 + libc::SIGKILL as u32;
     resp.exited_at = protobuf::MessageField::some(service::timestamp_now());
-    resp.write_to_bytes().map_err(|e| format!("encoding the DeleteResponse: {e}"))
+    resp.write_to_bytes()
+        .map_err(|e| format!("encoding the DeleteResponse: {e}"))
 }
 
 /// The binary's entry point.
@@ -336,7 +344,10 @@ mod tests {
         assert!(f.debug);
         assert_eq!(f.action, "start");
         let f = Flags::parse(&args("-namespace=n -id x -bundle /b delete")).unwrap();
-        assert_eq!((f.namespace.as_str(), f.bundle.as_deref()), ("n", Some(Path::new("/b"))));
+        assert_eq!(
+            (f.namespace.as_str(), f.bundle.as_deref()),
+            ("n", Some(Path::new("/b")))
+        );
         assert!(Flags::parse(&args("-id x -bogus 1")).unwrap_err().contains("-bogus"));
         assert!(Flags::parse(&args("start")).unwrap_err().contains("-id"));
         assert!(Flags::parse(&args("-id x frobnicate")).is_err());

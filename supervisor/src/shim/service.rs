@@ -190,7 +190,10 @@ impl Inner {
 
     fn with_proc<T>(&self, id: &str, exec_id: &str, f: impl FnOnce(&mut Proc) -> T) -> RpcResult<T> {
         let mut st = lock(&self.state);
-        let ctr = st.containers.get_mut(id).ok_or_else(|| not_found(format!("container {id}")))?;
+        let ctr = st
+            .containers
+            .get_mut(id)
+            .ok_or_else(|| not_found(format!("container {id}")))?;
         let p = ctr
             .process(exec_id)
             .ok_or_else(|| not_found(format!("exec {exec_id} of {id}")))?;
@@ -201,7 +204,10 @@ impl Inner {
         let id = req.id.clone();
         crate::sandbox::validate_id(&id).map_err(|e| rpc_err(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?;
         if lock(&self.state).containers.contains_key(&id) {
-            return Err(rpc_err(ttrpc::Code::ALREADY_EXISTS, format!("container {id}: already exists")));
+            return Err(rpc_err(
+                ttrpc::Code::ALREADY_EXISTS,
+                format!("container {id}: already exists"),
+            ));
         }
         let bundle_dir = PathBuf::from(&req.bundle);
         let stdio = StdioPaths {
@@ -210,7 +216,9 @@ impl Inner {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        stdio.validate().map_err(|e| rpc_err(ttrpc::Code::INVALID_ARGUMENT, e))?;
+        stdio
+            .validate()
+            .map_err(|e| rpc_err(ttrpc::Code::INVALID_ARGUMENT, e))?;
         mount_rootfs(&bundle_dir, &req.rootfs).map_err(|e| rpc_err(ttrpc::Code::INVALID_ARGUMENT, e))?;
         let made = self.create_mounted(&req, &bundle_dir, stdio);
         if made.is_err() {
@@ -300,8 +308,14 @@ impl Inner {
         };
         let binds = bundle.host_binds();
         let mut guest = bundle.guest_spec(id, &binds);
-        spec::map_for_guest(&mut guest, &pod_id, id, self.pid, if is_sandbox { None } else { sandbox_pid })
-            .map_err(|e| fail_pod(rpc_err(ttrpc::Code::INVALID_ARGUMENT, e)))?;
+        spec::map_for_guest(
+            &mut guest,
+            &pod_id,
+            id,
+            self.pid,
+            if is_sandbox { None } else { sandbox_pid },
+        )
+        .map_err(|e| fail_pod(rpc_err(ttrpc::Code::INVALID_ARGUMENT, e)))?;
         let added = sandbox
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -394,7 +408,11 @@ impl Inner {
                 ..Default::default()
             });
         } else {
-            let endpoint = lock(&self.state).pod.as_ref().map(|p| p.endpoint.clone()).expect("agent implies pod");
+            let endpoint = lock(&self.state)
+                .pod
+                .as_ref()
+                .map(|p| p.endpoint.clone())
+                .expect("agent implies pod");
             agent
                 .exec_process(&GuestExecRequest {
                     container_id: id.into(),
@@ -435,8 +453,14 @@ impl Inner {
         if !exec_id.is_empty() {
             let exit = {
                 let mut st = lock(&self.state);
-                let ctr = st.containers.get_mut(id).ok_or_else(|| not_found(format!("container {id}")))?;
-                let p = ctr.execs.get(exec_id).ok_or_else(|| not_found(format!("exec {exec_id}")))?;
+                let ctr = st
+                    .containers
+                    .get_mut(id)
+                    .ok_or_else(|| not_found(format!("container {id}")))?;
+                let p = ctr
+                    .execs
+                    .get(exec_id)
+                    .ok_or_else(|| not_found(format!("exec {exec_id}")))?;
                 if p.started && p.exited().is_none() {
                     return Err(rpc_err(
                         ttrpc::Code::FAILED_PRECONDITION,
@@ -451,7 +475,10 @@ impl Inner {
         }
         let (bundle, exit, running) = {
             let st = lock(&self.state);
-            let ctr = st.containers.get(id).ok_or_else(|| not_found(format!("container {id}")))?;
+            let ctr = st
+                .containers
+                .get(id)
+                .ok_or_else(|| not_found(format!("container {id}")))?;
             let exit = ctr.init.exited();
             (ctr.bundle.clone(), exit, ctr.init.started && exit.is_none())
         };
@@ -532,7 +559,11 @@ fn mount_rootfs(bundle: &Path, mounts: &[tegmen_shim_api::mount::Mount]) -> Resu
             }
         }
         let data = data.join(",");
-        let fstype = if m.type_ == "bind" { None } else { Some(m.type_.as_str()) };
+        let fstype = if m.type_ == "bind" {
+            None
+        } else {
+            Some(m.type_.as_str())
+        };
         mount(
             Some(m.source.as_str()),
             &target,
@@ -540,7 +571,14 @@ fn mount_rootfs(bundle: &Path, mounts: &[tegmen_shim_api::mount::Mount]) -> Resu
             flags,
             (!data.is_empty()).then_some(data.as_str()),
         )
-        .map_err(|e| format!("mounting the rootfs ({} {}) on {}: {e}", m.type_, m.source, target.display()))?;
+        .map_err(|e| {
+            format!(
+                "mounting the rootfs ({} {}) on {}: {e}",
+                m.type_,
+                m.source,
+                target.display()
+            )
+        })?;
         if flags.contains(MsFlags::MS_BIND) && flags.contains(MsFlags::MS_RDONLY) {
             let _ = mount(
                 None::<&str>,
@@ -592,11 +630,17 @@ fn spawn_waiter(inner: Arc<Inner>, agent: AgentClient, id: String, exec_id: Stri
             code,
             at: (at.seconds, at.nanos),
         };
-        let known = inner.with_proc(&id, &exec_id, |p| p.exit.send_replace(Some(exit))).is_ok();
+        let known = inner
+            .with_proc(&id, &exec_id, |p| p.exit.send_replace(Some(exit)))
+            .is_ok();
         if known {
             inner.events.publish(&TaskExit {
                 container_id: id.clone(),
-                id: if exec_id.is_empty() { id.clone() } else { exec_id.clone() },
+                id: if exec_id.is_empty() {
+                    id.clone()
+                } else {
+                    exec_id.clone()
+                },
                 pid: inner.pid,
                 exit_status: code,
                 exited_at: MessageField::some(at),
@@ -662,7 +706,10 @@ fn metrics(s: &tegmen_agent_api::agent::ContainerStats) -> cgroups_v2::Metrics {
 impl Task for Service {
     async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> RpcResult<StateResponse> {
         let st = lock(&self.0.state);
-        let ctr = st.containers.get(&req.id).ok_or_else(|| not_found(format!("container {}", req.id)))?;
+        let ctr = st
+            .containers
+            .get(&req.id)
+            .ok_or_else(|| not_found(format!("container {}", req.id)))?;
         let p = if req.exec_id.is_empty() {
             &ctr.init
         } else {
@@ -782,10 +829,16 @@ impl Task for Service {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        stdio.validate().map_err(|e| rpc_err(ttrpc::Code::INVALID_ARGUMENT, e))?;
+        stdio
+            .validate()
+            .map_err(|e| rpc_err(ttrpc::Code::INVALID_ARGUMENT, e))?;
         let spec = req.spec.as_ref().map(|a| a.value.clone()).unwrap_or_default();
-        let process: serde_json::Value = serde_json::from_slice(&spec)
-            .map_err(|e| rpc_err(ttrpc::Code::INVALID_ARGUMENT, format!("exec {}: process spec: {e}", req.exec_id)))?;
+        let process: serde_json::Value = serde_json::from_slice(&spec).map_err(|e| {
+            rpc_err(
+                ttrpc::Code::INVALID_ARGUMENT,
+                format!("exec {}: process spec: {e}", req.exec_id),
+            )
+        })?;
         {
             let mut st = lock(&self.0.state);
             let ctr = st

@@ -309,10 +309,19 @@ mod tests {
                 sys("unshare", libc::unshare(libc::CLONE_NEWNS));
                 let null = std::ptr::null::<libc::c_char>();
                 let no_data = std::ptr::null::<libc::c_void>();
-                sys("rprivate", libc::mount(null, c"/".as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, no_data));
+                sys(
+                    "rprivate",
+                    libc::mount(null, c"/".as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, no_data),
+                );
                 let s = cstr(&share);
-                sys("bind share", libc::mount(s.as_ptr(), s.as_ptr(), null, libc::MS_BIND, no_data));
-                sys("make shared", libc::mount(null, s.as_ptr(), null, libc::MS_SHARED, no_data));
+                sys(
+                    "bind share",
+                    libc::mount(s.as_ptr(), s.as_ptr(), null, libc::MS_BIND, no_data),
+                );
+                sys(
+                    "make shared",
+                    libc::mount(null, s.as_ptr(), null, libc::MS_SHARED, no_data),
+                );
             }
             let mut to_backend = [0; 2];
             let mut to_host = [0; 2];
@@ -345,7 +354,13 @@ mod tests {
                     }
                     // SAFETY: mounting a tmpfs on a directory of ours.
                     let r = unsafe {
-                        libc::mount(c"tmpfs".as_ptr(), c"/own".as_ptr(), c"tmpfs".as_ptr(), 0, std::ptr::null())
+                        libc::mount(
+                            c"tmpfs".as_ptr(),
+                            c"/own".as_ptr(),
+                            c"tmpfs".as_ptr(),
+                            0,
+                            std::ptr::null(),
+                        )
                     };
                     if r != 0 {
                         return 13;
@@ -376,7 +391,16 @@ mod tests {
                 let late = cstr(&share.join("late"));
                 let src = cstr(&extra);
                 // SAFETY: C strings that outlive the call.
-                if unsafe { libc::mount(src.as_ptr(), late.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) } != 0 {
+                if unsafe {
+                    libc::mount(
+                        src.as_ptr(),
+                        late.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    )
+                } != 0
+                {
                     return 31;
                 }
                 send(to_backend[1]);
