@@ -88,7 +88,7 @@ impl Flags {
                 "publish-binary" => f.publish_binary = value()?,
                 "bundle" => f.bundle = Some(value()?.into()),
                 "socket" => f.socket = Some(value()?),
-                "debug" => f.debug = inline.as_deref().map_or(true, |v| v == "true"),
+                "debug" => f.debug = inline.as_deref().is_none_or(|v| v == "true"),
                 "v" | "version" => f.action = "version".into(),
                 other => return Err(format!("flag provided but not defined: -{other}")),
             }

@@ -415,10 +415,7 @@ mod tests {
                     return 34;
                 }
                 send(to_backend[1]);
-                match wait_child(backend) {
-                    0 => 0,
-                    n => n,
-                }
+                wait_child(backend)
             })();
             // SAFETY: leaving the forked child.
             unsafe { libc::_exit(code) };
