@@ -148,6 +148,12 @@ fn ctr_detached_task_exec_kill_with_the_shim() {
         "echo exec-ok; exit 6",
     ]);
     assert_eq!((code, out.as_str()), (6, "exec-ok\n"), "ctr tasks exec: {err}");
+    // A missing binary is an error, not a hang.
+    let started = Instant::now();
+    let (code, out, err) = c.out(&["tasks", "exec", "--exec-id", "e-missing", "t1", "/no/such/binary"]);
+    assert_ne!(code, 0, "exec of a missing binary: {out}{err}");
+    assert!(started.elapsed() < Duration::from_secs(30), "the failed exec took {:?}", started.elapsed());
+    assert!(err.contains("/no/such/binary"), "the error names the binary: {err}");
     let ps = c.ok(&["tasks", "ps", "t1"]);
     assert!(ps.lines().count() >= 2, "tasks ps: {ps}");
 
@@ -254,6 +260,23 @@ fn a_pod_is_one_vm_with_shared_namespaces() {
     ]);
     let shim_pid = task_pid(&c, pod);
     assert!(shims().contains(&(shim_pid as i32)), "the task pid is the shim's");
+    // A container of a pod that has no shim is refused, saying so.
+    let (code, out, err) = c.out(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        "io.kubernetes.cri.sandbox-id=no-such-pod",
+        "--annotation",
+        "io.kubernetes.cri.container-type=container",
+        IMAGE,
+        "orphan",
+        "true",
+    ]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("no-such-pod"), "the error names the pod: {err}");
+    let _ = c.out(&["containers", "delete", "orphan"]);
     let ns = |t: &str| format!("{t}:/proc/{shim_pid}/ns/{}", if t == "network" { "net" } else { t });
     let app_script = format!("sleep 1; {ns_report}; echo ping | nc 127.0.0.1 7777");
     let (code, out, err) = c.out(&[
@@ -423,5 +446,41 @@ fn a_pod_survives_a_containerd_restart() {
     assert_eq!(code, 0, "ctr tasks delete: {out}{err}");
     assert!(err.contains("exit code 9"), "the exit after the restart: {err}");
     c.ok(&["containers", "delete", "s1"]);
+    assert_pods_gone(&state, &before);
+}
+
+/// The pod's VM killed (QEMU, SIGKILL): its containers end with 255, as
+/// containerd's clients expect of a dead sandbox, and delete leaves nothing.
+#[test]
+fn a_killed_vm_ends_the_pods_containers_with_255() {
+    let root = TestRoot::new("shim-vmkill");
+    let config = shim_config(&root);
+    let state = root.root().join("state");
+    let before = shims();
+    let c = Containerd::start("shim-vmkill");
+    c.ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--runtime-config-path",
+        config.to_str().unwrap(),
+        IMAGE,
+        "v1",
+        "sleep",
+        "1000",
+    ]);
+    let st = tegmen_supervisor::sandbox::read_state(&state.join("sandboxes/v1")).unwrap();
+    let qemu = st.processes.iter().find(|p| p.name == "qemu").expect("a QEMU");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(qemu.pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.task_status("v1") != "STOPPED" {
+        assert!(Instant::now() < deadline, "v1 never stopped after its VM died");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (code, out, err) = c.out(&["tasks", "delete", "v1"]);
+    assert_eq!(code, 0, "ctr tasks delete: {out}{err}");
+    assert!(err.contains("exit code 255"), "a dead VM's container exits 255: {err}");
+    c.ok(&["containers", "delete", "v1"]);
     assert_pods_gone(&state, &before);
 }

@@ -512,12 +512,21 @@ impl Inner {
     /// Ends the pod: its VM and every process of it.
     fn shutdown_pod(&self) {
         let pod = lock(&self.state).pod.take();
-        if let Some(pod) = pod {
-            let sandbox = pod.sandbox.clone();
-            drop(pod);
-            if let Ok(m) = Arc::try_unwrap(sandbox) {
+        let Some(pod) = pod else { return };
+        let (id, config, sandbox) = (pod.id.clone(), pod.config.clone(), pod.sandbox.clone());
+        drop(pod);
+        match Arc::try_unwrap(sandbox) {
+            Ok(m) => {
                 let sb = m.into_inner().unwrap_or_else(|p| p.into_inner());
                 if let Err(e) = sb.shutdown() {
+                    tracing::warn!("shutdown: {e}");
+                }
+            }
+            Err(_) => {
+                // A call still holds the sandbox: the process is about to
+                // exit without running its destructors, so remove the VM
+                // and everything of it by id now.
+                if let Err(e) = crate::sandbox::destroy(&config, &id) {
                     tracing::warn!("shutdown: {e}");
                 }
             }
@@ -934,8 +943,14 @@ impl Task for Service {
     }
 
     async fn shutdown(&self, _ctx: &TtrpcContext, req: ShutdownRequest) -> RpcResult<Empty> {
-        let empty = lock(&self.0.state).containers.is_empty();
-        if !(req.now || empty) {
+        // The pod ends with its sandbox container (containerd deletes it
+        // last), when nothing is left, or when told to now.
+        let end = {
+            let st = lock(&self.0.state);
+            let sandbox_gone = st.pod.as_ref().is_none_or(|p| p.id == req.id && !st.containers.contains_key(&p.id));
+            req.now || st.containers.is_empty() || sandbox_gone
+        };
+        if !end {
             return Ok(Empty::new());
         }
         let inner = self.0.clone();
