@@ -200,3 +200,62 @@ fn a_kubernetes_pod_through_cri_is_one_vm() {
     });
     assert_pods_gone(&state, &before);
 }
+
+/// Ten pods created and removed one after another, then three at once,
+/// each with a container: nothing is left (no shim, VM, mount, directory).
+#[test]
+fn pods_in_a_row_and_at_once_leave_nothing() {
+    let root = TestRoot::new("cri-many");
+    let config = shim_config(&root);
+    let state = root.root().join("state");
+    let logs = root.root().join("pod-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let before = shims();
+    let c = Containerd::start_cri("cri-many", &config);
+    async fn one_pod(mut rt: RuntimeServiceClient<tonic::transport::Channel>, name: String, logs: std::path::PathBuf) {
+        let cfg = pod_config(&name, &logs, &[]);
+        let pod = rt
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(cfg.clone()),
+                runtime_handler: HANDLER.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e}"))
+            .into_inner()
+            .pod_sandbox_id;
+        let ctr = rt
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(container_config("main", &["sleep", "600"])),
+                sandbox_config: Some(cfg),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("CreateContainer in {name}: {e}"))
+            .into_inner()
+            .container_id;
+        rt.start_container(StartContainerRequest { container_id: ctr })
+            .await
+            .unwrap_or_else(|e| panic!("StartContainer in {name}: {e}"));
+        rt.stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("StopPodSandbox {name}: {e}"));
+        rt.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod })
+            .await
+            .unwrap_or_else(|e| panic!("RemovePodSandbox {name}: {e}"));
+    }
+    runtime().block_on(async {
+        let rt = connect(&c.socket()).await;
+        for i in 0..10 {
+            one_pod(rt.clone(), format!("seq-{i}"), logs.clone()).await;
+        }
+        assert_pods_gone(&state, &before);
+        let at_once = (0..3).map(|i| one_pod(rt.clone(), format!("par-{i}"), logs.clone()));
+        let handles: Vec<_> = at_once.map(tokio::spawn).collect();
+        for h in handles {
+            h.await.expect("a pod task panicked");
+        }
+    });
+    assert_pods_gone(&state, &before);
+}

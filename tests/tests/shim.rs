@@ -152,7 +152,11 @@ fn ctr_detached_task_exec_kill_with_the_shim() {
     let started = Instant::now();
     let (code, out, err) = c.out(&["tasks", "exec", "--exec-id", "e-missing", "t1", "/no/such/binary"]);
     assert_ne!(code, 0, "exec of a missing binary: {out}{err}");
-    assert!(started.elapsed() < Duration::from_secs(30), "the failed exec took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the failed exec took {:?}",
+        started.elapsed()
+    );
     assert!(err.contains("/no/such/binary"), "the error names the binary: {err}");
     let ps = c.ok(&["tasks", "ps", "t1"]);
     assert!(ps.lines().count() >= 2, "tasks ps: {ps}");

@@ -947,7 +947,10 @@ impl Task for Service {
         // last), when nothing is left, or when told to now.
         let end = {
             let st = lock(&self.0.state);
-            let sandbox_gone = st.pod.as_ref().is_none_or(|p| p.id == req.id && !st.containers.contains_key(&p.id));
+            let sandbox_gone = st
+                .pod
+                .as_ref()
+                .is_none_or(|p| p.id == req.id && !st.containers.contains_key(&p.id));
             req.now || st.containers.is_empty() || sandbox_gone
         };
         if !end {
