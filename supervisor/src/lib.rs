@@ -1,11 +1,14 @@
 //! Tegmen's host side.
 //!
 //! A request travels in a straight line through these modules: a face (the
-//! `supervisor` CLI, the `tegmen` OCI runtime in [`runtime`]; the containerd
-//! shim later) asks for a [`sandbox::Sandbox`], which lays out its directory,
-//! starts a VM through a [`hypervisor::Hypervisor`] backend chosen from what
-//! the [`host`] offers, and talks to the in-guest agent through an
-//! [`agent_client::AgentClient`] over hybrid vsock.
+//! `supervisor` CLI, the `tegmen` OCI runtime in [`runtime`], the containerd
+//! shim in [`shim`]) asks for a [`sandbox::Sandbox`], which lays out its
+//! directory, starts a VM through a [`hypervisor::Hypervisor`] backend
+//! chosen from what the [`host`] offers, and talks to the in-guest agent
+//! through an [`agent_client::AgentClient`] over hybrid vsock. Containers
+//! are added to and removed from a running sandbox ([`container`]):
+//! `tegmen` adds one per sandbox, the shim every container of a pod. No
+//! face knows how a VM is booted.
 
 pub mod agent_client;
 pub mod config;

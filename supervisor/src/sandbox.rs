@@ -7,7 +7,7 @@
 //! | `state.json` | [`SandboxState`]: status, owner, every host process |
 //! | `vsock` | hybrid-vsock socket: the host's way to the agent (guest-initiated connections to port P reach `vsock_P`) |
 //! | `vhost-vsock.sock`, `vhost-fs.sock` | vhost-user sockets of the backends |
-//! | `shared/` | the virtio-fs source, mounted in the guest at `/run/tegmen/shared` |
+//! | `shared/` | the virtio-fs source, mounted in the guest at `/run/tegmen/shared`; a shared mount, so containers mounted below it later reach the backends' slave copies ([`crate::container`]) |
 //! | `console.log` | the guest's serial console |
 //! | `*-backend.log`, `qemu.log` | the host processes' own output |
 //!
