@@ -488,3 +488,71 @@ fn a_killed_vm_ends_the_pods_containers_with_255() {
     c.ok(&["containers", "delete", "v1"]);
     assert_pods_gone(&state, &before);
 }
+
+/// The pod killed while an exec streams output: the exec's client ends
+/// (no hang), and delete leaves nothing.
+#[test]
+fn a_pod_torn_down_while_an_exec_streams_output() {
+    let root = TestRoot::new("shim-teardown");
+    let config = shim_config(&root);
+    let state = root.root().join("state");
+    let before = shims();
+    let c = Containerd::start("shim-teardown");
+    c.ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--runtime-config-path",
+        config.to_str().unwrap(),
+        IMAGE,
+        "d1",
+        "sleep",
+        "1000",
+    ]);
+    let mut exec = c.cmd(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "stream",
+        "d1",
+        "sh",
+        "-c",
+        "while :; do echo line; done",
+    ]);
+    let mut exec = exec
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = exec.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        let mut total = 0usize;
+        while let Ok(n) = std::io::Read::read(&mut out, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        total
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    c.ok(&["tasks", "kill", "-a", "-s", "KILL", "d1"]);
+    let status = tegmen_tests::wait_child(&mut exec, Duration::from_secs(30));
+    if status.is_none() {
+        let _ = exec.kill();
+        let _ = exec.wait();
+    }
+    let streamed = reader.join().unwrap();
+    assert!(status.is_some(), "ctr tasks exec hung after its pod was killed");
+    assert!(streamed > 0, "the exec streamed nothing before the kill");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.task_status("d1") != "STOPPED" {
+        assert!(Instant::now() < deadline, "d1 never stopped");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.ok(&["tasks", "delete", "d1"]);
+    c.ok(&["containers", "delete", "d1"]);
+    assert_pods_gone(&state, &before);
+}

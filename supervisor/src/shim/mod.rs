@@ -120,7 +120,7 @@ pub fn socket_path(flags: &Flags, pod: &str) -> PathBuf {
     PathBuf::from("/run/containerd/s").join(hex)
 }
 
-fn pid_file_of(socket: &Path) -> PathBuf {
+pub(crate) fn pid_file_of(socket: &Path) -> PathBuf {
     socket.with_extension("pid")
 }
 

@@ -956,13 +956,19 @@ impl Task for Service {
         if !end {
             return Ok(Empty::new());
         }
+        // The blocking task runs to its end even when containerd stops
+        // waiting (its Shutdown times out after 3 s and the connection
+        // closes, which drops this handler): so the shim's end is decided
+        // in there, whatever happened to the VM.
         let inner = self.0.clone();
-        blocking(move || {
-            inner.shutdown_pod();
-            Ok(())
-        })
-        .await?;
-        self.0.shutdown.notify_one();
+        let task = tokio::task::spawn_blocking(move || {
+            let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.shutdown_pod()));
+            if ended.is_err() {
+                tracing::error!("shutdown: tearing the pod down panicked");
+            }
+            inner.shutdown.notify_one();
+        });
+        task.await.map_err(internal)?;
         Ok(Empty::new())
     }
 }
@@ -979,6 +985,7 @@ fn init_logging(debug: bool) {
     let Some(log) = log else { return };
     // Writes stay non-blocking: when containerd stops reading (it is being
     // restarted), lines are dropped rather than the shim stalled.
+    std::panic::set_hook(Box::new(|info| tracing::error!("panic: {info}")));
     let level = if debug { "debug" } else { "info" };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(level))
@@ -1035,6 +1042,7 @@ pub fn run(flags: Flags, fd: RawFd, socket: &Path) -> i32 {
         std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_secs(5));
             let _ = std::fs::remove_file(&socket_path);
+            let _ = std::fs::remove_file(super::pid_file_of(&socket_path));
             // SAFETY: ending the process without running destructors.
             unsafe { libc::_exit(0) };
         });
