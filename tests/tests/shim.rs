@@ -12,6 +12,31 @@ use tegmen_tests::TestRoot;
 
 const RUNTIME: &str = "io.containerd.tegmen.v2";
 
+/// `ctr run -d` of the busybox image with the shim: `args` are the task id
+/// and its command.
+fn run_detached(c: &Containerd, config: &str, args: &[&str]) {
+    let mut all = vec![
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--runtime-config-path",
+        config,
+        IMAGE,
+    ];
+    all.extend_from_slice(args);
+    c.ok(&all);
+}
+
+/// Waits (30 s at most) until task `id` is STOPPED.
+fn wait_stopped(c: &Containerd, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.task_status(id) != "STOPPED" {
+        assert!(Instant::now() < deadline, "{id} never stopped");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// `ctr run --rm`: output, the exit code as ctr's, the guest's kernel;
 /// `--log-uri file://` gets both streams; nothing left afterwards.
 #[test]
@@ -83,19 +108,7 @@ fn ctr_detached_task_exec_kill_with_the_shim() {
     let c = Containerd::start("shim-task");
     let cfg = config.to_str().unwrap();
     let script = "trap 'exit 9' TERM; while :; do sleep 0.2; done";
-    c.ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        "--runtime-config-path",
-        cfg,
-        IMAGE,
-        "t1",
-        "sh",
-        "-c",
-        script,
-    ]);
+    run_detached(&c, cfg, &["t1", "sh", "-c", script]);
     assert_eq!(c.task_status("t1"), "RUNNING");
     let sandbox = state.join("sandboxes/t1");
     let st = tegmen_supervisor::sandbox::read_state(&sandbox).expect("the pod's sandbox");
@@ -167,11 +180,7 @@ fn ctr_detached_task_exec_kill_with_the_shim() {
     assert_eq!(c.task_status("t1"), "RUNNING");
 
     c.ok(&["tasks", "kill", "t1"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.task_status("t1") != "STOPPED" {
-        assert!(Instant::now() < deadline, "t1 never stopped");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_stopped(&c, "t1");
     let (code, out, err) = c.out(&["tasks", "delete", "t1"]);
     assert_eq!(code, 0, "ctr tasks delete: {out}{err}");
     assert!(
@@ -191,18 +200,7 @@ fn a_killed_shim_leaves_nothing_after_delete() {
     let state = root.root().join("state");
     let before = shims();
     let c = Containerd::start("shim-kill");
-    c.ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        "--runtime-config-path",
-        config.to_str().unwrap(),
-        IMAGE,
-        "k1",
-        "sleep",
-        "1000",
-    ]);
+    run_detached(&c, config.to_str().unwrap(), &["k1", "sleep", "1000"]);
     let ours: Vec<i32> = shims().into_iter().filter(|p| !before.contains(p)).collect();
     assert_eq!(ours.len(), 1, "one shim for the pod: {ours:?}");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(ours[0]), nix::sys::signal::Signal::SIGKILL).unwrap();
@@ -328,11 +326,7 @@ fn a_pod_is_one_vm_with_shared_namespaces() {
     assert_eq!(c.task_status(pod), "RUNNING", "the sandbox goes on");
 
     c.ok(&["tasks", "kill", "-s", "KILL", pod]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.task_status(pod) != "STOPPED" {
-        assert!(Instant::now() < deadline, "the sandbox never stopped");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_stopped(&c, pod);
     c.ok(&["tasks", "delete", pod]);
     c.ok(&["containers", "delete", pod]);
     assert_pods_gone(&state, &before);
@@ -372,27 +366,12 @@ fn ctr_run_with_a_terminal_through_the_shim() {
     assert!(out.contains("27 91\n"), "terminal size not passed on: {out:?}");
     assert_pods_gone(&state, &before);
 
-    c.ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        "--runtime-config-path",
-        config.to_str().unwrap(),
-        IMAGE,
-        "tty2",
-        "sleep",
-        "600",
-    ]);
+    run_detached(&c, config.to_str().unwrap(), &["tty2", "sleep", "600"]);
     let (status, out) = run_in_script(&format!("{ctr} tasks exec -t --exec-id e1 tty2 sh -c 'tty; exit 4'"));
     assert_eq!(status, Some(4), "ctr tasks exec -t: {out:?}");
     assert!(out.contains("/dev/pts/"), "no terminal in the exec: {out:?}");
     c.ok(&["tasks", "kill", "-s", "KILL", "tty2"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.task_status("tty2") != "STOPPED" {
-        assert!(Instant::now() < deadline, "tty2 never stopped");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_stopped(&c, "tty2");
     c.ok(&["tasks", "delete", "tty2"]);
     c.ok(&["containers", "delete", "tty2"]);
     assert_pods_gone(&state, &before);
@@ -408,19 +387,7 @@ fn a_pod_survives_a_containerd_restart() {
     let before = shims();
     let mut c = Containerd::start("shim-restart");
     let script = "trap 'exit 9' TERM; while :; do sleep 0.2; done";
-    c.ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        "--runtime-config-path",
-        config.to_str().unwrap(),
-        IMAGE,
-        "s1",
-        "sh",
-        "-c",
-        script,
-    ]);
+    run_detached(&c, config.to_str().unwrap(), &["s1", "sh", "-c", script]);
     let shim_pid = task_pid(&c, "s1");
     c.restart();
     assert_eq!(c.task_status("s1"), "RUNNING", "{}", c.log());
@@ -441,11 +408,7 @@ fn a_pod_survives_a_containerd_restart() {
         "exec after the restart: {err}"
     );
     c.ok(&["tasks", "kill", "s1"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.task_status("s1") != "STOPPED" {
-        assert!(Instant::now() < deadline, "s1 never stopped");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_stopped(&c, "s1");
     let (code, out, err) = c.out(&["tasks", "delete", "s1"]);
     assert_eq!(code, 0, "ctr tasks delete: {out}{err}");
     assert!(err.contains("exit code 9"), "the exit after the restart: {err}");
@@ -462,26 +425,11 @@ fn a_killed_vm_ends_the_pods_containers_with_255() {
     let state = root.root().join("state");
     let before = shims();
     let c = Containerd::start("shim-vmkill");
-    c.ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        "--runtime-config-path",
-        config.to_str().unwrap(),
-        IMAGE,
-        "v1",
-        "sleep",
-        "1000",
-    ]);
+    run_detached(&c, config.to_str().unwrap(), &["v1", "sleep", "1000"]);
     let st = tegmen_supervisor::sandbox::read_state(&state.join("sandboxes/v1")).unwrap();
     let qemu = st.processes.iter().find(|p| p.name == "qemu").expect("a QEMU");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(qemu.pid), nix::sys::signal::Signal::SIGKILL).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.task_status("v1") != "STOPPED" {
-        assert!(Instant::now() < deadline, "v1 never stopped after its VM died");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_stopped(&c, "v1");
     let (code, out, err) = c.out(&["tasks", "delete", "v1"]);
     assert_eq!(code, 0, "ctr tasks delete: {out}{err}");
     assert!(err.contains("exit code 255"), "a dead VM's container exits 255: {err}");
@@ -498,18 +446,7 @@ fn a_pod_torn_down_while_an_exec_streams_output() {
     let state = root.root().join("state");
     let before = shims();
     let c = Containerd::start("shim-teardown");
-    c.ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        "--runtime-config-path",
-        config.to_str().unwrap(),
-        IMAGE,
-        "d1",
-        "sleep",
-        "1000",
-    ]);
+    run_detached(&c, config.to_str().unwrap(), &["d1", "sleep", "1000"]);
     let mut exec = c.cmd(&[
         "tasks",
         "exec",
@@ -547,11 +484,7 @@ fn a_pod_torn_down_while_an_exec_streams_output() {
     let streamed = reader.join().unwrap();
     assert!(status.is_some(), "ctr tasks exec hung after its pod was killed");
     assert!(streamed > 0, "the exec streamed nothing before the kill");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.task_status("d1") != "STOPPED" {
-        assert!(Instant::now() < deadline, "d1 never stopped");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_stopped(&c, "d1");
     c.ok(&["tasks", "delete", "d1"]);
     c.ok(&["containers", "delete", "d1"]);
     assert_pods_gone(&state, &before);
