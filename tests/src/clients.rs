@@ -8,6 +8,24 @@ use std::time::{Duration, Instant};
 use crate::image::write_oci_archive;
 use crate::{busybox_rootfs, mounts_below, processes_mentioning, wait_child, workspace_binary};
 
+/// Runs the shell command `line` with a terminal of its own (`script`),
+/// as a user at a terminal would; returns its exit status (None after
+/// `timeout`) and its output with the terminal's `\r` removed.
+pub fn run_in_terminal(line: &str, timeout: Duration) -> (Option<i32>, String) {
+    tool("script");
+    let mut child = Command::new("script")
+        .args(["-qec", line, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_child(&mut child, timeout);
+    let mut out = String::new();
+    let _ = std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out);
+    (status, out.replace('\r', ""))
+}
+
 /// containerd on the config in `dir`, its log appended to `containerd.log`.
 fn spawn_containerd(dir: &Path) -> Child {
     let log = std::fs::OpenOptions::new()
@@ -254,6 +272,15 @@ impl Containerd {
         let _ = self.daemon.wait();
         self.daemon = spawn_containerd(&self.dir.0);
         self.wait_up();
+    }
+
+    /// Waits (30 s at most) until task `id` is STOPPED.
+    pub fn wait_stopped(&self, id: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.task_status(id) != "STOPPED" {
+            assert!(Instant::now() < deadline, "{id} never stopped");
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// The containerd socket (gRPC: ctr and CRI clients).

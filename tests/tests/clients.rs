@@ -316,34 +316,17 @@ fn containerd_task_exec_kill() {
     assert_eq!((code, out.as_str()), (6, "exec-ok\n"), "ctr tasks exec: {err}");
 
     // With a terminal: ctr wants one itself, `script` gives it.
-    tool("script");
     let line = format!(
         "ctr --address {} --namespace {} tasks exec -t --exec-id e2 t1 tty",
         c.dir.0.join("containerd.sock").display(),
         c.namespace
     );
-    let mut child = Command::new("script")
-        .args(["-qec", &line, "/dev/null"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status = wait_child(&mut child, Duration::from_secs(60));
-    let mut out = String::new();
-    let _ = std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out);
+    let (status, out) = run_in_terminal(&line, Duration::from_secs(60));
     assert_eq!(status, Some(0), "ctr tasks exec -t: {out:?}");
-    assert!(
-        out.replace('\r', "").contains("/dev/pts/"),
-        "no terminal in the exec: {out:?}"
-    );
+    assert!(out.contains("/dev/pts/"), "no terminal in the exec: {out:?}");
 
     c.ok(&["tasks", "kill", "t1"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.task_status("t1") != "STOPPED" {
-        assert!(Instant::now() < deadline, "t1 never stopped");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    c.wait_stopped("t1");
     // ctr reports the exit code of the task it deletes.
     let (code, out, err) = c.out(&["tasks", "delete", "t1"]);
     assert_eq!(code, 0, "ctr tasks delete: {out}{err}");

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use tegmen_tests::clients::{assert_pods_gone, host_kernel, shim_pids as shims, Containerd, IMAGE};
+use tegmen_tests::clients::{assert_pods_gone, host_kernel, run_in_terminal, shim_pids as shims, Containerd, IMAGE};
 use tegmen_tests::cri::shim_config;
 use tegmen_tests::TestRoot;
 
@@ -26,15 +26,6 @@ fn run_detached(c: &Containerd, config: &str, args: &[&str]) {
     ];
     all.extend_from_slice(args);
     c.ok(&all);
-}
-
-/// Waits (30 s at most) until task `id` is STOPPED.
-fn wait_stopped(c: &Containerd, id: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.task_status(id) != "STOPPED" {
-        assert!(Instant::now() < deadline, "{id} never stopped");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// `ctr run --rm`: output, the exit code as ctr's, the guest's kernel;
@@ -180,7 +171,7 @@ fn ctr_detached_task_exec_kill_with_the_shim() {
     assert_eq!(c.task_status("t1"), "RUNNING");
 
     c.ok(&["tasks", "kill", "t1"]);
-    wait_stopped(&c, "t1");
+    c.wait_stopped("t1");
     let (code, out, err) = c.out(&["tasks", "delete", "t1"]);
     assert_eq!(code, 0, "ctr tasks delete: {out}{err}");
     assert!(
@@ -326,7 +317,7 @@ fn a_pod_is_one_vm_with_shared_namespaces() {
     assert_eq!(c.task_status(pod), "RUNNING", "the sandbox goes on");
 
     c.ok(&["tasks", "kill", "-s", "KILL", pod]);
-    wait_stopped(&c, pod);
+    c.wait_stopped(pod);
     c.ok(&["tasks", "delete", pod]);
     c.ok(&["containers", "delete", pod]);
     assert_pods_gone(&state, &before);
@@ -341,21 +332,8 @@ fn ctr_run_with_a_terminal_through_the_shim() {
     let state = root.root().join("state");
     let before = shims();
     let c = Containerd::start("shim-tty");
-    tegmen_tests::clients::tool("script");
     let ctr = format!("ctr --address {} --namespace {}", c.socket().display(), c.namespace);
-    let run_in_script = |line: &str| {
-        let mut child = std::process::Command::new("script")
-            .args(["-qec", &format!("stty rows 27 cols 91; {line}"), "/dev/null"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let status = tegmen_tests::wait_child(&mut child, Duration::from_secs(90));
-        let mut out = String::new();
-        let _ = std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out);
-        (status, out.replace('\r', ""))
-    };
+    let run_in_script = |line: &str| run_in_terminal(&format!("stty rows 27 cols 91; {line}"), Duration::from_secs(90));
     let (status, out) = run_in_script(&format!(
         "{ctr} run --rm -t --runtime {RUNTIME} --runtime-config-path {} {IMAGE} tty1 \
          sh -c 'tty; stty size; exit 5'",
@@ -371,7 +349,7 @@ fn ctr_run_with_a_terminal_through_the_shim() {
     assert_eq!(status, Some(4), "ctr tasks exec -t: {out:?}");
     assert!(out.contains("/dev/pts/"), "no terminal in the exec: {out:?}");
     c.ok(&["tasks", "kill", "-s", "KILL", "tty2"]);
-    wait_stopped(&c, "tty2");
+    c.wait_stopped("tty2");
     c.ok(&["tasks", "delete", "tty2"]);
     c.ok(&["containers", "delete", "tty2"]);
     assert_pods_gone(&state, &before);
@@ -408,7 +386,7 @@ fn a_pod_survives_a_containerd_restart() {
         "exec after the restart: {err}"
     );
     c.ok(&["tasks", "kill", "s1"]);
-    wait_stopped(&c, "s1");
+    c.wait_stopped("s1");
     let (code, out, err) = c.out(&["tasks", "delete", "s1"]);
     assert_eq!(code, 0, "ctr tasks delete: {out}{err}");
     assert!(err.contains("exit code 9"), "the exit after the restart: {err}");
@@ -429,7 +407,7 @@ fn a_killed_vm_ends_the_pods_containers_with_255() {
     let st = tegmen_supervisor::sandbox::read_state(&state.join("sandboxes/v1")).unwrap();
     let qemu = st.processes.iter().find(|p| p.name == "qemu").expect("a QEMU");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(qemu.pid), nix::sys::signal::Signal::SIGKILL).unwrap();
-    wait_stopped(&c, "v1");
+    c.wait_stopped("v1");
     let (code, out, err) = c.out(&["tasks", "delete", "v1"]);
     assert_eq!(code, 0, "ctr tasks delete: {out}{err}");
     assert!(err.contains("exit code 255"), "a dead VM's container exits 255: {err}");
@@ -484,7 +462,7 @@ fn a_pod_torn_down_while_an_exec_streams_output() {
     let streamed = reader.join().unwrap();
     assert!(status.is_some(), "ctr tasks exec hung after its pod was killed");
     assert!(streamed > 0, "the exec streamed nothing before the kill");
-    wait_stopped(&c, "d1");
+    c.wait_stopped("d1");
     c.ok(&["tasks", "delete", "d1"]);
     c.ok(&["containers", "delete", "d1"]);
     assert_pods_gone(&state, &before);

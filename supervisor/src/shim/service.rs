@@ -711,6 +711,38 @@ fn metrics(s: &tegmen_agent_api::agent::ContainerStats) -> cgroups_v2::Metrics {
     }
 }
 
+impl Service {
+    /// Pause (freeze) or Resume: the guest call, the shim's state, the event.
+    async fn set_paused(&self, id: String, paused: bool) -> RpcResult<Empty> {
+        let agent = self.0.agent()?;
+        let guest_id = id.clone();
+        blocking(move || {
+            if paused {
+                agent.pause_container(&guest_id)
+            } else {
+                agent.resume_container(&guest_id)
+            }
+            .map_err(internal)
+        })
+        .await?;
+        if let Some(c) = lock(&self.0.state).containers.get_mut(&id) {
+            c.paused = paused;
+        }
+        if paused {
+            self.0.events.publish(&TaskPaused {
+                container_id: id,
+                ..Default::default()
+            });
+        } else {
+            self.0.events.publish(&TaskResumed {
+                container_id: id,
+                ..Default::default()
+            });
+        }
+        Ok(Empty::new())
+    }
+}
+
 #[async_trait]
 impl Task for Service {
     async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> RpcResult<StateResponse> {
@@ -780,31 +812,11 @@ impl Task for Service {
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> RpcResult<Empty> {
-        let agent = self.0.agent()?;
-        let id = req.id.clone();
-        blocking(move || agent.pause_container(&id).map_err(internal)).await?;
-        if let Some(c) = lock(&self.0.state).containers.get_mut(&req.id) {
-            c.paused = true;
-        }
-        self.0.events.publish(&TaskPaused {
-            container_id: req.id,
-            ..Default::default()
-        });
-        Ok(Empty::new())
+        self.set_paused(req.id, true).await
     }
 
     async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> RpcResult<Empty> {
-        let agent = self.0.agent()?;
-        let id = req.id.clone();
-        blocking(move || agent.resume_container(&id).map_err(internal)).await?;
-        if let Some(c) = lock(&self.0.state).containers.get_mut(&req.id) {
-            c.paused = false;
-        }
-        self.0.events.publish(&TaskResumed {
-            container_id: req.id,
-            ..Default::default()
-        });
-        Ok(Empty::new())
+        self.set_paused(req.id, false).await
     }
 
     async fn checkpoint(&self, _ctx: &TtrpcContext, _req: CheckpointTaskRequest) -> RpcResult<Empty> {
