@@ -14,6 +14,7 @@
 //! vcpus = 1
 //! kernel_params = ""
 //! boot_timeout_secs = 60
+//! host_overhead_mib = 256      # host memory of a VM beyond its guest RAM (its host cgroup's memory limit)
 //!
 //! [qemu]
 //! path = "qemu-system-x86_64"
@@ -65,6 +66,10 @@ pub struct GuestConfig {
     pub vcpus: u32,
     pub kernel_params: String,
     pub boot_timeout_secs: u64,
+    /// Host memory a VM's processes need beyond its guest RAM (QEMU or
+    /// tegmen-vmm with TCG's code cache, the backends, the monitor): with a
+    /// container memory limit, the VM's host cgroup gets guest RAM plus this.
+    pub host_overhead_mib: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -94,6 +99,7 @@ impl Default for GuestConfig {
             vcpus: 1,
             kernel_params: String::new(),
             boot_timeout_secs: 60,
+            host_overhead_mib: 256,
         }
     }
 }

@@ -52,6 +52,9 @@ pub struct NewContainer<'a> {
     pub stdin: bool,
     /// The bundle it comes from, recorded in `state.json`.
     pub bundle: Option<PathBuf>,
+    /// A host cgroup of its own, beside the VM's (a pod's app container,
+    /// as runc would make it: found by whoever looks, empty).
+    pub cgroup: Option<crate::cgroup::CgroupRequest>,
 }
 
 /// A container added to a sandbox.
@@ -69,6 +72,7 @@ impl Sandbox {
     /// mounts are undone.
     pub fn add_container(&mut self, c: &NewContainer) -> Result<AddedContainer> {
         validate_id(c.id)?;
+        let host_cgroup = c.cgroup.as_ref().map(|r| r.create()).transpose()?;
         let shared = self.shared_dir();
         let staging = self.dir().join("staging");
         let mut mounts = Vec::new();
@@ -89,12 +93,16 @@ impl Sandbox {
                     id: c.id.to_string(),
                     bundle: c.bundle.clone(),
                     created: now_secs(),
+                    host_cgroup,
                 };
                 self.update_state(|s| s.containers.push(entry))?;
                 Ok(AddedContainer { guest_pid, mounts })
             }
             Err(e) => {
                 unmount_container(&shared, c.id);
+                if let Some(cg) = host_cgroup {
+                    let _ = cg.remove();
+                }
                 Err(e)
             }
         }
@@ -107,8 +115,16 @@ impl Sandbox {
         validate_id(id)?;
         let removed = self.agent().remove_container(id, true);
         let unmounted = unmount_container(&self.shared_dir(), id);
+        let cgroup = self
+            .state()
+            .containers
+            .iter()
+            .find(|c| c.id == id)
+            .and_then(|c| c.host_cgroup.clone());
+        let cgroup_removed = cgroup.map_or(Ok(()), |c| c.remove());
         self.update_state(|s| s.containers.retain(|c| c.id != id))?;
         removed?;
+        cgroup_removed?;
         if unmounted {
             Ok(())
         } else {

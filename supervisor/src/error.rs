@@ -34,6 +34,9 @@ pub enum Error {
     AgentTimeout { id: String, secs: u64, console: String },
     #[error("agent: {0}")]
     Agent(String),
+    /// runc's wording where callers may parse it.
+    #[error("{0}")]
+    Cgroup(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

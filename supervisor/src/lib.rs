@@ -11,6 +11,7 @@
 //! face knows how a VM is booted.
 
 pub mod agent_client;
+pub mod cgroup;
 pub mod config;
 pub mod container;
 pub mod error;

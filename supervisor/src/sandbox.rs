@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tegmen_agent_api::{AGENT_VSOCK_PORT, SANDBOX_ID_FILE};
 
 use crate::agent_client::AgentClient;
+use crate::cgroup::{CgroupRequest, HostCgroup};
 use crate::config::Config;
 use crate::guest_image::GuestImage;
 use crate::hypervisor::{self, tail_lines, Hypervisor, VmSpec};
@@ -80,6 +81,11 @@ pub struct ContainerEntry {
     pub bundle: Option<PathBuf>,
     /// Seconds since the epoch.
     pub created: u64,
+    /// The container's own host cgroup, when it is not the VM's (the app
+    /// containers of a pod: it holds no process, the pod's VM is in the
+    /// sandbox container's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_cgroup: Option<HostCgroup>,
 }
 
 /// What `state.json` records.
@@ -103,6 +109,9 @@ pub struct SandboxState {
     /// The containers in the guest, in the order they were added.
     #[serde(default)]
     pub containers: Vec<ContainerEntry>,
+    /// The host cgroup every host process of the VM is in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_cgroup: Option<HostCgroup>,
 }
 
 /// Options of one sandbox beyond the configuration.
@@ -112,6 +121,9 @@ pub struct SandboxOptions {
     pub owned_by_current_process: bool,
     /// Who drives the sandbox (recorded for `supervisor list`).
     pub face: Face,
+    /// The host cgroup to run the VM's processes in (a container's
+    /// `linux.cgroupsPath`, with limits for the VM as a whole).
+    pub cgroup: Option<CgroupRequest>,
 }
 
 pub struct Sandbox {
@@ -223,6 +235,7 @@ impl Sandbox {
             vcpus: config.guest.vcpus,
             boot_to_agent_ms: None,
             containers: Vec::new(),
+            host_cgroup: None,
         };
         make_dir_atomically(config, id, &state)?;
 
@@ -236,13 +249,31 @@ impl Sandbox {
             spawn_time: Duration::ZERO,
             torn_down: false,
         };
-        match sandbox.boot(config, &layout, &image, choice.accel) {
+        let booted = sandbox
+            .make_cgroup(options.cgroup.as_ref())
+            .and_then(|()| sandbox.boot(config, &layout, &image, choice.accel));
+        match booted {
             Ok(()) => Ok(sandbox),
             Err(e) => {
                 sandbox.teardown();
                 Err(e)
             }
         }
+    }
+
+    /// Makes the VM's host cgroup before any of its processes exists, and
+    /// records it at once (a teardown after kill -9 finds it there).
+    fn make_cgroup(&mut self, request: Option<&CgroupRequest>) -> Result<()> {
+        let Some(request) = request else {
+            return Ok(());
+        };
+        self.state.host_cgroup = Some(request.create()?);
+        write_state(&self.layout().state(), &self.state)
+    }
+
+    /// The host cgroup the VM's processes are in, if it has one.
+    pub fn host_cgroup(&self) -> Option<&HostCgroup> {
+        self.state.host_cgroup.as_ref()
     }
 
     fn boot(&mut self, config: &Config, layout: &Layout, image: &GuestImage, accel: hypervisor::Accel) -> Result<()> {
@@ -266,6 +297,7 @@ impl Sandbox {
             shared_dir: shared,
             console_log: layout.console_log(),
             accel,
+            cgroup: self.state.host_cgroup.clone(),
         };
         let started = Instant::now();
         let state_path = layout.state();
@@ -430,7 +462,7 @@ impl Sandbox {
         self.torn_down = true;
         self.agent = None;
         self.hypervisor.kill();
-        remove_sandbox_dir(&self.dir, &self.state.processes);
+        remove_sandbox_dir(&self.dir, &self.state);
     }
 }
 
@@ -469,8 +501,10 @@ pub fn destroy(config: &Config, id: &str) -> Result<()> {
     if !dir.exists() {
         return Err(Error::SandboxNotFound(id.to_string()));
     }
-    let processes = read_state(&dir).map(|s| s.processes).unwrap_or_default();
-    remove_sandbox_dir(&dir, &processes);
+    match read_state(&dir) {
+        Ok(state) => remove_sandbox_dir(&dir, &state),
+        Err(_) => remove_sandbox_dir_of(&dir, &[], &[]),
+    }
     if dir.exists() {
         return Err(Error::Hypervisor(format!(
             "sandbox {id}: {} could not be removed",
@@ -506,8 +540,18 @@ fn make_dir_atomically(config: &Config, id: &str, state: &SandboxState) -> Resul
 }
 
 /// Kills what is left of a sandbox's processes, unmounts anything below
-/// its directory and removes it.
-fn remove_sandbox_dir(dir: &Path, recorded: &[ProcessRecord]) {
+/// its directory and removes it and its host cgroups.
+fn remove_sandbox_dir(dir: &Path, state: &SandboxState) {
+    let cgroups: Vec<PathBuf> = state
+        .host_cgroup
+        .iter()
+        .chain(state.containers.iter().filter_map(|c| c.host_cgroup.as_ref()))
+        .flat_map(|c| c.created.iter().cloned())
+        .collect();
+    remove_sandbox_dir_of(dir, &state.processes, &cgroups);
+}
+
+fn remove_sandbox_dir_of(dir: &Path, recorded: &[ProcessRecord], cgroups: &[PathBuf]) {
     for p in recorded {
         p.kill();
     }
@@ -517,6 +561,9 @@ fn remove_sandbox_dir(dir: &Path, recorded: &[ProcessRecord]) {
     for p in find_processes_using(dir) {
         p.kill();
         p.wait_gone(Duration::from_secs(2));
+    }
+    if let Err(e) = crate::cgroup::remove_dirs(cgroups) {
+        eprintln!("sandbox cleanup: {e}");
     }
     unmount_below(dir);
     // Never recurse into a file system that is still mounted below the
@@ -581,7 +628,7 @@ pub fn unmount_below(dir: &Path) {
 }
 
 /// mountinfo escapes space, tab, newline and backslash as \ooo.
-fn unescape_mount_path(s: &str) -> PathBuf {
+pub(crate) fn unescape_mount_path(s: &str) -> PathBuf {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -644,7 +691,7 @@ pub fn cleanup_stale(config: &Config) -> Result<Vec<String>> {
         }
         match read_state(&path) {
             Ok(state) if is_stale(&state) => {
-                remove_sandbox_dir(&path, &state.processes);
+                remove_sandbox_dir(&path, &state);
                 removed.push(name);
             }
             _ => {}
@@ -694,6 +741,7 @@ mod tests {
             boot_to_agent_ms: None,
             face: Face::Tegmen,
             containers: Vec::new(),
+            host_cgroup: None,
         }
     }
 

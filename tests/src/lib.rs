@@ -311,3 +311,76 @@ pub fn wait_child(child: &mut std::process::Child, timeout: Duration) -> Option<
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Host cgroups as a test looks at them (what runc's callers read).
+pub mod host_cgroup {
+    use std::path::{Path, PathBuf};
+
+    /// True on a host with only cgroup v2.
+    pub fn pure_v2() -> bool {
+        Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+    }
+
+    /// The directory of cgroup `path` (from the root) in `controller`'s
+    /// hierarchy.
+    pub fn dir(controller: &str, path: &str) -> PathBuf {
+        let rel = path.trim_start_matches('/');
+        if pure_v2() {
+            Path::new("/sys/fs/cgroup").join(rel)
+        } else {
+            Path::new("/sys/fs/cgroup").join(controller).join(rel)
+        }
+    }
+
+    /// The processes in it.
+    pub fn procs(controller: &str, path: &str) -> Vec<i32> {
+        std::fs::read_to_string(dir(controller, path).join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+
+    /// One control file, by its v1 and v2 names.
+    pub fn read(controller: &str, path: &str, v1: &str, v2: &str) -> String {
+        let file = dir(controller, path).join(if pure_v2() { v2 } else { v1 });
+        std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", file.display()))
+            .trim()
+            .to_string()
+    }
+
+    /// The pids of the host processes a sandbox recorded (`state.json`).
+    pub fn vm_pids(sandbox_dir: &Path) -> Vec<i32> {
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(sandbox_dir.join("state.json")).expect("state.json")).unwrap();
+        state["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["pid"].as_i64().unwrap() as i32)
+            .collect()
+    }
+
+    /// Removes an (empty) parent cgroup a test named, in every hierarchy.
+    pub fn remove_everywhere(path: &str) {
+        let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") else {
+            return;
+        };
+        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/')));
+        for e in entries.flatten() {
+            let _ = std::fs::remove_dir(e.path().join(path.trim_start_matches('/')));
+        }
+    }
+
+    /// True when cgroup `path` is in no hierarchy.
+    pub fn gone_everywhere(path: &str) -> bool {
+        let rel = path.trim_start_matches('/');
+        if pure_v2() {
+            return !Path::new("/sys/fs/cgroup").join(rel).exists();
+        }
+        std::fs::read_dir("/sys/fs/cgroup")
+            .map(|d| d.flatten().all(|e| !e.path().join(rel).exists()))
+            .unwrap_or(true)
+    }
+}

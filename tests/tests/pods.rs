@@ -58,6 +58,7 @@ fn add(sb: &mut Sandbox, id: &str, rootfs: &Path, spec: &serde_json::Value) -> t
         terminal: false,
         stdin: false,
         bundle: None,
+        cgroup: None,
     })
     .map(drop)
 }

@@ -865,3 +865,122 @@ fn twenty_in_a_row_leave_nothing() {
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// `linux.cgroupsPath` on the host, as runc makes it: the VM's processes
+/// and the monitor (the container's pid) and exec's monitors are in it, in
+/// every hierarchy; CPU limits as given, memory for the whole VM, pids
+/// never below what the VM needs; the systemd form with
+/// `--systemd-cgroup`; bad paths and limits refused with nothing left;
+/// gone after delete.
+#[test]
+fn host_cgroups_hold_the_vm() {
+    use tegmen_tests::host_cgroup::{self as cg, dir, procs, read};
+    let rt = Rt::new("rt-cgroup");
+    let parent = format!("/tegmen-e2e-{}", std::process::id());
+    let path = format!("{parent}/c1");
+    let mut s = runc_like_spec(&["sleep", "1000"], false);
+    s["linux"]["cgroupsPath"] = path.clone().into();
+    s["linux"]["resources"] = serde_json::json!({
+        "cpu": {"shares": 512, "quota": 150000, "period": 100000},
+        "memory": {"limit": 64u64 << 20},
+        "pids": {"limit": 5}
+    });
+    let bundle = rt.bundle_with("c1", s.clone());
+    rt.ok_detached(&["run", "-d", "--bundle", Rt::b(&bundle), "c1"]);
+    let monitor = rt.state("c1")["pid"].as_i64().unwrap() as i32;
+    let vm = cg::vm_pids(&rt.root.config.sandboxes_dir().join("c1"));
+    assert_eq!(vm.len(), 3, "QEMU and two backends: {vm:?}");
+    for controller in ["memory", "cpu", "pids", "cpuset", "systemd"] {
+        let inside = procs(controller, &path);
+        for pid in vm.iter().chain([&monitor]) {
+            assert!(inside.contains(pid), "{controller}: {pid} not in {inside:?}");
+        }
+    }
+    assert_eq!(
+        read("cpu", &path, "cpu.shares", "cpu.weight"),
+        if cg::pure_v2() { "20" } else { "512" }
+    );
+    if !cg::pure_v2() {
+        assert_eq!(read("cpu", &path, "cpu.cfs_quota_us", "cpu.max"), "150000");
+    }
+    // 64 MiB for the container: a VM of 256 MiB (the default floor) plus
+    // 256 MiB for its host processes.
+    let memory: u64 = read("memory", &path, "memory.limit_in_bytes", "memory.max")
+        .parse()
+        .unwrap();
+    assert_eq!(memory, 512 << 20);
+    let pids_max: u64 = read("pids", &path, "pids.max", "pids.max").parse().unwrap();
+    let pids_now: u64 = read("pids", &path, "pids.current", "pids.current").parse().unwrap();
+    assert_eq!(pids_max, 128 + 8 * 2, "5 asked, the VM's floor given (2 vCPUs)");
+    assert!(pids_now * 2 < pids_max, "{pids_now} threads of {pids_max}");
+    // The container itself is limited in the guest.
+    let (code, out, err) = rt.out(&[
+        "exec",
+        "c1",
+        "cat",
+        "/sys/fs/cgroup/pids.max",
+        "/sys/fs/cgroup/memory.max",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["5", &(64u64 << 20).to_string()]
+    );
+    // An exec's monitor joins the container's cgroup, as runc's exec does.
+    rt.ok_detached(&[
+        "exec",
+        "-d",
+        "--pid-file",
+        rt.root.root().join("exec.pid").to_str().unwrap(),
+        "c1",
+        "sleep",
+        "100",
+    ]);
+    let exec_pid: i32 = std::fs::read_to_string(rt.root.root().join("exec.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(procs("memory", &path).contains(&exec_pid));
+    rt.ok(&["delete", "--force", "c1"]);
+    assert!(
+        !dir("memory", &path).exists() && cg::gone_everywhere(&path),
+        "{path} left"
+    );
+    rt.root.assert_nothing_left();
+
+    // The systemd form, laid out as systemd would.
+    let mut sd = s.clone();
+    sd["linux"]["cgroupsPath"] = format!("tegmen-e2e{}.slice:tegmen:c2", std::process::id()).into();
+    sd["linux"]["resources"] = serde_json::Value::Null;
+    let bundle = rt.bundle_with("c2", sd);
+    let sd_path = format!("/tegmen.slice/tegmen-e2e{}.slice/tegmen-c2.scope", std::process::id());
+    rt.ok_detached(&["--systemd-cgroup", "run", "-d", "--bundle", Rt::b(&bundle), "c2"]);
+    let monitor = rt.state("c2")["pid"].as_i64().unwrap() as i32;
+    assert!(procs("memory", &sd_path).contains(&monitor), "{sd_path}");
+    rt.ok(&["delete", "--force", "c2"]);
+    assert!(cg::gone_everywhere(&sd_path));
+    cg::remove_everywhere(&format!("/tegmen.slice/tegmen-e2e{}.slice", std::process::id()));
+
+    // Bad input: named, and nothing made.
+    let mut bad = s.clone();
+    bad["linux"]["cgroupsPath"] = format!("{parent}/../escape").into();
+    let bundle = rt.bundle_with("bad1", bad);
+    let (code, _, err) = rt.out(&["run", "--bundle", Rt::b(&bundle), "bad1"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cgroupsPath") && err.contains(".."), "{err}");
+    let mut bad = s.clone();
+    bad["linux"]["cgroupsPath"] = format!("{parent}/bad2").into();
+    bad["linux"]["resources"]["cpu"]["period"] = 10.into();
+    let bundle = rt.bundle_with("bad2", bad);
+    let (code, _, err) = rt.out(&["run", "--bundle", Rt::b(&bundle), "bad2"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cpu.cfs_period_us") || err.contains("cpu.max"), "{err}");
+    assert!(cg::gone_everywhere(&format!("{parent}/bad2")));
+    let (code, _, err) = rt.out(&["--systemd-cgroup", "run", "--bundle", Rt::b(&bundle), "bad3"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("slice:prefix:name"), "{err}");
+    rt.root.assert_nothing_left();
+    cg::remove_everywhere(&parent);
+    assert!(cg::gone_everywhere(&parent));
+}

@@ -52,6 +52,7 @@ fn run(cli: Cli, log_format: log::Format) -> anyhow::Result<i32> {
         log: cli.log.map(absolute).transpose()?,
         log_format,
         debug: cli.debug,
+        systemd_cgroup: cli.systemd_cgroup,
     };
     log::debug(&format!("{command:?}"));
     let create_options = |a: &tegmen_supervisor::runtime::cli::CreateArgs, detach: bool| CreateOptions {

@@ -64,7 +64,13 @@ impl Hypervisor for Builtin {
     fn start(&mut self, spec: &VmSpec, record: &mut dyn FnMut(ProcessRecord)) -> Result<()> {
         let program = helper_binary("tegmen-vmm")?;
         let cmd = Builtin::command_line(&program, spec);
-        let child = spawn_logged("tegmen-vmm", cmd, &spec.run_dir.join("vmm.log"), record)?;
+        let child = spawn_logged(
+            "tegmen-vmm",
+            cmd,
+            &spec.run_dir.join("vmm.log"),
+            spec.cgroup.as_ref(),
+            record,
+        )?;
         self.child = Some(child);
         Ok(())
     }
@@ -119,6 +125,7 @@ mod tests {
             shared_dir: "/run/tegmen/sandboxes/s1/shared".into(),
             console_log: "/run/tegmen/sandboxes/s1/console.log".into(),
             accel: Accel::Kvm,
+            cgroup: None,
         };
         let cmd = Builtin::command_line(Path::new("/usr/libexec/tegmen/tegmen-vmm"), &spec);
         let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();

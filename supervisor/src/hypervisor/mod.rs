@@ -34,6 +34,8 @@ pub struct VmSpec {
     pub console_log: PathBuf,
     /// Hardware-accelerated (KVM) or emulated.
     pub accel: Accel,
+    /// The host cgroup every process of the VM is started in.
+    pub cgroup: Option<crate::cgroup::HostCgroup>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,26 +154,38 @@ pub fn new_hypervisor(config: &Config, choice: &BackendChoice) -> Result<Box<dyn
 
 /// Starts a VM's host process `name` with stdout and stderr in `log`, in a
 /// session of its own (the VM outlives the command that started it, and a
-/// terminal's ^C does not reach it), and records it at once.
+/// terminal's ^C does not reach it), in the VM's host cgroup from its
+/// first instruction, and records it at once.
 pub(crate) fn spawn_logged(
     name: &str,
     mut cmd: std::process::Command,
     log: &Path,
+    cgroup: Option<&crate::cgroup::HostCgroup>,
     record: &mut dyn FnMut(ProcessRecord),
 ) -> Result<std::process::Child> {
+    use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
     let out = std::fs::File::create(log).map_err(|e| Error::io("creating log", log, e))?;
     let err = out.try_clone().map_err(|e| Error::io("creating log", log, e))?;
     cmd.stdin(std::process::Stdio::null()).stdout(out).stderr(err);
-    // SAFETY: setsid is async-signal-safe and touches no memory.
+    // Open here, written in the child: they stay open (close-on-exec) until
+    // spawn returns.
+    let procs = match cgroup {
+        Some(c) => c.procs_files()?,
+        None => Vec::new(),
+    };
+    let fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
+    // SAFETY: setsid and write(2) are async-signal-safe; the closure only
+    // reads the descriptor list it owns.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             libc::setsid();
-            Ok(())
+            crate::cgroup::join_self(&fds)
         });
     }
     let program = cmd.get_program().to_string_lossy().into_owned();
     let child = cmd.spawn().map_err(|e| Error::io("starting", program, e))?;
+    drop(procs);
     if let Some(rec) = ProcessRecord::of(name, child.id() as i32) {
         record(rec);
     }

@@ -38,8 +38,15 @@ impl Qemu {
         &self.qemu
     }
 
-    fn spawn(&mut self, name: &str, cmd: Command, log: &Path, record: &mut dyn FnMut(ProcessRecord)) -> Result<()> {
-        let child = spawn_logged(name, cmd, log, record)?;
+    fn spawn(
+        &mut self,
+        name: &str,
+        cmd: Command,
+        log: &Path,
+        spec: &VmSpec,
+        record: &mut dyn FnMut(ProcessRecord),
+    ) -> Result<()> {
+        let child = spawn_logged(name, cmd, log, spec.cgroup.as_ref(), record)?;
         self.children.push((name.to_string(), child));
         Ok(())
     }
@@ -138,7 +145,7 @@ impl Hypervisor for Qemu {
             .arg(&vsock_vhost)
             .arg("--uds-path")
             .arg(&spec.vsock_socket);
-        self.spawn("tegmen-vsock-backend", cmd, &vsock_log, record)?;
+        self.spawn("tegmen-vsock-backend", cmd, &vsock_log, spec, record)?;
 
         let fs_log = spec.run_dir.join("fs-backend.log");
         let mut cmd = Command::new(helper_binary("tegmen-fs-backend")?);
@@ -146,14 +153,14 @@ impl Hypervisor for Qemu {
             .arg(&fs_vhost)
             .arg("--shared-dir")
             .arg(&spec.shared_dir);
-        self.spawn("tegmen-fs-backend", cmd, &fs_log, record)?;
+        self.spawn("tegmen-fs-backend", cmd, &fs_log, spec, record)?;
 
         self.wait_socket("tegmen-vsock-backend", &vsock_vhost, &vsock_log)?;
         self.wait_socket("tegmen-fs-backend", &fs_vhost, &fs_log)?;
 
         let name = |p: &Path| PathBuf::from(p.file_name().expect("a socket file name"));
         let cmd = self.command_line(spec, &name(&vsock_vhost), &name(&fs_vhost));
-        self.spawn("qemu", cmd, &spec.run_dir.join("qemu.log"), record)?;
+        self.spawn("qemu", cmd, &spec.run_dir.join("qemu.log"), spec, record)?;
         Ok(())
     }
 

@@ -26,7 +26,8 @@ pub struct Cli {
     pub log_format: String,
     #[arg(long, global = true)]
     pub debug: bool,
-    /// Accepted for runc compatibility; cgroups live in the guest.
+    /// `linux.cgroupsPath` is in systemd's `slice:prefix:name` form (laid
+    /// out through cgroupfs).
     #[arg(long = "systemd-cgroup", global = true)]
     pub systemd_cgroup: bool,
     /// Accepted for runc compatibility (also `spec --rootless`).

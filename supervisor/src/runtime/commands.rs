@@ -369,6 +369,16 @@ pub fn exec(globals: &Globals, opts: &ExecOptions) -> Result<i32> {
             return Err(e);
         }
     };
+    // In the container's cgroup, as runc's exec process is.
+    let sandbox_dir = crate::sandbox::Layout::new(config, &opts.id).dir;
+    if let Some(cg) = crate::sandbox::read_state(&sandbox_dir)
+        .ok()
+        .and_then(|s| s.host_cgroup)
+    {
+        if let Err(e) = cg.add(child.id() as i32) {
+            log::debug(&format!("exec {}: joining {}: {e}", opts.id, cg.path.display()));
+        }
+    }
     if let Some(p) = &opts.pid_file {
         write_pid_file(p, child.id())?;
     }

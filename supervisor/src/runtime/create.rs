@@ -57,6 +57,13 @@ pub fn create(globals: &Globals, opts: &CreateOptions) -> Result<Child> {
     config.guest.memory_mib = memory;
     config.guest.vcpus = vcpus;
     log::debug(&format!("create {id}: VM of {memory} MiB and {vcpus} vCPU(s)"));
+    let cgroup = crate::cgroup::vm_request(
+        &bundle.spec,
+        id,
+        globals.systemd_cgroup,
+        (memory, vcpus),
+        config.guest.host_overhead_mib,
+    )?;
 
     let t0 = Instant::now();
     let mut sandbox = Sandbox::create(
@@ -65,6 +72,7 @@ pub fn create(globals: &Globals, opts: &CreateOptions) -> Result<Child> {
         &SandboxOptions {
             owned_by_current_process: true,
             face: Face::Tegmen,
+            cgroup: Some(cgroup),
         },
     )
     .map_err(|e| match e {
@@ -76,16 +84,24 @@ pub fn create(globals: &Globals, opts: &CreateOptions) -> Result<Child> {
     log::phase("vm-setup", booted - sandbox.boot_time() + sandbox.spawn_time());
     log::phase("guest-boot", sandbox.boot_time() - sandbox.spawn_time());
     let t1 = Instant::now();
+    let mut guest_spec = bundle.guest_spec(id, &binds);
+    if globals.systemd_cgroup {
+        // The guest knows no systemd: its cgroup is the path systemd's
+        // form stands for.
+        let host_path = sandbox.host_cgroup().map(|c| c.path.display().to_string());
+        guest_spec["linux"]["cgroupsPath"] = host_path.unwrap_or_else(|| format!("/tegmen/{id}")).into();
+    }
     let added = sandbox.add_container(&NewContainer {
         id,
         rootfs: &bundle.rootfs,
         readonly: bundle.readonly,
         binds: &binds,
-        guest_spec: bundle.guest_spec(id, &binds).to_string(),
+        guest_spec: guest_spec.to_string(),
         mount_destinations: container::mount_destinations(&bundle.spec),
         terminal: bundle.terminal,
         stdin: true,
         bundle: Some(bundle.dir.clone()),
+        cgroup: None,
     })?;
     log::phase("container-create", t1.elapsed());
     let t2 = Instant::now();
@@ -114,6 +130,10 @@ pub fn create(globals: &Globals, opts: &CreateOptions) -> Result<Child> {
     };
     let mut child = monitor::spawn(globals, &args, opts.preserve_fds, opts.detach)?;
     let finish = || -> Result<()> {
+        // The container's init on the host, as runc's is: in its cgroup.
+        if let Some(cg) = sandbox.host_cgroup() {
+            cg.add(child.id() as i32)?;
+        }
         let rec = ProcessRecord::of("monitor", child.id() as i32)
             .ok_or_else(|| Error::Sys(format!("the monitor of {id} exited at once")))?;
         let rec = store::update(&globals.config, id, |r| r.monitor = Some(rec))?;

@@ -124,4 +124,6 @@ pub struct Globals {
     pub log: Option<PathBuf>,
     pub log_format: log::Format,
     pub debug: bool,
+    /// `--systemd-cgroup`: `linux.cgroupsPath` is `slice:prefix:name`.
+    pub systemd_cgroup: bool,
 }

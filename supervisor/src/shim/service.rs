@@ -253,12 +253,22 @@ impl Inner {
                 .map_err(|e| rpc_err(ttrpc::Code::INVALID_ARGUMENT, format!("pod {pod_id}: {e}")))?;
             config.guest.memory_mib = memory;
             config.guest.vcpus = vcpus;
+            // The pod's VM in the sandbox container's host cgroup.
+            let cgroup = crate::cgroup::vm_request(
+                &bundle.spec,
+                id,
+                crate::cgroup::is_systemd_form(bundle.spec["linux"]["cgroupsPath"].as_str().unwrap_or("")),
+                (memory, vcpus),
+                config.guest.host_overhead_mib,
+            )
+            .map_err(|e| rpc_err(ttrpc::Code::INVALID_ARGUMENT, format!("pod {pod_id}: {e}")))?;
             let sandbox = Sandbox::create(
                 &config,
                 &pod_id,
                 &SandboxOptions {
                     owned_by_current_process: true,
                     face: Face::Shim,
+                    cgroup: Some(cgroup),
                 },
             )
             .map_err(|e| internal(format!("pod {pod_id}: {e}")))?;
@@ -316,6 +326,17 @@ impl Inner {
             if is_sandbox { None } else { sandbox_pid },
         )
         .map_err(|e| fail_pod(rpc_err(ttrpc::Code::INVALID_ARGUMENT, e)))?;
+        // An app container's own host cgroup exists, as runc would make it;
+        // the VM that runs it is in the sandbox container's.
+        let own_cgroup = if is_sandbox {
+            None
+        } else {
+            let path = bundle.spec["linux"]["cgroupsPath"].as_str().unwrap_or("");
+            Some(
+                crate::cgroup::container_request(&bundle.spec, id, crate::cgroup::is_systemd_form(path))
+                    .map_err(|e| fail_pod(rpc_err(ttrpc::Code::INVALID_ARGUMENT, format!("container {id}: {e}"))))?,
+            )
+        };
         let added = sandbox
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -329,6 +350,7 @@ impl Inner {
                 terminal: bundle.terminal || req.terminal,
                 stdin: !req.stdin.is_empty(),
                 bundle: Some(bundle.dir.clone()),
+                cgroup: own_cgroup,
             })
             .map_err(|e| fail_pod(internal(e)))?;
         let io = match ProcessIo::open(&endpoint, id, "", &stdio) {
