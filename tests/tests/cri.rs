@@ -7,7 +7,7 @@
 
 use tegmen_tests::clients::{assert_pods_gone, shim_pids as shims, Containerd};
 use tegmen_tests::cri::*;
-use tegmen_tests::TestRoot;
+use tegmen_tests::{host_cgroup, TestRoot};
 
 const HANDLER: &str = "tegmen";
 
@@ -20,9 +20,12 @@ fn a_kubernetes_pod_through_cri_is_one_vm() {
     std::fs::create_dir_all(&logs).unwrap();
     let before = shims();
     let c = Containerd::start_cri("cri", &config);
+    let cgroup_parent = format!("/tegmen-e2e-cri-{}/podweb", std::process::id());
     runtime().block_on(async {
         let mut rt = connect(&c.socket()).await;
-        let pod_cfg = pod_config("web", &logs, &[("io.tegmen.vm.memory_mib", "384")]);
+        let mut pod_cfg = pod_config("web", &logs, &[("io.tegmen.vm.memory_mib", "384")]);
+        // As the kubelet's cgroupfs driver names a pod's cgroup.
+        pod_cfg.linux.as_mut().unwrap().cgroup_parent = cgroup_parent.clone();
         let pod = rt
             .run_pod_sandbox(RunPodSandboxRequest {
                 config: Some(pod_cfg.clone()),
@@ -74,8 +77,17 @@ fn a_kubernetes_pod_through_cri_is_one_vm() {
         assert_eq!((status.exit_code, status.reason.as_str()), (7, "Error"));
 
         // A long-running container: ExecSync, its timeout, stats.
+        let mut app_cfg = container_config("app", &["sleep", "3600"]);
+        app_cfg.linux.as_mut().unwrap().resources = Some(LinuxContainerResources {
+            memory_limit_in_bytes: 96 << 20,
+            cpu_shares: 256,
+            ..Default::default()
+        });
         let app = rt
-            .create_container(create("app", &["sleep", "3600"]))
+            .create_container(CreateContainerRequest {
+                config: Some(app_cfg),
+                ..create("app", &[])
+            })
             .await
             .expect("CreateContainer")
             .into_inner()
@@ -149,6 +161,45 @@ fn a_kubernetes_pod_through_cri_is_one_vm() {
         assert_eq!(ids, want_ids, "writer {writer} and failing {failing} exited");
         assert_eq!(shims().iter().filter(|p| !before.contains(p)).count(), 1, "one shim");
 
+        // On the host, the pod's VM is in the sandbox container's cgroup
+        // (below the pod's, which bounds it); the app container's cgroup
+        // exists as runc would make it, with its limits, and is empty.
+        let sandbox_cg = format!("{cgroup_parent}/{pod}");
+        let app_cg = format!("{cgroup_parent}/{app}");
+        for controller in ["memory", "cpu", "pids"] {
+            let inside = host_cgroup::procs(controller, &sandbox_cg);
+            for p in &st.processes {
+                assert!(
+                    inside.contains(&p.pid),
+                    "{controller}: {} not in {sandbox_cg}: {inside:?}",
+                    p.name
+                );
+            }
+            assert_eq!(host_cgroup::procs(controller, &app_cg), Vec::<i32>::new());
+        }
+        let limit = host_cgroup::read("memory", &app_cg, "memory.limit_in_bytes", "memory.max");
+        assert_eq!(limit, (96u64 << 20).to_string());
+        // The app container's own limit holds in the guest.
+        let r = rt
+            .exec_sync(exec(
+                &[
+                    "sh",
+                    "-c",
+                    "cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/memory.max",
+                ],
+                30,
+            ))
+            .await
+            .expect("ExecSync")
+            .into_inner();
+        let out = String::from_utf8_lossy(&r.stdout);
+        assert_eq!(
+            out.trim(),
+            (96u64 << 20).to_string(),
+            "{}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+
         for id in [&app, &writer, &failing] {
             rt.stop_container(StopContainerRequest {
                 container_id: id.to_string(),
@@ -172,8 +223,14 @@ fn a_kubernetes_pod_through_cri_is_one_vm() {
         })
         .await
         .expect("RemovePodSandbox");
+        for id in [&pod, &app] {
+            let cg = format!("{cgroup_parent}/{id}");
+            assert!(host_cgroup::gone_everywhere(&cg), "{cg} left");
+        }
     });
     assert_pods_gone(&state, &before);
+    host_cgroup::remove_everywhere(&cgroup_parent);
+    host_cgroup::remove_everywhere(cgroup_parent.rsplit_once('/').unwrap().0);
 
     // A malformed VM-size annotation fails RunPodSandbox, naming it.
     runtime().block_on(async {
