@@ -362,14 +362,54 @@ pub mod host_cgroup {
             .collect()
     }
 
-    /// Removes an (empty) parent cgroup a test named, in every hierarchy.
-    pub fn remove_everywhere(path: &str) {
-        let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") else {
-            return;
+    /// The host cgroup directories a sandbox recorded as its own (the VM's
+    /// and its containers'), from its `state.json`.
+    pub fn recorded(sandbox_dir: &Path) -> Vec<PathBuf> {
+        let state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(sandbox_dir.join("state.json")).expect("state.json")).unwrap();
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        let mut take = |cg: &serde_json::Value| {
+            for d in cg["created"].as_array().into_iter().flatten() {
+                dirs.push(PathBuf::from(d.as_str().unwrap()));
+            }
         };
-        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/')));
-        for e in entries.flatten() {
-            let _ = std::fs::remove_dir(e.path().join(path.trim_start_matches('/')));
+        take(&state["host_cgroup"]);
+        for c in state["containers"].as_array().into_iter().flatten() {
+            take(&c["host_cgroup"]);
+        }
+        dirs
+    }
+
+    /// Removes cgroup `path` and the empty cgroups below it, in every
+    /// hierarchy (a cgroup with a process stays).
+    pub fn remove_everywhere(path: &str) {
+        let rel = path.trim_start_matches('/');
+        remove_tree(&Path::new("/sys/fs/cgroup").join(rel));
+        if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
+            for e in entries.flatten() {
+                remove_tree(&e.path().join(rel));
+            }
+        }
+    }
+
+    fn remove_tree(dir: &Path) {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    remove_tree(&e.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(dir);
+    }
+
+    /// A cgroup a test names as a parent: removed with all below it when
+    /// the test ends, passed or not.
+    pub struct Scratch(pub String);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            remove_everywhere(&self.0);
         }
     }
 

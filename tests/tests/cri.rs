@@ -20,7 +20,8 @@ fn a_kubernetes_pod_through_cri_is_one_vm() {
     std::fs::create_dir_all(&logs).unwrap();
     let before = shims();
     let c = Containerd::start_cri("cri", &config);
-    let cgroup_parent = format!("/tegmen-e2e-cri-{}/podweb", std::process::id());
+    let scratch = host_cgroup::Scratch(format!("/tegmen-e2e-cri-{}", std::process::id()));
+    let cgroup_parent = format!("{}/podweb", scratch.0);
     runtime().block_on(async {
         let mut rt = connect(&c.socket()).await;
         let mut pod_cfg = pod_config("web", &logs, &[("io.tegmen.vm.memory_mib", "384")]);
@@ -229,8 +230,8 @@ fn a_kubernetes_pod_through_cri_is_one_vm() {
         }
     });
     assert_pods_gone(&state, &before);
-    host_cgroup::remove_everywhere(&cgroup_parent);
-    host_cgroup::remove_everywhere(cgroup_parent.rsplit_once('/').unwrap().0);
+    drop(scratch);
+    assert!(host_cgroup::gone_everywhere(&cgroup_parent));
 
     // A malformed VM-size annotation fails RunPodSandbox, naming it.
     runtime().block_on(async {

@@ -481,11 +481,15 @@ fn killed_vm() {
         .expect("qemu recorded")["pid"]
         .as_i64()
         .unwrap() as i32;
+    let cgroups = tegmen_tests::host_cgroup::recorded(&rt.root.config.sandboxes_dir().join("vm"));
+    assert!(!cgroups.is_empty() && cgroups.iter().all(|d| d.exists()), "{cgroups:?}");
     // SAFETY: kill sends a signal to a QEMU this test started.
     unsafe { libc::kill(qemu, libc::SIGKILL) };
     rt.wait_status("vm", "stopped");
     rt.ok(&["delete", "vm"]);
     rt.root.assert_nothing_left();
+    let left: Vec<_> = cgroups.iter().filter(|d| d.exists()).collect();
+    assert!(left.is_empty(), "host cgroups left: {left:?}");
 }
 
 /// A host bind mount reaches the container at the spec's destination; a
@@ -876,7 +880,9 @@ fn twenty_in_a_row_leave_nothing() {
 fn host_cgroups_hold_the_vm() {
     use tegmen_tests::host_cgroup::{self as cg, dir, procs, read};
     let rt = Rt::new("rt-cgroup");
-    let parent = format!("/tegmen-e2e-{}", std::process::id());
+    let scratch = cg::Scratch(format!("/tegmen-e2e-{}", std::process::id()));
+    let slice = cg::Scratch(format!("/tegmen.slice/tegmen-e2e{}.slice", std::process::id()));
+    let parent = scratch.0.clone();
     let path = format!("{parent}/c1");
     let mut s = runc_like_spec(&["sleep", "1000"], false);
     s["linux"]["cgroupsPath"] = path.clone().into();
@@ -960,7 +966,11 @@ fn host_cgroups_hold_the_vm() {
     assert!(procs("memory", &sd_path).contains(&monitor), "{sd_path}");
     rt.ok(&["delete", "--force", "c2"]);
     assert!(cg::gone_everywhere(&sd_path));
-    cg::remove_everywhere(&format!("/tegmen.slice/tegmen-e2e{}.slice", std::process::id()));
+    drop(slice);
+    // The systemd form's top slice, if this test made it (empty: removable).
+    for d in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+        let _ = std::fs::remove_dir(d.path().join("tegmen.slice"));
+    }
 
     // Bad input: named, and nothing made.
     let mut bad = s.clone();
@@ -981,6 +991,6 @@ fn host_cgroups_hold_the_vm() {
     assert_eq!(code, 1);
     assert!(err.contains("slice:prefix:name"), "{err}");
     rt.root.assert_nothing_left();
-    cg::remove_everywhere(&parent);
+    drop(scratch);
     assert!(cg::gone_everywhere(&parent));
 }

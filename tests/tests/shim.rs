@@ -194,6 +194,12 @@ fn a_killed_shim_leaves_nothing_after_delete() {
     run_detached(&c, config.to_str().unwrap(), &["k1", "sleep", "1000"]);
     let ours: Vec<i32> = shims().into_iter().filter(|p| !before.contains(p)).collect();
     assert_eq!(ours.len(), 1, "one shim for the pod: {ours:?}");
+    // ctr's cgroup for the task (/<namespace>/k1): the VM is in it.
+    let cgroups = tegmen_tests::host_cgroup::recorded(&state.join("sandboxes/k1"));
+    assert!(
+        !cgroups.is_empty() && cgroups.iter().all(|d| d.ends_with("k1") && d.exists()),
+        "{cgroups:?}"
+    );
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(ours[0]), nix::sys::signal::Signal::SIGKILL).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while c.task_status("k1") != "STOPPED" && !c.task_status("k1").is_empty() {
@@ -203,6 +209,8 @@ fn a_killed_shim_leaves_nothing_after_delete() {
     let _ = c.out(&["tasks", "delete", "k1"]);
     c.ok(&["containers", "delete", "k1"]);
     assert_pods_gone(&state, &before);
+    let left: Vec<_> = cgroups.iter().filter(|d| d.exists()).collect();
+    assert!(left.is_empty(), "host cgroups left after the shim was killed: {left:?}");
 }
 
 /// The PID column of `ctr tasks ls` for `id`.
