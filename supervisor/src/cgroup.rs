@@ -297,6 +297,14 @@ pub fn vm_request(
     Ok(request)
 }
 
+/// The limits `update` gives the VM's host cgroup: CPU and pids as for
+/// [`Limits::for_vm`]; memory is left, since the VM keeps its size.
+pub fn vm_update(resources: &serde_json::Value, vcpus: u32) -> Result<Limits> {
+    let mut limits = Limits::from_spec(resources)?.for_vm(0, vm_pids_floor(vcpus));
+    limits.memory = None;
+    Ok(limits)
+}
+
 /// The host cgroup of the container of `spec`, with its limits as given.
 pub fn container_request(spec: &serde_json::Value, id: &str, systemd: bool) -> Result<CgroupRequest> {
     let path = spec["linux"]["cgroupsPath"].as_str().unwrap_or("");
@@ -544,6 +552,29 @@ impl HostCgroup {
                     .map_err(|e| Error::io("opening", p, e))
             })
             .collect()
+    }
+
+    /// Applies new limits (`update`) in every hierarchy it is in.
+    pub fn update(&self, limits: &Limits) -> Result<()> {
+        self.update_in(&hierarchies()?, limits)
+    }
+
+    fn update_in(&self, hierarchies: &[Hierarchy], limits: &Limits) -> Result<()> {
+        let pure_v2 = hierarchies.iter().all(|h| h.v2);
+        for dir in &self.dirs {
+            let h = hierarchies
+                .iter()
+                .filter(|h| dir.starts_with(&h.mountpoint))
+                .max_by_key(|h| h.mountpoint.as_os_str().len());
+            let Some(h) = h else { continue };
+            if h.v2 && !pure_v2 {
+                continue;
+            }
+            for (file, value) in limits.writes(h) {
+                write_file(&dir.join(file), &value)?;
+            }
+        }
+        Ok(())
     }
 
     /// Moves process `pid` into the cgroup in every hierarchy.
@@ -820,6 +851,27 @@ mod tests {
         assert!(!t.path().join("cpu/k8s/pod1/memory.limit_in_bytes").exists());
         assert_eq!(cg.path, PathBuf::from("/k8s/pod1"));
         assert_eq!(cg.created.len(), 3, "the leaves this made: {:?}", cg.created);
+        let hierarchies = [
+            fake(&t.path().join("cpu"), false, &["cpu"]),
+            fake(&t.path().join("cpuset"), false, &["cpuset"]),
+            fake(&t.path().join("memory"), false, &["memory"]),
+        ];
+        let newer = Limits {
+            cpu_quota: Some(50_000),
+            pids: Some(300),
+            ..Limits::default()
+        };
+        cg.update_in(&hierarchies, &newer).unwrap();
+        assert_eq!(read("cpu/k8s/pod1/cpu.cfs_quota_us"), "50000");
+        assert_eq!(
+            read("cpu/k8s/pod1/cpu.shares"),
+            "512",
+            "what the update leaves out stays"
+        );
+        assert!(
+            !t.path().join("cpu/k8s/pod1/pids.max").exists(),
+            "no pids hierarchy here"
+        );
     }
 
     #[test]

@@ -948,6 +948,25 @@ fn host_cgroups_hold_the_vm() {
         .parse()
         .unwrap();
     assert!(procs("memory", &path).contains(&exec_pid));
+    // `update` reaches the host cgroup too (the VM keeps its memory).
+    rt.ok(&[
+        "update",
+        "--cpu-quota",
+        "50000",
+        "--pids-limit",
+        "2000",
+        "--memory",
+        "32M",
+        "c1",
+    ]);
+    if !cg::pure_v2() {
+        assert_eq!(read("cpu", &path, "cpu.cfs_quota_us", "cpu.max"), "50000");
+    }
+    assert_eq!(read("pids", &path, "pids.max", "pids.max"), "2000");
+    let memory: u64 = read("memory", &path, "memory.limit_in_bytes", "memory.max")
+        .parse()
+        .unwrap();
+    assert_eq!(memory, 512 << 20, "the VM's memory bound stays");
     rt.ok(&["delete", "--force", "c1"]);
     assert!(
         !dir("memory", &path).exists() && cg::gone_everywhere(&path),

@@ -472,6 +472,11 @@ pub fn update(globals: &Globals, id: &str, opts: &UpdateOptions) -> Result<()> {
         r["pids"]["limit"] = p.into();
     }
     connect_agent(&globals.config, id)?.update_container(id, &r.to_string())?;
+    // The VM's host cgroup follows, as runc's container cgroup does.
+    let state = crate::sandbox::read_state(&crate::sandbox::Layout::new(&globals.config, id).dir)?;
+    if let Some(cg) = &state.host_cgroup {
+        cg.update(&crate::cgroup::vm_update(&r, state.vcpus)?)?;
+    }
     Ok(())
 }
 

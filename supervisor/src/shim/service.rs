@@ -939,7 +939,29 @@ impl Task for Service {
         let json = String::from_utf8(json)
             .map_err(|_| rpc_err(ttrpc::Code::INVALID_ARGUMENT, "update: resources are not JSON text"))?;
         let agent = self.0.agent()?;
-        blocking(move || agent.update_container(&req.id, &json).map_err(internal)).await?;
+        let sandbox = lock(&self.0.state).pod.as_ref().map(|p| p.sandbox.clone());
+        blocking(move || {
+            agent.update_container(&req.id, &json).map_err(internal)?;
+            // The host cgroup follows: an app container's own, or the VM's
+            // for the sandbox container.
+            let Some(sandbox) = sandbox else { return Ok(()) };
+            let resources: serde_json::Value = serde_json::from_str(&json)
+                .map_err(|e| rpc_err(ttrpc::Code::INVALID_ARGUMENT, format!("update: resources: {e}")))?;
+            let sb = sandbox.lock().unwrap_or_else(|p| p.into_inner());
+            let own = sb
+                .state()
+                .containers
+                .iter()
+                .find(|c| c.id == req.id)
+                .and_then(|c| c.host_cgroup.clone());
+            let updated = match (own, sb.host_cgroup()) {
+                (Some(cg), _) => crate::cgroup::Limits::from_spec(&resources).and_then(|l| cg.update(&l)),
+                (None, Some(vm)) => crate::cgroup::vm_update(&resources, sb.state().vcpus).and_then(|l| vm.update(&l)),
+                (None, None) => Ok(()),
+            };
+            updated.map_err(|e| internal(format!("update {}: {e}", req.id)))
+        })
+        .await?;
         Ok(Empty::new())
     }
 
