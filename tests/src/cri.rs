@@ -123,3 +123,86 @@ pub fn cri_log_stdout(path: &Path) -> String {
     }
     out
 }
+
+/// One `kubectl exec -it` session through CRI's streaming server: a
+/// websocket speaking `v4.channel.k8s.io` (each message starts with its
+/// channel: 0 stdin, 1 stdout, 2 stderr, 3 the exit status, 4 resize).
+pub struct TtySession {
+    ws: tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>,
+    /// Everything that arrived on stdout so far.
+    pub stdout: String,
+    /// The status document of channel 3, once the process ended.
+    pub status: String,
+    pub closed: bool,
+}
+
+impl TtySession {
+    /// Connects to the URL an `Exec` answered with.
+    pub fn connect(url: &str) -> TtySession {
+        use tungstenite::client::IntoClientRequest;
+        let ws_url = url.replacen("http://", "ws://", 1);
+        let mut req = ws_url.into_client_request().expect("a websocket URL");
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse().unwrap());
+        let (ws, resp) = tungstenite::connect(req).unwrap_or_else(|e| panic!("websocket to {url}: {e}"));
+        assert_eq!(
+            resp.headers()
+                .get("Sec-WebSocket-Protocol")
+                .map(|v| v.to_str().unwrap()),
+            Some("v4.channel.k8s.io"),
+            "the server speaks the protocol kubectl asked for"
+        );
+        if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+            s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        }
+        TtySession {
+            ws,
+            stdout: String::new(),
+            status: String::new(),
+            closed: false,
+        }
+    }
+
+    fn send(&mut self, channel: u8, body: &[u8]) {
+        let mut msg = vec![channel];
+        msg.extend_from_slice(body);
+        self.ws.send(tungstenite::Message::binary(msg)).expect("websocket send");
+    }
+
+    pub fn input(&mut self, text: &str) {
+        self.send(0, text.as_bytes());
+    }
+
+    pub fn resize(&mut self, width: u16, height: u16) {
+        self.send(4, format!("{{\"Width\":{width},\"Height\":{height}}}").as_bytes());
+    }
+
+    /// Reads until `done` holds or the session closes (or 60 s pass).
+    pub fn read_until(&mut self, done: impl Fn(&TtySession) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !done(self) && !self.closed {
+            assert!(
+                Instant::now() < deadline,
+                "the session stalled; stdout so far: {:?}",
+                self.stdout
+            );
+            match self.ws.read() {
+                Ok(tungstenite::Message::Binary(data)) if !data.is_empty() => {
+                    let text = String::from_utf8_lossy(&data[1..]).into_owned();
+                    match data[0] {
+                        1 | 2 => self.stdout.push_str(&text),
+                        3 => self.status.push_str(&text),
+                        _ => {}
+                    }
+                }
+                Ok(tungstenite::Message::Close(_)) => self.closed = true,
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => self.closed = true,
+                Err(tungstenite::Error::Protocol(_)) => self.closed = true,
+                Err(e) => panic!("websocket read: {e}"),
+            }
+        }
+    }
+}

@@ -201,6 +201,46 @@ fn a_kubernetes_pod_through_cri_is_one_vm() {
             String::from_utf8_lossy(&r.stderr)
         );
 
+        // `kubectl exec -it`: a terminal through CRI's streaming server.
+        let url = rt
+            .exec(ExecRequest {
+                container_id: app.clone(),
+                cmd: vec!["sh".into()],
+                tty: true,
+                stdin: true,
+                stdout: true,
+                stderr: false,
+            })
+            .await
+            .expect("Exec")
+            .into_inner()
+            .url;
+        let session = tokio::task::spawn_blocking(move || {
+            let mut s = TtySession::connect(&url);
+            s.resize(100, 30);
+            s.input("stty size; tty; echo tty-$((6*7))\n");
+            s.read_until(|s| s.stdout.contains("tty-42"));
+            s.resize(61, 17);
+            s.input("stty size\n");
+            s.read_until(|s| s.stdout.contains("17 61"));
+            s.input("exit 3\n");
+            s.read_until(|_| false);
+            s
+        })
+        .await
+        .unwrap();
+        assert!(
+            session.stdout.contains("30 100") && session.stdout.contains("17 61"),
+            "the window sizes reached the terminal: {:?}",
+            session.stdout
+        );
+        assert!(session.stdout.contains("/dev/pts/"), "a terminal: {:?}", session.stdout);
+        assert!(
+            session.status.contains("NonZeroExitCode") && session.status.contains("\"message\":\"3\""),
+            "exit status 3 on the error channel: {}",
+            session.status
+        );
+
         for id in [&app, &writer, &failing] {
             rt.stop_container(StopContainerRequest {
                 container_id: id.to_string(),
