@@ -85,6 +85,25 @@ fn ctr_run_with_the_shim() {
     assert!(text.contains(&want[want.len() - 30..]), "the log lost bytes");
     assert!(text.contains("done\n"), "stderr in the log");
     assert_pods_gone(&root.root().join("state"), &before);
+
+    // A rootfs that is not there: Create fails naming it, nothing is left.
+    let missing = root.root().join("no-such-rootfs");
+    let (code, out, err) = c.out(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--runtime-config-path",
+        cfg,
+        "--rootfs",
+        missing.to_str().unwrap(),
+        "r3",
+        "true",
+    ]);
+    assert_ne!(code, 0, "a missing rootfs: {out}{err}");
+    assert!(err.contains("no-such-rootfs"), "the error names the rootfs: {err}");
+    let _ = c.out(&["containers", "delete", "r3"]);
+    assert_pods_gone(&root.root().join("state"), &before);
 }
 
 /// A detached task: its VM, `tasks exec` (output and exit code), `tasks
