@@ -86,6 +86,68 @@ fn ctr_run_with_the_shim() {
     assert!(text.contains("done\n"), "stderr in the log");
     assert_pods_gone(&root.root().join("state"), &before);
 
+    // A `binary://` logger (containerd's protocol: stdout on fd 3, stderr
+    // on fd 4, ready when fd 5 closes), as nerdctl and docker use it.
+    let logger = root.root().join("logger.sh");
+    std::fs::write(
+        &logger,
+        "#!/bin/sh\nexec 5>&-\necho \"$CONTAINER_NAMESPACE/$CONTAINER_ID\" > \"$1.env\"\n\
+         cat <&3 > \"$1.out\" & cat <&4 > \"$1.err\"; wait\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&logger, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let base = root.root().join("r4");
+    let uri = format!("binary://{}?{}", logger.display(), base.display());
+    let (code, out, err) = c.out(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--runtime-config-path",
+        cfg,
+        "--log-uri",
+        &uri,
+        IMAGE,
+        "r4",
+        "sh",
+        "-c",
+        "seq 1 20000; echo done >&2",
+    ]);
+    assert_eq!(code, 0, "ctr run --log-uri binary://: {out}{err}");
+    let read = |ext: &str| std::fs::read_to_string(format!("{}.{ext}", base.display())).unwrap_or_default();
+    // The logger may still be writing its last bytes when ctr returns.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while read("err") != "done\n" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        read("out") == want,
+        "the logger got {} bytes of stdout",
+        read("out").len()
+    );
+    assert_eq!(read("err"), "done\n");
+    assert_eq!(read("env").trim(), format!("{}/r4", c.namespace));
+    assert_pods_gone(&root.root().join("state"), &before);
+
+    // A logger that cannot start: Create fails naming it, nothing is left.
+    let (code, out, err) = c.out(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--runtime-config-path",
+        cfg,
+        "--log-uri",
+        "binary:///no/such/logger",
+        IMAGE,
+        "r5",
+        "true",
+    ]);
+    assert_ne!(code, 0, "a missing logger: {out}{err}");
+    assert!(err.contains("/no/such/logger"), "the error names the logger: {err}");
+    let _ = c.out(&["containers", "delete", "r5"]);
+    assert_pods_gone(&root.root().join("state"), &before);
+
     // A rootfs that is not there: Create fails naming it, nothing is left.
     let missing = root.root().join("no-such-rootfs");
     let (code, out, err) = c.out(&[

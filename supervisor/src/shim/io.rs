@@ -1,5 +1,5 @@
-//! A process's stdio between containerd's side (FIFOs, or a `file://`
-//! log) and its guest streams.
+//! A process's stdio between containerd's side (FIFOs, a `file://` log,
+//! or a `binary://` logging program) and its guest streams.
 //!
 //! Each output stream is copied by a thread of its own, blocking, so the
 //! guest waits when the reader is slow and nothing is dropped. When the
@@ -35,10 +35,49 @@ pub enum Target {
     Fifo(PathBuf),
     /// `file:///path`: both output streams appended to one file.
     File(PathBuf),
+    /// `binary:///path?k=v&…`: a logging program started for the process,
+    /// reading stdout on fd 3 and stderr on fd 4, ready once it closes fd 5
+    /// (containerd's protocol; its arguments are the query's keys and
+    /// values, in order).
+    Binary {
+        path: PathBuf,
+        args: Vec<String>,
+    },
+}
+
+/// How long a logging binary may take to say it is ready.
+const LOGGER_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a logging binary may take to end after its pipes closed,
+/// before SIGTERM, and after SIGTERM, before SIGKILL.
+const LOGGER_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `%XX` and `+` of a URL query.
+fn percent_decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = s.get(i + 1..i + 3).ok_or_else(|| format!("bad escape in {s:?}"))?;
+                out.push(u8::from_str_radix(hex, 16).map_err(|_| format!("bad escape in {s:?}"))?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8"))
 }
 
 /// Parses a stdio path as containerd passes it: empty, a FIFO path (no
-/// scheme, or `fifo://`), `file:///path`. `binary://` loggers are refused.
+/// scheme, or `fifo://`), `file:///path`, `binary:///path?args`.
 pub fn parse_uri(uri: &str) -> Result<Target, String> {
     if uri.is_empty() {
         return Ok(Target::None);
@@ -52,8 +91,24 @@ pub fn parse_uri(uri: &str) -> Result<Target, String> {
     if let Some(path) = uri.strip_prefix("fifo://") {
         return Ok(Target::Fifo(path.into()));
     }
-    if uri.starts_with("binary://") {
-        return Err(format!("stdio {uri}: binary:// log drivers are not supported yet"));
+    if let Some(rest) = uri.strip_prefix("binary://") {
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let path = percent_decode(path).map_err(|e| format!("stdio {uri}: {e}"))?;
+        if !path.starts_with('/') {
+            return Err(format!("stdio {uri}: a binary:// logger needs an absolute path"));
+        }
+        let mut args = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            args.push(percent_decode(k).map_err(|e| format!("stdio {uri}: {e}"))?);
+            if !v.is_empty() {
+                args.push(percent_decode(v).map_err(|e| format!("stdio {uri}: {e}"))?);
+            }
+        }
+        return Ok(Target::Binary {
+            path: path.into(),
+            args,
+        });
     }
     if uri.contains("://") {
         return Err(format!("stdio {uri}: unknown scheme"));
@@ -68,6 +123,8 @@ pub struct StdioPaths {
     pub stdout: String,
     pub stderr: String,
     pub terminal: bool,
+    /// containerd's namespace, for a logging binary's environment.
+    pub namespace: String,
 }
 
 impl StdioPaths {
@@ -108,11 +165,108 @@ pub struct ProcessIo {
     /// containerd's stdin FIFO: its copy may still wait for a writer.
     stdin_fifo: Option<PathBuf>,
     progress: Arc<Progress>,
+    /// A `binary://` logger of this process.
+    logger: Option<std::process::Child>,
+}
+
+/// Starts a `binary://` logger for `container_id`: the write ends of its
+/// stdout and stderr pipes, once it said it is ready.
+fn start_logger(
+    path: &std::path::Path,
+    args: &[String],
+    container_id: &str,
+    namespace: &str,
+) -> std::io::Result<(std::process::Child, File, File)> {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    let pipe = || -> std::io::Result<(File, File)> {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
+        Ok((File::from(r), File::from(w)))
+    };
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (ready_r, ready_w) = pipe()?;
+    let fds: [OwnedFd; 3] = [out_r.into(), err_r.into(), ready_w.into()];
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let mut cmd = std::process::Command::new(path);
+    cmd.args(args)
+        .env("CONTAINER_ID", container_id)
+        .env("CONTAINER_NAMESPACE", namespace)
+        .stdin(std::process::Stdio::null());
+    // SAFETY: dup2 is async-signal-safe; the descriptors stay open in the
+    // parent until spawn returns. dup2 clears close-on-exec on the copies.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Move them above 5 first, so dup2 onto 3..5 cannot clobber one.
+            let mut high = [0i32; 3];
+            for (i, fd) in raw.iter().enumerate() {
+                let h = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 10);
+                if h < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                high[i] = h;
+            }
+            for (i, h) in high.iter().enumerate() {
+                if libc::dup2(*h, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    drop(fds);
+    // Ready when it closes (or writes to) fd 5.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut ready_r = ready_r;
+    std::thread::spawn(move || {
+        let mut b = [0u8; 1];
+        let _ = tx.send(ready_r.read(&mut b));
+    });
+    match rx.recv_timeout(LOGGER_READY_TIMEOUT) {
+        Ok(_) => Ok((child, out_w, err_w)),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(std::io::Error::other(format!(
+                "the logging binary {} was not ready within {}s",
+                path.display(),
+                LOGGER_READY_TIMEOUT.as_secs()
+            )))
+        }
+    }
+}
+
+/// Waits for a logger to end once its pipes are closed: SIGTERM after
+/// [`LOGGER_EXIT_TIMEOUT`], SIGKILL after as long again.
+fn stop_logger(mut child: std::process::Child) {
+    let wait = |child: &mut std::process::Child| {
+        let deadline = std::time::Instant::now() + LOGGER_EXIT_TIMEOUT;
+        while std::time::Instant::now() < deadline {
+            if !matches!(child.try_wait(), Ok(None)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    };
+    if wait(&mut child) {
+        return;
+    }
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    if !wait(&mut child) {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }
 
 fn open_writer(target: &Target) -> std::io::Result<Option<File>> {
     match target {
-        Target::None => Ok(None),
+        // A logger is started for both streams at once (start_logger).
+        Target::None | Target::Binary { .. } => Ok(None),
         // The reader (containerd) opened its end before asking: this does
         // not block. O_RDWR would never fail, but hide a vanished reader.
         Target::Fifo(p) => OpenOptions::new().write(true).open(p).map(Some),
@@ -188,12 +342,25 @@ impl ProcessIo {
             stdin: None,
             stdin_fifo: None,
             progress: progress.clone(),
+            logger: None,
         };
+        // A logging binary takes both output streams (containerd gives
+        // the same URI for stdout and stderr).
+        let mut logged: Option<(File, File)> = None;
+        if let Target::Binary { path, args } = &stdout {
+            let (child, out_w, err_w) =
+                start_logger(path, args, container_id, &paths.namespace).map_err(|e| err(&paths.stdout, e))?;
+            io.logger = Some(child);
+            logged = Some((out_w, err_w));
+        }
         let clone = |s: &UnixStream| s.try_clone().map_err(|e| err("a stream", e));
         if paths.terminal {
             let tty = endpoint.open(container_id, exec_id, StreamKind::Tty)?;
             io.guest.push(clone(&tty)?);
-            let w = open_writer(&stdout).map_err(|e| err(&paths.stdout, e))?;
+            let w = match logged.take() {
+                Some((out_w, _)) => Some(out_w),
+                None => open_writer(&stdout).map_err(|e| err(&paths.stdout, e))?,
+            };
             if let Target::Fifo(p) = &stdin {
                 let s = clone(&tty)?;
                 io.stdin = Some(clone(&tty)?);
@@ -209,15 +376,9 @@ impl ProcessIo {
             io.stdin_fifo = Some(p.clone());
             copy_in(p.clone(), s);
         }
-        let out_w = open_writer(&stdout).map_err(|e| err(&paths.stdout, e))?;
-        let err_w = if stderr == stdout && matches!(stdout, Target::File(_)) {
-            out_w
-                .as_ref()
-                .map(|f| f.try_clone())
-                .transpose()
-                .map_err(|e| err(&paths.stderr, e))?
-        } else {
-            open_writer(&stderr).map_err(|e| err(&paths.stderr, e))?
+        let (out_w, err_w) = match logged.take() {
+            Some((o, e)) => (Some(o), Some(e)),
+            None => io.writers(&stdout, &stderr, paths)?,
         };
         for (kind, w) in [(StreamKind::Stdout, out_w), (StreamKind::Stderr, err_w)] {
             let s = endpoint.open(container_id, exec_id, kind)?;
@@ -225,6 +386,26 @@ impl ProcessIo {
             io.outputs.push(copy_out(s, w, progress.clone()));
         }
         Ok(io)
+    }
+
+    fn writers(
+        &self,
+        stdout: &Target,
+        stderr: &Target,
+        paths: &StdioPaths,
+    ) -> crate::Result<(Option<File>, Option<File>)> {
+        let err = |what: &str, e: std::io::Error| crate::Error::Agent(format!("opening {what}: {e}"));
+        let out_w = open_writer(stdout).map_err(|e| err(&paths.stdout, e))?;
+        let err_w = if stderr == stdout && matches!(stdout, Target::File(_)) {
+            out_w
+                .as_ref()
+                .map(|f| f.try_clone())
+                .transpose()
+                .map_err(|e| err(&paths.stderr, e))?
+        } else {
+            open_writer(stderr).map_err(|e| err(&paths.stderr, e))?
+        };
+        Ok((out_w, err_w))
     }
 
     /// Closes the process's stdin (CloseIO).
@@ -257,6 +438,11 @@ impl ProcessIo {
             // gets one (ours, closed at once): it sees EOF and ends.
             let _ = OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(p);
         }
+        // The copies ended and dropped the pipes' write ends: the logger
+        // sees EOF and flushes.
+        if let Some(child) = self.logger {
+            stop_logger(child);
+        }
     }
 }
 
@@ -277,9 +463,44 @@ mod tests {
             Target::File("/var/log/c.log".into())
         );
         assert!(parse_uri("file://relative").is_err());
-        assert!(parse_uri("binary:///usr/bin/logger?x=1")
-            .unwrap_err()
-            .contains("binary://"));
+        assert_eq!(
+            parse_uri("binary:///usr/bin/my%20logger?--tag=a+b&-v&id=%2Fx").unwrap(),
+            Target::Binary {
+                path: "/usr/bin/my logger".into(),
+                args: vec!["--tag".into(), "a b".into(), "-v".into(), "id".into(), "/x".into()],
+            }
+        );
+        assert!(parse_uri("binary://relative").is_err());
+        assert!(parse_uri("binary:///x?a=%zz").unwrap_err().contains("bad escape"));
         assert!(parse_uri("http://x").unwrap_err().contains("unknown scheme"));
+    }
+
+    #[test]
+    fn a_logging_binary_gets_both_streams_and_its_environment_and_ends_at_eof() {
+        let t = tempfile::tempdir().unwrap();
+        let script = t.path().join("logger");
+        std::fs::write(
+            &script,
+            "#!/bin/sh\nexec 5>&-\necho \"$CONTAINER_NAMESPACE/$CONTAINER_ID $*\" > \"$1.env\"\n\
+             cat <&3 > \"$1.out\" & cat <&4 > \"$1.err\"; wait\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let base = t.path().join("log");
+        let args = vec![base.display().to_string(), "--x".into()];
+        let (child, mut out, mut err) = start_logger(&script, &args, "c1", "k8s.io").unwrap();
+        out.write_all(b"to stdout\n").unwrap();
+        err.write_all(b"to stderr\n").unwrap();
+        drop((out, err));
+        let pid = child.id() as i32;
+        stop_logger(child);
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "the logger was reaped"
+        );
+        let read = |ext: &str| std::fs::read_to_string(format!("{}.{ext}", base.display())).unwrap();
+        assert_eq!(read("out"), "to stdout\n");
+        assert_eq!(read("err"), "to stderr\n");
+        assert_eq!(read("env"), format!("k8s.io/c1 {} --x\n", base.display()));
     }
 }

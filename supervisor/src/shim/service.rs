@@ -215,6 +215,7 @@ impl Inner {
             stdout: req.stdout.clone(),
             stderr: req.stderr.clone(),
             terminal: req.terminal,
+            namespace: self.flags.namespace.clone(),
         };
         stdio
             .validate()
@@ -871,6 +872,7 @@ impl Task for Service {
             stdout: req.stdout.clone(),
             stderr: req.stderr.clone(),
             terminal: req.terminal,
+            namespace: self.0.flags.namespace.clone(),
         };
         stdio
             .validate()
