@@ -21,6 +21,8 @@ packages=(
     # containerd's CRI plugin runs CNI's loopback plugin for each pod; the
     # tests' CRI client (k8s-cri) is generated with protoc at build time
     containernetworking-plugins protobuf-compiler
+    # taps, addresses and links in the network namespaces the tests make
+    iproute2
 )
 
 missing=()
