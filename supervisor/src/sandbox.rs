@@ -124,6 +124,8 @@ pub struct SandboxOptions {
     /// The host cgroup to run the VM's processes in (a container's
     /// `linux.cgroupsPath`, with limits for the VM as a whole).
     pub cgroup: Option<CgroupRequest>,
+    /// The VM's network interfaces.
+    pub nics: Vec<crate::hypervisor::Nic>,
 }
 
 pub struct Sandbox {
@@ -135,6 +137,7 @@ pub struct Sandbox {
     boot_time: Duration,
     spawn_time: Duration,
     torn_down: bool,
+    nics: Vec<crate::hypervisor::Nic>,
 }
 
 /// The paths of one sandbox.
@@ -248,6 +251,7 @@ impl Sandbox {
             boot_time: Duration::ZERO,
             spawn_time: Duration::ZERO,
             torn_down: false,
+            nics: options.nics.clone(),
         };
         let booted = sandbox
             .make_cgroup(options.cgroup.as_ref())
@@ -298,6 +302,7 @@ impl Sandbox {
             console_log: layout.console_log(),
             accel,
             cgroup: self.state.host_cgroup.clone(),
+            nics: self.nics.clone(),
         };
         let started = Instant::now();
         let state_path = layout.state();

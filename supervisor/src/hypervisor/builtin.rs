@@ -62,6 +62,12 @@ impl Hypervisor for Builtin {
     }
 
     fn start(&mut self, spec: &VmSpec, record: &mut dyn FnMut(ProcessRecord)) -> Result<()> {
+        if !spec.nics.is_empty() {
+            return Err(crate::Error::Hypervisor(
+                "the builtin monitor has no network device yet; use hypervisor = \"qemu\" for networked sandboxes"
+                    .into(),
+            ));
+        }
         let program = helper_binary("tegmen-vmm")?;
         let cmd = Builtin::command_line(&program, spec);
         let child = spawn_logged(
@@ -126,6 +132,7 @@ mod tests {
             console_log: "/run/tegmen/sandboxes/s1/console.log".into(),
             accel: Accel::Kvm,
             cgroup: None,
+            nics: Vec::new(),
         };
         let cmd = Builtin::command_line(Path::new("/usr/libexec/tegmen/tegmen-vmm"), &spec);
         let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();

@@ -36,6 +36,30 @@ pub struct VmSpec {
     pub accel: Accel,
     /// The host cgroup every process of the VM is started in.
     pub cgroup: Option<crate::cgroup::HostCgroup>,
+    /// Network interfaces, each on a tap (Tegmen's own virtio-net device).
+    pub nics: Vec<Nic>,
+}
+
+/// One guest NIC: Tegmen's virtio-net device on a tap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    /// The tap's name (opened, or made, in `netns`).
+    pub tap: String,
+    /// The network namespace the tap is in; this process's when `None`.
+    pub netns: Option<PathBuf>,
+    pub mac: [u8; 6],
+    pub mtu: u16,
+}
+
+impl Nic {
+    /// The MAC as `aa:bb:cc:dd:ee:ff`.
+    pub fn mac_string(&self) -> String {
+        self.mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

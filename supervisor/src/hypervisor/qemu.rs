@@ -87,6 +87,24 @@ impl Qemu {
     /// vhost-user sockets relative to it (`vsock_vhost` and `fs_vhost` are
     /// file names there): their full paths may not fit a socket address.
     pub fn command_line(&self, spec: &VmSpec, vsock_vhost: &Path, fs_vhost: &Path) -> Command {
+        let mut cmd = self.base_command_line(spec, vsock_vhost, fs_vhost);
+        for (i, nic) in spec.nics.iter().enumerate() {
+            cmd.args(["-chardev", &format!("socket,id=net{i},path={}", net_socket_name(i))])
+                .args(["-netdev", &format!("vhost-user,id=n{i},chardev=net{i}")])
+                .args([
+                    "-device",
+                    &format!(
+                        "virtio-net-device,netdev=n{i},mac={},host_mtu={},rx_queue_size={q},tx_queue_size={q}",
+                        nic.mac_string(),
+                        nic.mtu,
+                        q = NET_QUEUE_SIZE
+                    ),
+                ]);
+        }
+        cmd
+    }
+
+    fn base_command_line(&self, spec: &VmSpec, vsock_vhost: &Path, fs_vhost: &Path) -> Command {
         let mut cmd = Command::new(&self.qemu);
         cmd.current_dir(&spec.run_dir);
         let mem = format!("{}M", spec.memory_mib);
@@ -155,8 +173,33 @@ impl Hypervisor for Qemu {
             .arg(&spec.shared_dir);
         self.spawn("tegmen-fs-backend", cmd, &fs_log, spec, record)?;
 
+        for (i, nic) in spec.nics.iter().enumerate() {
+            let log = spec.run_dir.join(format!("net{i}-backend.log"));
+            let mut cmd = Command::new(helper_binary("tegmen-net-backend")?);
+            cmd.arg("--socket").arg(spec.run_dir.join(net_socket_name(i))).args([
+                "--tap",
+                &nic.tap,
+                "--mac",
+                &nic.mac_string(),
+                "--mtu",
+                &nic.mtu.to_string(),
+            ]);
+            if let Some(ns) = &nic.netns {
+                cmd.arg("--netns").arg(ns);
+            }
+            self.spawn(&format!("tegmen-net-backend-{i}"), cmd, &log, spec, record)?;
+        }
+
         self.wait_socket("tegmen-vsock-backend", &vsock_vhost, &vsock_log)?;
         self.wait_socket("tegmen-fs-backend", &fs_vhost, &fs_log)?;
+        for i in 0..spec.nics.len() {
+            let log = spec.run_dir.join(format!("net{i}-backend.log"));
+            self.wait_socket(
+                &format!("tegmen-net-backend-{i}"),
+                &spec.run_dir.join(net_socket_name(i)),
+                &log,
+            )?;
+        }
 
         let name = |p: &Path| PathBuf::from(p.file_name().expect("a socket file name"));
         let cmd = self.command_line(spec, &name(&vsock_vhost), &name(&fs_vhost));
@@ -203,4 +246,13 @@ impl Drop for Qemu {
             self.kill();
         }
     }
+}
+
+/// The size of a NIC's queues (on virtio-mmio the guest may take up to
+/// 1024 whatever this says; `tegmen-net-backend` serves that).
+const NET_QUEUE_SIZE: u16 = 1024;
+
+/// The vhost-user socket of NIC `i`, in the sandbox directory.
+fn net_socket_name(i: usize) -> String {
+    format!("vhost-net{i}.sock")
 }

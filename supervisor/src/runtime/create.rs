@@ -73,6 +73,7 @@ pub fn create(globals: &Globals, opts: &CreateOptions) -> Result<Child> {
             owned_by_current_process: true,
             face: Face::Tegmen,
             cgroup: Some(cgroup),
+            nics: Vec::new(),
         },
     )
     .map_err(|e| match e {

@@ -270,6 +270,7 @@ impl Inner {
                     owned_by_current_process: true,
                     face: Face::Shim,
                     cgroup: Some(cgroup),
+                    nics: Vec::new(),
                 },
             )
             .map_err(|e| internal(format!("pod {pod_id}: {e}")))?;

@@ -2,4 +2,6 @@
 //! external VMM over a vhost-user socket.
 
 pub mod fs;
+pub mod net;
+mod relay;
 pub mod vsock;

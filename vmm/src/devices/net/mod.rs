@@ -33,8 +33,9 @@ pub const RXQ_INDEX: usize = 0;
 pub const TXQ_INDEX: usize = 1;
 /// Queues of the device (one pair, no control queue).
 pub const NUM_QUEUES: usize = 2;
-/// The size of each queue.
-pub const QUEUE_SIZE: u16 = 256;
+/// The largest queue the device takes. virtio-mmio lets the driver pick
+/// up to 1024, and Linux does.
+pub const QUEUE_SIZE: u16 = 1024;
 /// `struct virtio_net_hdr_v1`: flags, gso_type, hdr_len, gso_size,
 /// csum_start, csum_offset, num_buffers.
 pub const VNET_HDR_LEN: usize = 12;

@@ -1,0 +1,106 @@
+//! `tegmen-net-backend`: Tegmen's virtio-net device as a vhost-user
+//! backend on a tap.
+//!
+//! It enters the network namespace `--netns` (a pod's, from CNI or
+//! podman) before anything else, opens (or makes) the tap `--tap` there
+//! with a virtio-net header, and listens on the vhost-user socket
+//! `--socket` for QEMU (`-netdev vhost-user` with `virtio-net-device`). It
+//! serves one front-end and exits when that front-end disconnects,
+//! removing the socket file; a tap it made goes with it.
+//!
+//! Logs go to stderr; `RUST_LOG` = `error`, `warn`, `info` (default),
+//! `debug` or `trace`.
+
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use tegmen_vmm::devices::net::{NetConfig, NetDevice, Tap};
+use tegmen_vmm::vhost_user::net::serve;
+
+/// virtio-net vhost-user backend on a tap.
+#[derive(Debug, Parser)]
+#[command(name = "tegmen-net-backend", version)]
+struct Args {
+    /// vhost-user socket to listen on (QEMU connects to it).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// The tap to open (made if missing).
+    #[arg(long, value_name = "NAME")]
+    tap: String,
+    /// The network namespace to open the tap in (a file such as
+    /// /var/run/netns/cni-…).
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
+    /// The guest NIC's MAC, as in the config space.
+    #[arg(long, value_name = "MAC", value_parser = parse_mac)]
+    mac: [u8; 6],
+    /// The link's MTU.
+    #[arg(long, default_value_t = 1500)]
+    mtu: u16,
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!("{s:?} is not a MAC (six hex bytes with ':')"));
+    }
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} is not a MAC (six hex bytes with ':')"))?;
+    }
+    Ok(mac)
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    if let Some(ns) = &args.netns {
+        let f = std::fs::File::open(ns).map_err(|e| format!("--netns {}: {e}", ns.display()))?;
+        // Still one thread: the whole process moves.
+        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("--netns {}: not a network namespace ({e})", ns.display()))?;
+    }
+    let tap = Tap::open(&args.tap).map_err(|e| format!("--tap {}: {e}", args.tap))?;
+    log::info!("tap {} (MTU {})", tap.name(), args.mtu);
+    let device = NetDevice::new(
+        tap,
+        NetConfig {
+            mac: args.mac,
+            mtu: args.mtu,
+        },
+    );
+    serve(device, &args.socket).map_err(|e| e.to_string())?;
+    log::info!("front-end disconnected; exiting");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tegmen_vmm::init_logging();
+    let result = run(&args);
+    if std::fs::symlink_metadata(&args.socket).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+    {
+        let _ = std::fs::remove_file(&args.socket);
+    }
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_mac;
+
+    #[test]
+    fn macs_parse() {
+        assert_eq!(parse_mac("02:42:0a:58:00:07").unwrap(), [2, 0x42, 10, 0x58, 0, 7]);
+        for bad in ["", "02:42:0a:58:00", "02:42:0a:58:00:zz", "02-42-0a-58-00-07"] {
+            assert!(parse_mac(bad).is_err(), "{bad}");
+        }
+    }
+}
