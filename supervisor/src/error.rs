@@ -37,6 +37,8 @@ pub enum Error {
     /// runc's wording where callers may parse it.
     #[error("{0}")]
     Cgroup(String),
+    #[error("{0}")]
+    Network(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -112,6 +112,29 @@ pub struct SandboxState {
     /// The host cgroup every host process of the VM is in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_cgroup: Option<HostCgroup>,
+    /// The network namespace wired to the VM's NICs, and its endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkState>,
+}
+
+/// What [`crate::netns::wire`] did, to undo it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkState {
+    pub netns: PathBuf,
+    /// Each endpoint's name, link index in the namespace, and the guest
+    /// NIC's MAC (the endpoint's).
+    pub endpoints: Vec<NetworkEndpoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkEndpoint {
+    pub name: String,
+    pub index: u32,
+    pub tap: String,
+    pub mac: String,
+    pub mtu: u32,
+    /// `address/prefix`, as CNI gave them.
+    pub addresses: Vec<String>,
 }
 
 /// Options of one sandbox beyond the configuration.
@@ -126,6 +149,9 @@ pub struct SandboxOptions {
     pub cgroup: Option<CgroupRequest>,
     /// The VM's network interfaces.
     pub nics: Vec<crate::hypervisor::Nic>,
+    /// A network namespace (CNI's, podman's) whose interfaces the guest
+    /// takes over: one NIC each, wired by tc redirects ([`crate::netns`]).
+    pub netns: Option<PathBuf>,
 }
 
 pub struct Sandbox {
@@ -239,7 +265,37 @@ impl Sandbox {
             boot_to_agent_ms: None,
             containers: Vec::new(),
             host_cgroup: None,
+            network: None,
         };
+        // The namespace's interfaces, before anything is made: a bad path
+        // fails here with nothing to undo.
+        let mut nics = options.nics.clone();
+        let mut network = None;
+        if let Some(ns) = &options.netns {
+            let endpoints = crate::netns::endpoints(ns)?;
+            let mut recorded = Vec::new();
+            for (i, ep) in endpoints.iter().enumerate() {
+                let nic = crate::hypervisor::Nic {
+                    tap: format!("tap{i}_tg"),
+                    netns: Some(ns.clone()),
+                    mac: ep.mac,
+                    mtu: ep.mtu.min(u32::from(u16::MAX)) as u16,
+                };
+                recorded.push(NetworkEndpoint {
+                    name: ep.name.clone(),
+                    index: ep.index,
+                    tap: nic.tap.clone(),
+                    mac: nic.mac_string(),
+                    mtu: ep.mtu,
+                    addresses: ep.addresses.iter().map(|(a, p)| format!("{a}/{p}")).collect(),
+                });
+                nics.push(nic);
+            }
+            network = Some(NetworkState {
+                netns: ns.clone(),
+                endpoints: recorded,
+            });
+        }
         make_dir_atomically(config, id, &state)?;
 
         let mut sandbox = Sandbox {
@@ -251,11 +307,11 @@ impl Sandbox {
             boot_time: Duration::ZERO,
             spawn_time: Duration::ZERO,
             torn_down: false,
-            nics: options.nics.clone(),
+            nics,
         };
         let booted = sandbox
             .make_cgroup(options.cgroup.as_ref())
-            .and_then(|()| sandbox.boot(config, &layout, &image, choice.accel));
+            .and_then(|()| sandbox.boot(config, &layout, &image, choice.accel, network));
         match booted {
             Ok(()) => Ok(sandbox),
             Err(e) => {
@@ -280,7 +336,14 @@ impl Sandbox {
         self.state.host_cgroup.as_ref()
     }
 
-    fn boot(&mut self, config: &Config, layout: &Layout, image: &GuestImage, accel: hypervisor::Accel) -> Result<()> {
+    fn boot(
+        &mut self,
+        config: &Config,
+        layout: &Layout,
+        image: &GuestImage,
+        accel: hypervisor::Accel,
+        network: Option<NetworkState>,
+    ) -> Result<()> {
         let shared = layout.shared();
         std::fs::create_dir(&shared).map_err(|e| Error::io("creating", &shared, e))?;
         let id_file = shared.join(SANDBOX_ID_FILE);
@@ -313,6 +376,22 @@ impl Sandbox {
             let _ = write_state(&state_path, state);
         })?;
         self.spawn_time = started.elapsed();
+        // The backends made the taps: wire them to the namespace's
+        // interfaces, recorded first so that a failure halfway is undone.
+        if let Some(net) = network {
+            self.state.network = Some(net.clone());
+            write_state(&state_path, &self.state)?;
+            for ep in &net.endpoints {
+                let endpoint = crate::netns::Endpoint {
+                    name: ep.name.clone(),
+                    index: ep.index,
+                    mac: [0; 6],
+                    mtu: ep.mtu,
+                    addresses: Vec::new(),
+                };
+                crate::netns::wire(&net.netns, &endpoint, &ep.tap)?;
+            }
+        }
 
         let timeout = Duration::from_secs(config.guest.boot_timeout_secs);
         let agent = self.wait_for_agent(layout, started, timeout)?;
@@ -554,6 +633,15 @@ fn remove_sandbox_dir(dir: &Path, state: &SandboxState) {
         .flat_map(|c| c.created.iter().cloned())
         .collect();
     remove_sandbox_dir_of(dir, &state.processes, &cgroups);
+    // After the backends are gone (their taps with them): the namespace's
+    // interfaces as CNI left them.
+    if let Some(net) = &state.network {
+        for ep in &net.endpoints {
+            if let Err(e) = crate::netns::unwire(&net.netns, ep.index) {
+                eprintln!("sandbox cleanup: {e}");
+            }
+        }
+    }
 }
 
 fn remove_sandbox_dir_of(dir: &Path, recorded: &[ProcessRecord], cgroups: &[PathBuf]) {
@@ -747,6 +835,7 @@ mod tests {
             face: Face::Tegmen,
             containers: Vec::new(),
             host_cgroup: None,
+            network: None,
         }
     }
 

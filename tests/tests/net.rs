@@ -230,3 +230,211 @@ fn a_guest_nic_on_a_tap_carries_traffic_both_ways() {
     }
     t.assert_nothing_left();
 }
+
+/// The tcfilter wiring on its own: a veth CNI-style in a namespace, a tap
+/// beside it; the veth is found with its address (loopback and address-less
+/// links are not), the tap gets its MTU and both get ingress redirects to
+/// each other; unwiring leaves the namespace as it was. Bad paths are
+/// named.
+#[test]
+fn a_netns_interface_is_wired_to_a_tap_and_unwired() {
+    use tegmen_supervisor::netns;
+    let pod = Netns::new(&format!("tgpod{}", std::process::id()));
+    let peer = Netns::new(&format!("tgpeer{}", std::process::id()));
+    ip(&[
+        "-n", &pod.0, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p", "netns", &peer.0,
+    ]);
+    ip(&["-n", &pod.0, "link", "set", "eth0", "mtu", "1400", "up"]);
+    ip(&["-n", &pod.0, "addr", "add", "10.252.0.2/24", "dev", "eth0"]);
+    ip(&["-n", &pod.0, "tuntap", "add", "tgtap1", "mode", "tap"]);
+    let eps = netns::endpoints(std::path::Path::new(&pod.path())).unwrap();
+    assert_eq!(
+        eps.len(),
+        1,
+        "only the veth with an address (not lo, not the tap): {eps:?}"
+    );
+    let ep = &eps[0];
+    assert_eq!((ep.name.as_str(), ep.mtu), ("eth0", 1400));
+    assert_eq!(ep.addresses, vec![("10.252.0.2".parse().unwrap(), 24)]);
+    let sys_mac = Command::new("ip")
+        .args(["-n", &pod.0, "-o", "link", "show", "eth0"])
+        .output()
+        .unwrap();
+    let mac_text = ep.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    assert!(
+        String::from_utf8_lossy(&sys_mac.stdout).contains(&mac_text),
+        "the veth's MAC"
+    );
+    netns::wire(std::path::Path::new(&pod.path()), ep, "tgtap1").unwrap();
+    let tc = |dev: &str| {
+        let o = Command::new("tc")
+            .args(["-n", &pod.0, "filter", "show", "dev", dev, "ingress"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert!(tc("eth0").contains("Redirect to device tgtap1"), "{}", tc("eth0"));
+    assert!(tc("tgtap1").contains("Redirect to device eth0"), "{}", tc("tgtap1"));
+    assert!(
+        pod.links()
+            .lines()
+            .any(|l| l.contains("tgtap1") && l.contains("mtu 1400")),
+        "{}",
+        pod.links()
+    );
+    netns::unwire(std::path::Path::new(&pod.path()), ep.index).unwrap();
+    let qdiscs = Command::new("tc")
+        .args(["-n", &pod.0, "qdisc", "show", "dev", "eth0"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&qdiscs.stdout).contains("ingress"),
+        "the veth's ingress qdisc is gone"
+    );
+    assert!(tc("eth0").is_empty());
+    // Unwiring twice is no error; bad paths are named.
+    netns::unwire(std::path::Path::new(&pod.path()), ep.index).unwrap();
+    let e = netns::endpoints(std::path::Path::new("/var/run/netns/no-such-ns"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no-such-ns"), "{e}");
+    let e = netns::endpoints(std::path::Path::new("/etc/hostname"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a network namespace"), "{e}");
+}
+
+/// A sandbox given a CNI-style network namespace: its veth is found, a
+/// tap made beside it and wired both ways; the guest NIC has the veth's
+/// MAC, and with the veth's address (set here by the container until the
+/// agent does it) the guest talks to a host on the other end of the veth,
+/// both ways. After the sandbox, the namespace is as CNI left it.
+#[test]
+fn a_sandbox_takes_over_a_cni_namespace() {
+    let t = TestRoot::new("cni-net");
+    let pod = Netns::new(&format!("tgcpod{}", std::process::id()));
+    let peer = Netns::new(&format!("tgcpeer{}", std::process::id()));
+    ip(&[
+        "-n", &pod.0, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p", "netns", &peer.0,
+    ]);
+    ip(&[
+        "-n",
+        &pod.0,
+        "link",
+        "set",
+        "eth0",
+        "address",
+        "02:42:0a:fc:01:02",
+        "up",
+    ]);
+    ip(&["-n", &pod.0, "addr", "add", "10.252.1.2/24", "dev", "eth0"]);
+    ip(&["-n", &peer.0, "link", "set", "eth0p", "up"]);
+    ip(&["-n", &peer.0, "addr", "add", "10.252.1.1/24", "dev", "eth0p"]);
+    let mut server = peer.spawn(&[
+        "sh",
+        "-c",
+        "while :; do echo from-the-peer | busybox nc -l -p 8082; done",
+    ]);
+
+    // A path that is not a namespace: refused, naming it, nothing left.
+    let e = Sandbox::create(
+        &t.config,
+        "bad",
+        &SandboxOptions {
+            owned_by_current_process: true,
+            netns: Some("/var/run/netns/no-such-netns".into()),
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("a missing netns is refused")
+    .to_string();
+    assert!(e.contains("no-such-netns"), "{e}");
+    t.assert_nothing_left();
+
+    let mut sb = Sandbox::create(
+        &t.config,
+        "cni",
+        &SandboxOptions {
+            owned_by_current_process: true,
+            netns: Some(pod.path().into()),
+            ..Default::default()
+        },
+    )
+    .expect("boot in the pod's namespace");
+    let net = sb.state().network.clone().expect("the wiring is recorded");
+    assert_eq!(net.endpoints.len(), 1);
+    let ep = &net.endpoints[0];
+    assert_eq!((ep.name.as_str(), ep.mac.as_str()), ("eth0", "02:42:0a:fc:01:02"));
+    assert_eq!(ep.addresses, ["10.252.1.2/24"]);
+    let rootfs = t.root().join("rootfs");
+    busybox_rootfs(&rootfs);
+    let script = format!(
+        "ip link set eth0 up && ip addr add {} dev eth0 && cat /sys/class/net/eth0/address && \
+         for i in 1 2 3 4 5; do nc -w 5 10.252.1.1 8082 && break; sleep 1; done; \
+         while :; do echo from-the-guest | nc -l -p 8083; done",
+        ep.addresses[0]
+    );
+    add(&mut sb, "app", &rootfs, &script);
+    let endpoint = sb.stream_endpoint();
+    let mut out = endpoint.open("app", "", StreamKind::Stdout).unwrap();
+    sb.agent().start_container("app").unwrap();
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut buf = [0u8; 256];
+    out.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    while !seen.contains("from-the-peer") {
+        assert!(Instant::now() < deadline, "the guest never reached the peer: {seen:?}");
+        if let Ok(n) = out.read(&mut buf) {
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+    assert!(
+        seen.starts_with("02:42:0a:fc:01:02"),
+        "the guest NIC has the veth's MAC: {seen:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let got = loop {
+        let o = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &peer.0,
+                "busybox",
+                "nc",
+                "-w",
+                "5",
+                "10.252.1.2",
+                "8083",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        if !text.is_empty() {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "the peer never reached the guest");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(got.trim(), "from-the-guest");
+    drop(out);
+    sb.destroy();
+    let _ = server.kill();
+    let _ = server.wait();
+    let qdiscs = Command::new("tc")
+        .args(["-n", &pod.0, "qdisc", "show", "dev", "eth0"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&qdiscs.stdout).contains("ingress"),
+        "the veth's redirect is gone"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pod.links().contains("_tg") {
+        assert!(Instant::now() < deadline, "the tap is left: {}", pod.links());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(pod.links().contains("eth0"), "CNI's veth stays");
+    t.assert_nothing_left();
+}

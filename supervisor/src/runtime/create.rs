@@ -74,6 +74,7 @@ pub fn create(globals: &Globals, opts: &CreateOptions) -> Result<Child> {
             face: Face::Tegmen,
             cgroup: Some(cgroup),
             nics: Vec::new(),
+            netns: None,
         },
     )
     .map_err(|e| match e {

@@ -271,6 +271,7 @@ impl Inner {
                     face: Face::Shim,
                     cgroup: Some(cgroup),
                     nics: Vec::new(),
+                    netns: None,
                 },
             )
             .map_err(|e| internal(format!("pod {pod_id}: {e}")))?;
