@@ -12,6 +12,7 @@ mod fatal;
 mod guest;
 mod init;
 mod logger;
+mod network;
 mod reaper;
 mod service;
 mod streams;

@@ -290,6 +290,24 @@ impl Agent for AgentService {
         Ok(Empty::new())
     }
 
+    fn configure_network(&self, _ctx: &TtrpcContext, req: ConfigureNetworkRequest) -> ttrpc::Result<Empty> {
+        if !self.as_init {
+            // The host-mode agent of the tests must not touch the host's.
+            return Err(status(
+                ttrpc::Code::FAILED_PRECONDITION,
+                "configure network: the agent is not the guest's init",
+            ));
+        }
+        crate::network::configure(&req).map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, format!("network: {e}")))?;
+        log::info!(
+            "network: {} interface(s), {} route(s), {} neighbour(s)",
+            req.interfaces.len(),
+            req.routes.len(),
+            req.neighbors.len()
+        );
+        Ok(Empty::new())
+    }
+
     fn get_event(&self, _ctx: &TtrpcContext, _req: GetEventRequest) -> ttrpc::Result<Event> {
         let next = self.events.lock().unwrap_or_else(|p| p.into_inner()).recv();
         let mut event = Event::new();

@@ -120,6 +120,13 @@ impl AgentClient {
             .map_err(|e| rpc_error("GuestDetails", e))
     }
 
+    pub fn configure_network(&self, req: &ConfigureNetworkRequest) -> Result<()> {
+        self.stub
+            .configure_network(self.ctx(), req)
+            .map(|_| ())
+            .map_err(|e| rpc_error("ConfigureNetwork", e))
+    }
+
     pub fn shutdown(&self) -> Result<()> {
         self.stub
             .shutdown(self.ctx(), &ShutdownRequest::new())

@@ -122,6 +122,56 @@ pub fn endpoints(netns: &Path) -> Result<Vec<Endpoint>> {
     })
 }
 
+/// A route of the namespace through one of its endpoints (not the
+/// kernel's own subnet routes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// `address/prefix`; `None` for the default route.
+    pub destination: Option<String>,
+    pub gateway: Option<IpAddr>,
+    /// The endpoint's link index.
+    pub index: u32,
+}
+
+/// The IPv4 routes of `netns`'s main table that leave by a link, but the
+/// kernel's own (the subnet routes it made from the addresses).
+pub fn routes(netns: &Path) -> Result<Vec<Route>> {
+    use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteProtocol};
+    let ns = netns.to_path_buf();
+    in_netns(netns, move |handle| {
+        Box::pin(async move {
+            let mut found = Vec::new();
+            let mut routes = handle.route().get(rtnetlink::IpVersion::V4).execute();
+            while let Some(r) = routes.try_next().await.map_err(|e| err(&ns, "listing routes", e))? {
+                if r.header.protocol == RouteProtocol::Kernel || r.header.table != 254 {
+                    continue;
+                }
+                let (mut dst, mut gw, mut oif) = (None, None, None);
+                for a in &r.attributes {
+                    match a {
+                        RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = Some(*d),
+                        RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(IpAddr::V4(*g)),
+                        RouteAttribute::Oif(i) => oif = Some(*i),
+                        _ => {}
+                    }
+                }
+                let Some(index) = oif else { continue };
+                let destination = match (dst, r.header.destination_prefix_length) {
+                    (_, 0) => None,
+                    (Some(d), len) => Some(format!("{d}/{len}")),
+                    (None, _) => continue,
+                };
+                found.push(Route {
+                    destination,
+                    gateway: gw,
+                    index,
+                });
+            }
+            Ok(found)
+        })
+    })
+}
+
 /// Wires `endpoint` to tap `tap` (which must exist): the tap gets the
 /// MTU and goes up, both get an ingress qdisc and a redirect to the other.
 pub fn wire(netns: &Path, endpoint: &Endpoint, tap: &str) -> Result<()> {

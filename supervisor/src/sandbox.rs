@@ -117,6 +117,28 @@ pub struct SandboxState {
     pub network: Option<NetworkState>,
 }
 
+/// The guest's side of `net`: each NIC with its endpoint's MTU and
+/// addresses, then its routes.
+fn guest_network(net: &NetworkState) -> tegmen_agent_api::agent::ConfigureNetworkRequest {
+    use tegmen_agent_api::agent::{ConfigureNetworkRequest, NetworkInterface, NetworkRoute};
+    let mut req = ConfigureNetworkRequest::new();
+    for ep in &net.endpoints {
+        let mut nic = NetworkInterface::new();
+        nic.mac = ep.mac.clone();
+        nic.mtu = ep.mtu;
+        nic.addresses = ep.addresses.clone();
+        req.interfaces.push(nic);
+        for (dst, gw) in &ep.routes {
+            let mut r = NetworkRoute::new();
+            r.destination = dst.clone();
+            r.gateway = gw.clone();
+            r.device_mac = ep.mac.clone();
+            req.routes.push(r);
+        }
+    }
+    req
+}
+
 /// What [`crate::netns::wire`] did, to undo it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkState {
@@ -135,6 +157,9 @@ pub struct NetworkEndpoint {
     pub mtu: u32,
     /// `address/prefix`, as CNI gave them.
     pub addresses: Vec<String>,
+    /// Routes through it: `(destination or "" for default, gateway or "")`.
+    #[serde(default)]
+    pub routes: Vec<(String, String)>,
 }
 
 /// Options of one sandbox beyond the configuration.
@@ -273,6 +298,7 @@ impl Sandbox {
         let mut network = None;
         if let Some(ns) = &options.netns {
             let endpoints = crate::netns::endpoints(ns)?;
+            let routes = crate::netns::routes(ns)?;
             let mut recorded = Vec::new();
             for (i, ep) in endpoints.iter().enumerate() {
                 let nic = crate::hypervisor::Nic {
@@ -288,6 +314,16 @@ impl Sandbox {
                     mac: nic.mac_string(),
                     mtu: ep.mtu,
                     addresses: ep.addresses.iter().map(|(a, p)| format!("{a}/{p}")).collect(),
+                    routes: routes
+                        .iter()
+                        .filter(|r| r.index == ep.index)
+                        .map(|r| {
+                            (
+                                r.destination.clone().unwrap_or_default(),
+                                r.gateway.map(|g| g.to_string()).unwrap_or_default(),
+                            )
+                        })
+                        .collect(),
                 });
                 nics.push(nic);
             }
@@ -395,6 +431,9 @@ impl Sandbox {
 
         let timeout = Duration::from_secs(config.guest.boot_timeout_secs);
         let agent = self.wait_for_agent(layout, started, timeout)?;
+        if let Some(net) = &self.state.network {
+            agent.configure_network(&guest_network(net))?;
+        }
         self.boot_time = started.elapsed();
         self.agent = Some(agent);
         self.state.status = Status::Running;

@@ -306,9 +306,10 @@ fn a_netns_interface_is_wired_to_a_tap_and_unwired() {
 
 /// A sandbox given a CNI-style network namespace: its veth is found, a
 /// tap made beside it and wired both ways; the guest NIC has the veth's
-/// MAC, and with the veth's address (set here by the container until the
-/// agent does it) the guest talks to a host on the other end of the veth,
-/// both ways. After the sandbox, the namespace is as CNI left it.
+/// MAC, the agent gave it the veth's address and the namespace's default
+/// route before any container, and the guest talks to a host on the other
+/// end of the veth, both ways. After the sandbox, the namespace is as CNI
+/// left it.
 #[test]
 fn a_sandbox_takes_over_a_cni_namespace() {
     let t = TestRoot::new("cni-net");
@@ -328,6 +329,7 @@ fn a_sandbox_takes_over_a_cni_namespace() {
         "up",
     ]);
     ip(&["-n", &pod.0, "addr", "add", "10.252.1.2/24", "dev", "eth0"]);
+    ip(&["-n", &pod.0, "route", "add", "default", "via", "10.252.1.1"]);
     ip(&["-n", &peer.0, "link", "set", "eth0p", "up"]);
     ip(&["-n", &peer.0, "addr", "add", "10.252.1.1/24", "dev", "eth0p"]);
     let mut server = peer.spawn(&[
@@ -367,15 +369,20 @@ fn a_sandbox_takes_over_a_cni_namespace() {
     let ep = &net.endpoints[0];
     assert_eq!((ep.name.as_str(), ep.mac.as_str()), ("eth0", "02:42:0a:fc:01:02"));
     assert_eq!(ep.addresses, ["10.252.1.2/24"]);
+    assert_eq!(
+        ep.routes,
+        [(String::new(), "10.252.1.1".to_string())],
+        "the default route, not the kernel's"
+    );
     let rootfs = t.root().join("rootfs");
     busybox_rootfs(&rootfs);
-    let script = format!(
-        "ip link set eth0 up && ip addr add {} dev eth0 && cat /sys/class/net/eth0/address && \
+    // The agent configured the NIC before any container: the container
+    // only looks.
+    let script = "cat /sys/class/net/eth0/address; ip -o -4 addr show eth0 | grep -o 'inet [0-9./]*'; \
+         ip route | grep default; \
          for i in 1 2 3 4 5; do nc -w 5 10.252.1.1 8082 && break; sleep 1; done; \
-         while :; do echo from-the-guest | nc -l -p 8083; done",
-        ep.addresses[0]
-    );
-    add(&mut sb, "app", &rootfs, &script);
+         while :; do echo from-the-guest | nc -l -p 8083; done";
+    add(&mut sb, "app", &rootfs, script);
     let endpoint = sb.stream_endpoint();
     let mut out = endpoint.open("app", "", StreamKind::Stdout).unwrap();
     sb.agent().start_container("app").unwrap();
@@ -392,6 +399,14 @@ fn a_sandbox_takes_over_a_cni_namespace() {
     assert!(
         seen.starts_with("02:42:0a:fc:01:02"),
         "the guest NIC has the veth's MAC: {seen:?}"
+    );
+    assert!(
+        seen.contains("inet 10.252.1.2/24"),
+        "the veth's address, set by the agent: {seen:?}"
+    );
+    assert!(
+        seen.contains("default via 10.252.1.1 dev eth0"),
+        "the default route: {seen:?}"
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     let got = loop {
