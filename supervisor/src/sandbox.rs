@@ -6,14 +6,15 @@
 //! | --- | --- |
 //! | `state.json` | [`SandboxState`]: status, owner, every host process |
 //! | `vsock` | hybrid-vsock socket: the host's way to the agent (guest-initiated connections to port P reach `vsock_P`) |
-//! | `vhost-vsock.sock`, `vhost-fs.sock` | vhost-user sockets of the backends |
+//! | `vhost-vsock.sock`, `vhost-fs.sock`, `vhost-net<N>.sock` | vhost-user sockets of the backends (one net backend per NIC, its tap in the pod's network namespace) |
 //! | `shared/` | the virtio-fs source, mounted in the guest at `/run/tegmen/shared`; a shared mount, so containers mounted below it later reach the backends' slave copies ([`crate::container`]) |
 //! | `console.log` | the guest's serial console |
 //! | `*-backend.log`, `qemu.log` | the host processes' own output |
 //!
-//! Teardown removes every process, socket, mount and directory the sandbox
-//! made, on success, on error, and — through [`cleanup_stale`] at the next
-//! start — after the supervisor that owned it was killed.
+//! Teardown removes every process, socket, mount, directory, host cgroup
+//! and tc redirect the sandbox made, on success, on error, and — through
+//! [`cleanup_stale`] at the next start, or [`destroy`] — after the process
+//! that owned it was killed.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
