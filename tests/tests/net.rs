@@ -30,15 +30,31 @@ impl Netns {
         let o = Command::new("ip").args(["-n", &self.0, "-o", "link"]).output().unwrap();
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
-    fn spawn(&self, args: &[&str]) -> Child {
-        Command::new("ip")
+    /// Runs `args` in the namespace, in a process group of its own that
+    /// goes when the returned value is dropped (a shell loop's children too).
+    fn spawn(&self, args: &[&str]) -> Background {
+        use std::os::unix::process::CommandExt;
+        let child = Command::new("ip")
             .args(["netns", "exec", &self.0])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
-            .unwrap()
+            .unwrap();
+        Background(child)
+    }
+}
+
+/// A process group the test started.
+struct Background(Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) of the process group this test made.
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+        let _ = self.0.wait();
     }
 }
 
@@ -132,7 +148,7 @@ fn a_guest_nic_on_a_tap_carries_traffic_both_ways() {
     std::fs::create_dir_all(&www).unwrap();
     let page: String = (0..20_000).map(|i| format!("line {i}\n")).collect();
     std::fs::write(www.join("page.txt"), &page).unwrap();
-    let mut httpd = ns.spawn(&[
+    let httpd = ns.spawn(&[
         "busybox",
         "httpd",
         "-f",
@@ -219,8 +235,7 @@ fn a_guest_nic_on_a_tap_carries_traffic_both_ways() {
     assert_eq!(got.trim(), "served-from-the-guest");
     sb.remove_container("in").unwrap();
 
-    let _ = httpd.kill();
-    let _ = httpd.wait();
+    drop(httpd);
     sb.destroy();
     // The tap was the backend's: it went with it.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -332,7 +347,7 @@ fn a_sandbox_takes_over_a_cni_namespace() {
     ip(&["-n", &pod.0, "route", "add", "default", "via", "10.252.1.1"]);
     ip(&["-n", &peer.0, "link", "set", "eth0p", "up"]);
     ip(&["-n", &peer.0, "addr", "add", "10.252.1.1/24", "dev", "eth0p"]);
-    let mut server = peer.spawn(&[
+    let server = peer.spawn(&[
         "sh",
         "-c",
         "while :; do echo from-the-peer | busybox nc -l -p 8082; done",
@@ -435,8 +450,7 @@ fn a_sandbox_takes_over_a_cni_namespace() {
     assert_eq!(got.trim(), "from-the-guest");
     drop(out);
     sb.destroy();
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     let qdiscs = Command::new("tc")
         .args(["-n", &pod.0, "qdisc", "show", "dev", "eth0"])
         .output()
