@@ -159,7 +159,11 @@ pub fn configure(req: &ConfigureNetworkRequest) -> Result<(), String> {
         }
         sock.ioctl(&format!("{name}: neighbour {}", n.ip), libc::SIOCSARP, &mut a)?;
     }
-    for r in &req.routes {
+    // Routes on the link first: a gateway must be reachable when its route
+    // goes in (CNIs that give a /32 and a link route to the gateway).
+    let mut routes: Vec<_> = req.routes.iter().collect();
+    routes.sort_by_key(|r| !r.gateway.is_empty());
+    for r in routes {
         let name = name_by_mac(&r.device_mac)?;
         let (dst, len) = if r.destination.is_empty() {
             (Ipv4Addr::UNSPECIFIED, 0)

@@ -465,6 +465,10 @@ pub struct HostCgroup {
     pub dirs: Vec<PathBuf>,
     /// The directories of those that this made (and removes).
     pub created: Vec<PathBuf>,
+    /// Levels above the leaf this made: removed only if making the cgroup
+    /// fails (after a success they stay, as runc leaves them).
+    #[serde(skip)]
+    parents_made: Vec<PathBuf>,
 }
 
 impl HostCgroup {
@@ -478,11 +482,18 @@ impl HostCgroup {
             path: PathBuf::new(),
             dirs: Vec::new(),
             created: Vec::new(),
+            parents_made: Vec::new(),
         };
         match cg.make(hierarchies, path, limits) {
-            Ok(()) => Ok(cg),
+            Ok(()) => {
+                cg.parents_made.clear();
+                Ok(cg)
+            }
             Err(e) => {
                 let _ = cg.remove();
+                for d in cg.parents_made.iter().rev() {
+                    let _ = std::fs::remove_dir(d);
+                }
                 Err(e)
             }
         }
@@ -518,6 +529,8 @@ impl HostCgroup {
                     Ok(()) => {
                         if level == dir {
                             self.created.push(dir.clone());
+                        } else {
+                            self.parents_made.push(level.clone());
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -894,6 +907,30 @@ mod tests {
         assert_eq!(read("own/c1/cpu.max"), "max 100000");
         assert_eq!(read("own/c1/memory.max"), (64u64 << 20).to_string());
         assert_eq!(read("own/c1/pids.max"), "200");
+    }
+
+    #[test]
+    fn a_failure_in_one_hierarchy_leaves_no_level_made_in_another() {
+        let t = tempfile::tempdir().unwrap();
+        let good = fake(&t.path().join("cpu"), false, &["cpu"]);
+        let mut bad = fake(&t.path().join("memory"), false, &["memory"]);
+        bad.root = "/elsewhere".into();
+        let e = HostCgroup::create(
+            &[good, bad],
+            &CgroupPath::Absolute("/n1/n2/leaf".into()),
+            &Limits::default(),
+        );
+        assert!(e.is_err());
+        assert_eq!(
+            std::fs::read_dir(t.path().join("cpu")).unwrap().count(),
+            0,
+            "n1, n2 and the leaf are gone"
+        );
+        // After a success the levels stay, as runc leaves them.
+        let good = fake(&t.path().join("cpu"), false, &["cpu"]);
+        let cg = HostCgroup::create(&[good], &CgroupPath::Absolute("/n1/leaf".into()), &Limits::default()).unwrap();
+        cg.remove().unwrap();
+        assert!(t.path().join("cpu/n1").exists() && !t.path().join("cpu/n1/leaf").exists());
     }
 
     #[test]

@@ -191,41 +191,55 @@ pub fn wire(netns: &Path, endpoint: &Endpoint, tap: &str) -> Result<()> {
                 .execute()
                 .await
                 .map_err(|e| err(&ns, &format!("setting up {tap}"), e))?;
+            let mut made = Vec::new();
+            let mut result = Ok(());
             for (from, to) in [(veth, tap_index), (tap_index, veth)] {
-                handle
-                    .qdisc()
-                    .add(from as i32)
-                    .ingress()
-                    .execute()
-                    .await
-                    .map_err(|e| err(&ns, &format!("an ingress qdisc on link {from}"), e))?;
-                handle
+                // An ingress qdisc that is there already is someone else's:
+                // refused, and left alone.
+                if let Err(e) = handle.qdisc().add(from as i32).ingress().execute().await {
+                    result = Err(err(&ns, &format!("an ingress qdisc on link {from}"), e));
+                    break;
+                }
+                made.push(from);
+                let filter = handle
                     .traffic_filter(from as i32)
                     .add()
                     .parent(INGRESS_PARENT)
                     .protocol(ETH_P_ALL_BE)
                     .redirect(to)
-                    .map_err(|e| err(&ns, "a redirect filter", e))?
-                    .execute()
-                    .await
-                    .map_err(|e| err(&ns, &format!("a redirect from link {from} to {to}"), e))?;
+                    .map_err(|e| err(&ns, "a redirect filter", e));
+                let added = match filter {
+                    Ok(f) => f
+                        .execute()
+                        .await
+                        .map_err(|e| err(&ns, &format!("a redirect from link {from} to {to}"), e)),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = added {
+                    result = Err(e);
+                    break;
+                }
             }
-            Ok(())
+            if result.is_err() {
+                // Nothing of ours stays on a half-wired pair.
+                for index in made {
+                    let _ = del_ingress(&handle, index).await;
+                }
+            }
+            result
         })
     })
 }
 
 /// Undoes [`wire`] on the endpoint (the tap goes with its backend):
 /// removing the ingress qdisc removes its filters too. An endpoint that
-/// is gone is not an error.
+/// is gone is not an error. Only for an endpoint [`wire`] succeeded on
+/// (the qdisc is then this sandbox's).
 pub fn unwire(netns: &Path, endpoint_index: u32) -> Result<()> {
     let ns = netns.to_path_buf();
     in_netns(netns, move |handle| {
         Box::pin(async move {
-            let mut del = handle.qdisc().del(endpoint_index as i32);
-            del.message_mut().header.parent = TcHandle::INGRESS;
-            del.message_mut().header.handle = TcHandle::from(INGRESS_PARENT);
-            match del.execute().await {
+            match del_ingress(&handle, endpoint_index).await {
                 Ok(()) => Ok(()),
                 Err(rtnetlink::Error::NetlinkError(e))
                     if matches!(-e.raw_code(), libc::ENOENT | libc::ENODEV | libc::EINVAL) =>
@@ -240,4 +254,11 @@ pub fn unwire(netns: &Path, endpoint_index: u32) -> Result<()> {
             }
         })
     })
+}
+
+async fn del_ingress(handle: &Handle, index: u32) -> std::result::Result<(), rtnetlink::Error> {
+    let mut del = handle.qdisc().del(index as i32);
+    del.message_mut().header.parent = TcHandle::INGRESS;
+    del.message_mut().header.handle = TcHandle::from(INGRESS_PARENT);
+    del.execute().await
 }

@@ -161,6 +161,9 @@ pub struct NetworkEndpoint {
     /// Routes through it: `(destination or "" for default, gateway or "")`.
     #[serde(default)]
     pub routes: Vec<(String, String)>,
+    /// Set once its redirects are in place (and so its qdisc is ours).
+    #[serde(default)]
+    pub wired: bool,
 }
 
 /// Options of one sandbox beyond the configuration.
@@ -325,6 +328,7 @@ impl Sandbox {
                             )
                         })
                         .collect(),
+                    wired: false,
                 });
                 nics.push(nic);
             }
@@ -417,8 +421,7 @@ impl Sandbox {
         // interfaces, recorded first so that a failure halfway is undone.
         if let Some(net) = network {
             self.state.network = Some(net.clone());
-            write_state(&state_path, &self.state)?;
-            for ep in &net.endpoints {
+            for (i, ep) in net.endpoints.iter().enumerate() {
                 let endpoint = crate::netns::Endpoint {
                     name: ep.name.clone(),
                     index: ep.index,
@@ -427,6 +430,10 @@ impl Sandbox {
                     addresses: Vec::new(),
                 };
                 crate::netns::wire(&net.netns, &endpoint, &ep.tap)?;
+                if let Some(n) = self.state.network.as_mut() {
+                    n.endpoints[i].wired = true;
+                }
+                write_state(&state_path, &self.state)?;
             }
         }
 
@@ -676,7 +683,7 @@ fn remove_sandbox_dir(dir: &Path, state: &SandboxState) {
     // After the backends are gone (their taps with them): the namespace's
     // interfaces as CNI left them.
     if let Some(net) = &state.network {
-        for ep in &net.endpoints {
+        for ep in net.endpoints.iter().filter(|e| e.wired) {
             if let Err(e) = crate::netns::unwire(&net.netns, ep.index) {
                 eprintln!("sandbox cleanup: {e}");
             }

@@ -166,7 +166,29 @@ pub struct ProcessIo {
     stdin_fifo: Option<PathBuf>,
     progress: Arc<Progress>,
     /// A `binary://` logger of this process.
-    logger: Option<std::process::Child>,
+    logger: Option<Logger>,
+}
+
+/// A running `binary://` logger: ended gently by [`ProcessIo::drain`],
+/// killed and reaped if dropped otherwise (an error before the process
+/// ran), so none is left behind.
+struct Logger(Option<std::process::Child>);
+
+impl Logger {
+    fn stop(mut self) {
+        if let Some(child) = self.0.take() {
+            stop_logger(child);
+        }
+    }
+}
+
+impl Drop for Logger {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Starts a `binary://` logger for `container_id`: the write ends of its
@@ -188,6 +210,14 @@ fn start_logger(
     let (ready_r, ready_w) = pipe()?;
     let fds: [OwnedFd; 3] = [out_r.into(), err_r.into(), ready_w.into()];
     let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    // Checked here: a failed exec after the descriptors were moved onto
+    // 3..5 could go unreported.
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "a NUL in the path"))?;
+    // SAFETY: access(2) on a NUL-terminated path we own.
+    if unsafe { libc::access(c_path.as_ptr(), libc::X_OK) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     let mut cmd = std::process::Command::new(path);
     cmd.args(args)
         .env("CONTAINER_ID", container_id)
@@ -350,7 +380,7 @@ impl ProcessIo {
         if let Target::Binary { path, args } = &stdout {
             let (child, out_w, err_w) =
                 start_logger(path, args, container_id, &paths.namespace).map_err(|e| err(&paths.stdout, e))?;
-            io.logger = Some(child);
+            io.logger = Some(Logger(Some(child)));
             logged = Some((out_w, err_w));
         }
         let clone = |s: &UnixStream| s.try_clone().map_err(|e| err("a stream", e));
@@ -440,8 +470,8 @@ impl ProcessIo {
         }
         // The copies ended and dropped the pipes' write ends: the logger
         // sees EOF and flushes.
-        if let Some(child) = self.logger {
-            stop_logger(child);
+        if let Some(logger) = self.logger {
+            logger.stop();
         }
     }
 }

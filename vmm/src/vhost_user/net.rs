@@ -96,6 +96,10 @@ impl<T: FrameIo + Sync> VhostUserBackendMut for VhostUserNetBackend<T> {
         VhostUserProtocolFeatures::CONFIG
     }
 
+    fn reset_device(&mut self) {
+        self.device.reset();
+    }
+
     fn set_event_idx(&mut self, _enabled: bool) {
         // The handler sets it on each queue, which the device core reads.
     }
@@ -140,6 +144,10 @@ impl<T: FrameIo + Sync> VhostUserBackendMut for VhostUserNetBackend<T> {
             return Ok(());
         };
         let device = &mut self.device;
+        if !rx.get_ref().get_queue().ready() {
+            // A stopped ring: what was taken from it is not ours any more.
+            device.forget_rx_buffers();
+        }
         if device_event == TXQ_EVENT {
             Self::with_queue(tx, |q| device.process_tx(q, &mem))?;
         }

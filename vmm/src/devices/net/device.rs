@@ -59,8 +59,10 @@ pub struct NetDevice<T: FrameIo> {
     /// first), and its length.
     rx_frame: Vec<u8>,
     rx_pending: Option<usize>,
-    /// Receive chains taken for the pending frame, waiting for more room.
+    /// Receive chains taken for the pending frame, waiting for more room,
+    /// and the ring they came from.
     rx_held: Vec<RxChain>,
+    rx_held_ring: Option<(u64, u64, u16)>,
     tx_buf: Vec<u8>,
     tx_more: bool,
     counters: NetCounters,
@@ -98,6 +100,7 @@ impl<T: FrameIo> NetDevice<T> {
             rx_frame: vec![0; VNET_HDR_LEN + MAX_FRAME_LEN],
             rx_pending: None,
             rx_held: Vec::new(),
+            rx_held_ring: None,
             tx_buf: Vec::with_capacity(VNET_HDR_LEN + MAX_FRAME_LEN),
             tx_more: false,
             counters: NetCounters::default(),
@@ -197,10 +200,16 @@ impl<T: FrameIo> NetDevice<T> {
         self.rx_pending.is_some()
     }
 
+    /// Forgets receive chains held for a frame (their ring stopped).
+    pub fn forget_rx_buffers(&mut self) {
+        self.rx_held.clear();
+        self.rx_held_ring = None;
+    }
+
     /// Drops what is in flight (the driver reset the device).
     pub fn reset(&mut self) {
         self.rx_pending = None;
-        self.rx_held.clear();
+        self.forget_rx_buffers();
         self.tx_more = false;
         self.acked = 0;
     }
@@ -391,7 +400,13 @@ impl<T: FrameIo> NetDevice<T> {
 
     fn place_frame(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap, len: usize) -> Placed {
         let mergeable = self.has(VIRTIO_NET_F_MRG_RXBUF);
-        // Chains taken for this frame on an earlier call that ran out.
+        // Chains taken for this frame on an earlier call that ran out, if
+        // they belong to this ring still (a restarted ring has new ones).
+        let ring = (queue.desc_table(), queue.avail_ring(), queue.size());
+        if self.rx_held_ring != Some(ring) {
+            self.rx_held.clear();
+        }
+        self.rx_held_ring = Some(ring);
         let mut chains: Vec<RxChain> = std::mem::take(&mut self.rx_held);
         let mut capacity: usize = chains.iter().map(|c| c.capacity).sum();
         let mut returned = false;
@@ -403,7 +418,12 @@ impl<T: FrameIo> NetDevice<T> {
                 return Placed::NoBuffers { used: returned };
             };
             let c = match Self::take_chain(chain) {
-                Ok(c) if chains.is_empty() && c.capacity < VNET_HDR_LEN => Err(c.head),
+                // A buffer with no room (or too little for the header, as
+                // the first) is of no use; nor are more chains than the
+                // queue holds (a guest that offers the same head again and
+                // again).
+                Ok(c) if c.capacity == 0 || (chains.is_empty() && c.capacity < VNET_HDR_LEN) => Err(c.head),
+                Ok(c) if chains.len() >= usize::from(queue.size()) => Err(c.head),
                 other => other,
             };
             match c {

@@ -477,3 +477,32 @@ fn a_real_tap_opens_with_a_vnet_header_in_a_namespace_of_its_own() {
     .join()
     .unwrap();
 }
+
+#[test]
+fn empty_receive_buffers_are_returned_not_hoarded() {
+    let mut g = Guest::new(all_features());
+    let body = frame(3000, 11);
+    g.host.send(&host_frame(plain_hdr(), &body)).unwrap();
+    let (first, a1) = g.offer(1526);
+    // Zero-length buffers after a good one: each goes back empty, and the
+    // frame (which now cannot keep ring order) is dropped.
+    let a = g.alloc(64);
+    let empty: Vec<u16> = (0..5).map(|_| g.rxq.add_chain(&[(a, 0, W)])).collect();
+    g.process_rx();
+    let mut used = g.rxq.take_used();
+    assert_eq!(used[..2], [(first, 0), (empty[0], 0)], "{used:?}");
+    assert!(!g.dev.has_pending_rx(), "the frame was dropped");
+    // The next frame is placed in the next good buffer; the other empty
+    // ones before it go back empty.
+    g.host.send(&host_frame(plain_hdr(), &body[..500])).unwrap();
+    let (good, addr) = g.offer(1526);
+    g.process_rx();
+    used.extend(g.rxq.take_used());
+    let mut want: Vec<(u16, u32)> = vec![(first, 0)];
+    want.extend(empty.iter().map(|h| (*h, 0)));
+    want.push((good, (VNET_HDR_LEN + 500) as u32));
+    assert_eq!(used, want);
+    assert_eq!(&g.read(addr + VNET_HDR_LEN as u64, 500), &body[..500]);
+    assert_eq!(g.dev.counters().rx_malformed, 5);
+    let _ = a1;
+}
