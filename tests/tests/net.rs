@@ -467,3 +467,61 @@ fn a_sandbox_takes_over_a_cni_namespace() {
     assert!(pod.links().contains("eth0"), "CNI's veth stays");
     t.assert_nothing_left();
 }
+
+/// `tegmen run` with a spec that names a network namespace by path, as
+/// podman passes its `netns-…`: the container has the namespace's address
+/// and reaches the far end of its veth; after delete the namespace is as
+/// before.
+#[test]
+fn tegmen_runs_a_container_in_a_given_network_namespace() {
+    let t = TestRoot::new("tegmen-net");
+    let pod = Netns::new(&format!("tgtpod{}", std::process::id()));
+    let peer = Netns::new(&format!("tgtpeer{}", std::process::id()));
+    ip(&[
+        "-n", &pod.0, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p", "netns", &peer.0,
+    ]);
+    ip(&["-n", &pod.0, "link", "set", "eth0", "up"]);
+    ip(&["-n", &pod.0, "addr", "add", "10.252.3.2/24", "dev", "eth0"]);
+    ip(&["-n", &peer.0, "link", "set", "eth0p", "up"]);
+    ip(&["-n", &peer.0, "addr", "add", "10.252.3.1/24", "dev", "eth0p"]);
+    let _server = peer.spawn(&[
+        "sh",
+        "-c",
+        "while :; do echo hello-tegmen | busybox nc -l -p 8084; done",
+    ]);
+    let bundle = t.root().join("bundle");
+    busybox_rootfs(&bundle.join("rootfs"));
+    let mut spec = runc_like_spec(
+        &[
+            "sh",
+            "-c",
+            "ip -o -4 addr show eth0 | grep -o 'inet [0-9./]*'; \
+             for i in 1 2 3 4 5; do nc -w 5 10.252.3.1 8084 && break; sleep 1; done",
+        ],
+        false,
+    );
+    for n in spec["linux"]["namespaces"].as_array_mut().unwrap() {
+        if n["type"] == "network" {
+            n["path"] = pod.path().into();
+        }
+    }
+    std::fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
+    let o = Command::new(tegmen_tests::workspace_binary("tegmen"))
+        .arg("--root")
+        .arg(t.root())
+        .args(["run", "--bundle", bundle.to_str().unwrap(), "netc"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("inet 10.252.3.2/24"), "{out}");
+    assert!(out.contains("hello-tegmen"), "{out}");
+    let qdiscs = Command::new("tc")
+        .args(["-n", &pod.0, "qdisc", "show", "dev", "eth0"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&qdiscs.stdout).contains("ingress"));
+    assert!(!pod.links().contains("_tg"), "{}", pod.links());
+    t.assert_nothing_left();
+}

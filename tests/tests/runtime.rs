@@ -373,13 +373,12 @@ fn errors_without_a_vm() {
     assert_eq!(code, 1);
     assert!(e.contains("config.json"), "{e}");
     let mut s = runc_like_spec(&["true"], false);
-    s["linux"]["namespaces"][1]["path"] = "/proc/1/ns/net".into();
+    s["linux"]["namespaces"][1]["path"] = "/var/run/netns/tegmen-no-such-netns".into();
     let nsb = rt.bundle_with("ns", s);
     let (code, _, e) = rt.out(&["create", "--bundle", Rt::b(&nsb), "x"]);
-    assert_eq!(
-        (code, e.trim()),
-        (1, "joining a network namespace by path is not supported yet")
-    );
+    assert_eq!(code, 1, "{e}");
+    assert!(e.contains("tegmen-no-such-netns"), "the path is named: {e}");
+    rt.root.assert_nothing_left();
     let tty = rt.bundle_with("tty", runc_like_spec(&["sh"], true));
     let (code, _, e) = rt.out(&["create", "--bundle", Rt::b(&tty), "x"]);
     assert_eq!(

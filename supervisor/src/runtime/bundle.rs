@@ -33,9 +33,7 @@ impl Bundle {
     /// Reads `<dir>/config.json` (dir relative to the current directory),
     /// for a container that is a VM of its own (`tegmen`).
     pub fn load(dir: &Path) -> Result<Bundle> {
-        let bundle = Bundle::load_pod_member(dir)?;
-        refuse_network_namespace_path(&bundle.spec)?;
-        Ok(bundle)
+        Bundle::load_pod_member(dir)
     }
 
     /// As [`Bundle::load`], for a container of a pod: its namespace paths
@@ -161,19 +159,24 @@ impl Bundle {
     }
 }
 
-/// A VM of its own has only the guest's loopback (until pod networking).
-fn refuse_network_namespace_path(spec: &serde_json::Value) -> Result<()> {
-    let joins_net = spec["linux"]["namespaces"].as_array().is_some_and(|namespaces| {
-        namespaces
-            .iter()
-            .any(|n| n["type"] == "network" && n["path"].as_str().is_some_and(|p| !p.is_empty()))
-    });
-    if joins_net {
-        return Err(Error::Spec(
-            "joining a network namespace by path is not supported yet".into(),
-        ));
+/// The network namespace a spec names by path (CNI's or podman's), but
+/// runc's placeholder for "not known yet" (`/proc/0/ns/net`).
+pub fn network_namespace_path(spec: &serde_json::Value) -> Option<PathBuf> {
+    spec["linux"]["namespaces"]
+        .as_array()?
+        .iter()
+        .find(|n| n["type"] == "network")
+        .and_then(|n| n["path"].as_str())
+        .filter(|p| !p.is_empty() && *p != "/proc/0/ns/net")
+        .map(PathBuf::from)
+}
+
+/// The guest spec of a container whose VM took over a network namespace:
+/// it runs in the guest's own, where the NICs are.
+pub fn join_guest_network(guest_spec: &mut serde_json::Value) {
+    if let Some(ns) = guest_spec["linux"]["namespaces"].as_array_mut() {
+        ns.retain(|n| n["type"] != "network");
     }
-    Ok(())
 }
 
 fn is_bind(m: &serde_json::Value) -> bool {
@@ -244,9 +247,19 @@ mod tests {
         assert!(e.contains("rootfs") && e.contains("does not exist"), "{e}");
         let mut s = minimal();
         s["linux"]["namespaces"] = serde_json::json!([{"type": "network", "path": "/proc/1/ns/net"}]);
-        assert!(bundle(s.clone()).is_ok(), "a pod member may name namespaces");
-        let e = refuse_network_namespace_path(&s).err().unwrap().to_string();
-        assert_eq!(e, "joining a network namespace by path is not supported yet");
+        assert!(bundle(s.clone()).is_ok(), "a spec may name namespaces");
+        assert_eq!(network_namespace_path(&s), Some(PathBuf::from("/proc/1/ns/net")));
+        let mut g = s.clone();
+        join_guest_network(&mut g);
+        assert_eq!(g["linux"]["namespaces"], serde_json::json!([]));
+        s["linux"]["namespaces"] = serde_json::json!([{"type": "network", "path": "/proc/0/ns/net"}, {"type": "pid"}]);
+        assert_eq!(network_namespace_path(&s), None, "runc's placeholder");
+        s["linux"]["namespaces"] = serde_json::json!([{"type": "network"}]);
+        assert_eq!(
+            network_namespace_path(&s),
+            None,
+            "a fresh one: loopback only in the guest"
+        );
     }
 
     #[test]

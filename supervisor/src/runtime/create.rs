@@ -65,6 +65,9 @@ pub fn create(globals: &Globals, opts: &CreateOptions) -> Result<Child> {
         config.guest.host_overhead_mib,
     )?;
 
+    // A network namespace by path (podman's, CNI's): the VM takes over
+    // its interfaces and the container runs in the guest's own namespace.
+    let netns = super::bundle::network_namespace_path(&bundle.spec);
     let t0 = Instant::now();
     let mut sandbox = Sandbox::create(
         &config,
@@ -74,7 +77,7 @@ pub fn create(globals: &Globals, opts: &CreateOptions) -> Result<Child> {
             face: Face::Tegmen,
             cgroup: Some(cgroup),
             nics: Vec::new(),
-            netns: None,
+            netns: netns.clone(),
         },
     )
     .map_err(|e| match e {
@@ -87,6 +90,9 @@ pub fn create(globals: &Globals, opts: &CreateOptions) -> Result<Child> {
     log::phase("guest-boot", sandbox.boot_time() - sandbox.spawn_time());
     let t1 = Instant::now();
     let mut guest_spec = bundle.guest_spec(id, &binds);
+    if netns.is_some() {
+        super::bundle::join_guest_network(&mut guest_spec);
+    }
     if globals.systemd_cgroup {
         // The guest knows no systemd: its cgroup is the path systemd's
         // form stands for.
