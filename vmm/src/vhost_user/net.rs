@@ -20,11 +20,12 @@ use std::sync::{Arc, RwLock};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
+use super::with_queue;
 use crate::devices::net::{FrameIo, NetDevice, NUM_QUEUES, QUEUE_SIZE, RXQ_INDEX, TXQ_INDEX};
 
 /// Epoll token of the tap in the daemon's worker: `0..NUM_QUEUES` are the
@@ -47,21 +48,6 @@ impl<T: FrameIo> VhostUserNetBackend<T> {
 
     pub fn device(&self) -> &NetDevice<T> {
         &self.device
-    }
-
-    fn with_queue(vring: &VringRwLock, f: impl FnOnce(&mut Queue) -> bool) -> io::Result<()> {
-        let signal = {
-            let mut state = vring.get_mut();
-            let queue = state.get_queue_mut();
-            if !queue.ready() {
-                return Ok(());
-            }
-            f(queue)
-        };
-        if signal {
-            vring.signal_used_queue()?;
-        }
-        Ok(())
     }
 }
 
@@ -114,13 +100,7 @@ impl<T: FrameIo + Sync> VhostUserBackendMut for VhostUserNetBackend<T> {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                log::error!("net: cannot create the worker exit event: {e}");
-                None
-            }
-        }
+        super::exit_event("net")
     }
 
     fn handle_event(
@@ -149,16 +129,16 @@ impl<T: FrameIo + Sync> VhostUserBackendMut for VhostUserNetBackend<T> {
             device.forget_rx_buffers();
         }
         if device_event == TXQ_EVENT {
-            Self::with_queue(tx, |q| device.process_tx(q, &mem))?;
+            with_queue(tx, |q| device.process_tx(q, &mem))?;
         }
         // Any event may have made room or brought frames: the tap is
         // edge-triggered, so it is read until it is empty or the guest's
         // buffers are full, each time.
-        Self::with_queue(rx, |q| device.process_rx(q, &mem))?;
+        with_queue(rx, |q| device.process_rx(q, &mem))?;
         // A transmit budget that ran out: go on, taking turns with receive.
         while device.has_pending_tx() {
-            Self::with_queue(tx, |q| device.process_tx(q, &mem))?;
-            Self::with_queue(rx, |q| device.process_rx(q, &mem))?;
+            with_queue(tx, |q| device.process_tx(q, &mem))?;
+            with_queue(rx, |q| device.process_rx(q, &mem))?;
             if !tx.get_ref().get_queue().ready() {
                 break;
             }

@@ -19,14 +19,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
+use super::with_queue;
 use crate::devices::vsock::defs::{EVQ_INDEX, NUM_QUEUES, QUEUE_SIZE, RXQ_INDEX, TXQ_INDEX};
 use crate::devices::vsock::{remove_stale_socket, VsockDevice};
 
@@ -90,23 +90,6 @@ impl VhostUserVsockBackend {
     pub fn event_idx(&self) -> bool {
         self.event_idx
     }
-
-    /// Run `f` on the vring's queue if it is ready, then signal the guest
-    /// if `f` says so.
-    fn with_queue(vring: &VringRwLock, f: impl FnOnce(&mut Queue) -> bool) -> io::Result<()> {
-        let signal = {
-            let mut state = vring.get_mut();
-            let queue = state.get_queue_mut();
-            if !queue.ready() {
-                return Ok(());
-            }
-            f(queue)
-        };
-        if signal {
-            vring.signal_used_queue()?;
-        }
-        Ok(())
-    }
 }
 
 impl VhostUserBackendMut for VhostUserVsockBackend {
@@ -145,13 +128,7 @@ impl VhostUserBackendMut for VhostUserVsockBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => Some(pair),
-            Err(e) => {
-                log::error!("vsock: cannot create the worker exit event: {e}");
-                None
-            }
-        }
+        super::exit_event("vsock")
     }
 
     fn handle_event(
@@ -176,10 +153,10 @@ impl VhostUserBackendMut for VhostUserVsockBackend {
         let device = &mut self.device;
         match device_event {
             RXQ_EVENT | BACKEND_EVENT => {}
-            TXQ_EVENT => Self::with_queue(tx, |q| device.process_tx(q, &mem))?,
+            TXQ_EVENT => with_queue(tx, |q| device.process_tx(q, &mem))?,
             EVQ_EVENT => {
                 if let Some(evq) = vrings.get(EVQ_INDEX) {
-                    Self::with_queue(evq, |q| device.process_event_queue(q, &mem))?;
+                    with_queue(evq, |q| device.process_event_queue(q, &mem))?;
                 }
             }
             other => {
@@ -191,7 +168,7 @@ impl VhostUserBackendMut for VhostUserVsockBackend {
         }
         // Whatever happened may have left packets for the guest.
         if device.has_pending_rx() {
-            Self::with_queue(rx, |q| device.process_rx(q, &mem))?;
+            with_queue(rx, |q| device.process_rx(q, &mem))?;
         }
         Ok(())
     }
@@ -245,6 +222,7 @@ pub fn serve(device: VsockDevice, socket: &Path) -> Result<(), VhostUserVsockErr
 mod tests {
     use super::*;
     use crate::devices::vsock::VsockConfig;
+    use vhost_user_backend::VringT;
 
     fn backend(dir: &Path, cid: u64) -> VhostUserVsockBackend {
         let dev = VsockDevice::new(VsockConfig::new(dir.join("v.sock")).with_guest_cid(cid)).unwrap();

@@ -123,12 +123,7 @@ impl VsockDevice {
     /// `len` bytes of configuration space from `offset`; empty if that range
     /// is not inside it.
     pub fn read_config(&self, offset: u32, len: u32) -> Vec<u8> {
-        let cfg = self.config_space();
-        let start = offset as usize;
-        match start.checked_add(len as usize) {
-            Some(end) if end <= cfg.len() => cfg[start..end].to_vec(),
-            _ => Vec::new(),
-        }
+        crate::devices::config_slice(&self.config_space(), offset, len)
     }
 
     /// Event counters.
