@@ -58,6 +58,39 @@ impl Drop for Background {
     }
 }
 
+impl Netns {
+    /// What a `busybox nc` from this namespace to `addr:port` reads, asked
+    /// again until something answers (60 s at most).
+    fn read_from(&self, addr: &str, port: &str, who: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let o = Command::new("ip")
+                .args(["netns", "exec", &self.0, "busybox", "nc", "-w", "5", addr, port])
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            if !text.is_empty() {
+                return text;
+            }
+            assert!(Instant::now() < deadline, "{who} never answered");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+/// A veth pair as CNI makes one: `eth0` in `pod` with `pod_addr`, its peer
+/// `eth0p` in `peer` with `peer_addr`, both up.
+fn veth_pair(pod: &Netns, peer: &Netns, pod_addr: &str, peer_addr: &str) {
+    ip(&[
+        "-n", &pod.0, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p", "netns", &peer.0,
+    ]);
+    ip(&["-n", &pod.0, "link", "set", "eth0", "up"]);
+    ip(&["-n", &pod.0, "addr", "add", pod_addr, "dev", "eth0"]);
+    ip(&["-n", &peer.0, "link", "set", "eth0p", "up"]);
+    ip(&["-n", &peer.0, "addr", "add", peer_addr, "dev", "eth0p"]);
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "delete", &self.0]).status();
@@ -218,20 +251,7 @@ fn a_guest_nic_on_a_tap_carries_traffic_both_ways() {
         "while :; do echo served-from-the-guest | nc -l -p 8081; done",
     );
     sb.agent().start_container("in").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let got = loop {
-        let o = Command::new("ip")
-            .args(["netns", "exec", &ns.0, "busybox", "nc", "-w", "5", "10.251.7.2", "8081"])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&o.stdout).into_owned();
-        if !text.is_empty() {
-            break text;
-        }
-        assert!(Instant::now() < deadline, "the guest's server never answered");
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let got = ns.read_from("10.251.7.2", "8081", "the guest's server");
     assert_eq!(got.trim(), "served-from-the-guest");
     sb.remove_container("in").unwrap();
 
@@ -256,11 +276,8 @@ fn a_netns_interface_is_wired_to_a_tap_and_unwired() {
     use tegmen_supervisor::netns;
     let pod = Netns::new(&format!("tgpod{}", std::process::id()));
     let peer = Netns::new(&format!("tgpeer{}", std::process::id()));
-    ip(&[
-        "-n", &pod.0, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p", "netns", &peer.0,
-    ]);
-    ip(&["-n", &pod.0, "link", "set", "eth0", "mtu", "1400", "up"]);
-    ip(&["-n", &pod.0, "addr", "add", "10.252.0.2/24", "dev", "eth0"]);
+    veth_pair(&pod, &peer, "10.252.0.2/24", "10.252.0.1/24");
+    ip(&["-n", &pod.0, "link", "set", "eth0", "mtu", "1400"]);
     ip(&["-n", &pod.0, "tuntap", "add", "tgtap1", "mode", "tap"]);
     let eps = netns::endpoints(std::path::Path::new(&pod.path())).unwrap();
     assert_eq!(
@@ -330,23 +347,9 @@ fn a_sandbox_takes_over_a_cni_namespace() {
     let t = TestRoot::new("cni-net");
     let pod = Netns::new(&format!("tgcpod{}", std::process::id()));
     let peer = Netns::new(&format!("tgcpeer{}", std::process::id()));
-    ip(&[
-        "-n", &pod.0, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p", "netns", &peer.0,
-    ]);
-    ip(&[
-        "-n",
-        &pod.0,
-        "link",
-        "set",
-        "eth0",
-        "address",
-        "02:42:0a:fc:01:02",
-        "up",
-    ]);
-    ip(&["-n", &pod.0, "addr", "add", "10.252.1.2/24", "dev", "eth0"]);
+    veth_pair(&pod, &peer, "10.252.1.2/24", "10.252.1.1/24");
+    ip(&["-n", &pod.0, "link", "set", "eth0", "address", "02:42:0a:fc:01:02"]);
     ip(&["-n", &pod.0, "route", "add", "default", "via", "10.252.1.1"]);
-    ip(&["-n", &peer.0, "link", "set", "eth0p", "up"]);
-    ip(&["-n", &peer.0, "addr", "add", "10.252.1.1/24", "dev", "eth0p"]);
     let server = peer.spawn(&[
         "sh",
         "-c",
@@ -423,30 +426,7 @@ fn a_sandbox_takes_over_a_cni_namespace() {
         seen.contains("default via 10.252.1.1 dev eth0"),
         "the default route: {seen:?}"
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let got = loop {
-        let o = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &peer.0,
-                "busybox",
-                "nc",
-                "-w",
-                "5",
-                "10.252.1.2",
-                "8083",
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&o.stdout).into_owned();
-        if !text.is_empty() {
-            break text;
-        }
-        assert!(Instant::now() < deadline, "the peer never reached the guest");
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let got = peer.read_from("10.252.1.2", "8083", "the guest, from the peer,");
     assert_eq!(got.trim(), "from-the-guest");
     drop(out);
     sb.destroy();
@@ -477,13 +457,7 @@ fn tegmen_runs_a_container_in_a_given_network_namespace() {
     let t = TestRoot::new("tegmen-net");
     let pod = Netns::new(&format!("tgtpod{}", std::process::id()));
     let peer = Netns::new(&format!("tgtpeer{}", std::process::id()));
-    ip(&[
-        "-n", &pod.0, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p", "netns", &peer.0,
-    ]);
-    ip(&["-n", &pod.0, "link", "set", "eth0", "up"]);
-    ip(&["-n", &pod.0, "addr", "add", "10.252.3.2/24", "dev", "eth0"]);
-    ip(&["-n", &peer.0, "link", "set", "eth0p", "up"]);
-    ip(&["-n", &peer.0, "addr", "add", "10.252.3.1/24", "dev", "eth0p"]);
+    veth_pair(&pod, &peer, "10.252.3.2/24", "10.252.3.1/24");
     let _server = peer.spawn(&[
         "sh",
         "-c",
