@@ -28,6 +28,14 @@ fn run_detached(c: &Containerd, config: &str, args: &[&str]) {
     c.ok(&all);
 }
 
+/// `ctr run --rm` with the shim and its configuration; `args` are ctr's
+/// further options, the image or rootfs, the id and the command.
+fn run_rm(c: &Containerd, config: &str, args: &[&str]) -> (i32, String, String) {
+    let mut all = vec!["run", "--rm", "--runtime", RUNTIME, "--runtime-config-path", config];
+    all.extend_from_slice(args);
+    c.out(&all)
+}
+
 /// `ctr run --rm`: output, the exit code as ctr's, the guest's kernel;
 /// `--log-uri file://` gets both streams; nothing left afterwards.
 #[test]
@@ -37,19 +45,17 @@ fn ctr_run_with_the_shim() {
     let before = shims();
     let c = Containerd::start("shim-run");
     let cfg = config.to_str().unwrap();
-    let (code, out, err) = c.out(&[
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
-        "--runtime-config-path",
+    let (code, out, err) = run_rm(
+        &c,
         cfg,
-        IMAGE,
-        "r1",
-        "sh",
-        "-c",
-        "echo hello from the shim; echo \"$(uname -r) $(uname -v)\"; echo to-stderr >&2; exit 3",
-    ]);
+        &[
+            IMAGE,
+            "r1",
+            "sh",
+            "-c",
+            "echo hello from the shim; echo \"$(uname -r) $(uname -v)\"; echo to-stderr >&2; exit 3",
+        ],
+    );
     assert_eq!(code, 3, "ctr run: {out}{err}\n{}", c.log());
     let mut lines = out.lines();
     assert_eq!(lines.next(), Some("hello from the shim"), "output {out:?} {err}");
@@ -63,21 +69,11 @@ fn ctr_run_with_the_shim() {
 
     let log = root.root().join("r2.log");
     let uri = format!("file://{}", log.display());
-    let (code, out, err) = c.out(&[
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
-        "--runtime-config-path",
+    let (code, out, err) = run_rm(
+        &c,
         cfg,
-        "--log-uri",
-        &uri,
-        IMAGE,
-        "r2",
-        "sh",
-        "-c",
-        "seq 1 20000; echo done >&2",
-    ]);
+        &["--log-uri", &uri, IMAGE, "r2", "sh", "-c", "seq 1 20000; echo done >&2"],
+    );
     assert_eq!(code, 0, "ctr run --log-uri: {out}{err}");
     let text = std::fs::read_to_string(&log).unwrap();
     let want: String = (1..=20000).map(|i| format!("{i}\n")).collect();
@@ -98,21 +94,11 @@ fn ctr_run_with_the_shim() {
     std::fs::set_permissions(&logger, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let base = root.root().join("r4");
     let uri = format!("binary://{}?{}", logger.display(), base.display());
-    let (code, out, err) = c.out(&[
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
-        "--runtime-config-path",
+    let (code, out, err) = run_rm(
+        &c,
         cfg,
-        "--log-uri",
-        &uri,
-        IMAGE,
-        "r4",
-        "sh",
-        "-c",
-        "seq 1 20000; echo done >&2",
-    ]);
+        &["--log-uri", &uri, IMAGE, "r4", "sh", "-c", "seq 1 20000; echo done >&2"],
+    );
     assert_eq!(code, 0, "ctr run --log-uri binary://: {out}{err}");
     let read = |ext: &str| std::fs::read_to_string(format!("{}.{ext}", base.display())).unwrap_or_default();
     // The logger may still be writing its last bytes when ctr returns.
@@ -130,19 +116,7 @@ fn ctr_run_with_the_shim() {
     assert_pods_gone(&root.root().join("state"), &before);
 
     // A logger that cannot start: Create fails naming it, nothing is left.
-    let (code, out, err) = c.out(&[
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
-        "--runtime-config-path",
-        cfg,
-        "--log-uri",
-        "binary:///no/such/logger",
-        IMAGE,
-        "r5",
-        "true",
-    ]);
+    let (code, out, err) = run_rm(&c, cfg, &["--log-uri", "binary:///no/such/logger", IMAGE, "r5", "true"]);
     assert_ne!(code, 0, "a missing logger: {out}{err}");
     assert!(err.contains("/no/such/logger"), "the error names the logger: {err}");
     let _ = c.out(&["containers", "delete", "r5"]);
@@ -150,18 +124,7 @@ fn ctr_run_with_the_shim() {
 
     // A rootfs that is not there: Create fails naming it, nothing is left.
     let missing = root.root().join("no-such-rootfs");
-    let (code, out, err) = c.out(&[
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
-        "--runtime-config-path",
-        cfg,
-        "--rootfs",
-        missing.to_str().unwrap(),
-        "r3",
-        "true",
-    ]);
+    let (code, out, err) = run_rm(&c, cfg, &["--rootfs", missing.to_str().unwrap(), "r3", "true"]);
     assert_ne!(code, 0, "a missing rootfs: {out}{err}");
     assert!(err.contains("no-such-rootfs"), "the error names the rootfs: {err}");
     let _ = c.out(&["containers", "delete", "r3"]);
