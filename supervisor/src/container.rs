@@ -2,9 +2,13 @@
 //! their creation and removal in the guest.
 //!
 //! A sandbox holds any number of containers. [`Sandbox::add_container`]
-//! bind-mounts a container's rootfs on `shared/<id>/rootfs` and the n-th
-//! host bind mount of its spec on `shared/<id>/mounts/<n>`, then has the
-//! agent create it on `/run/tegmen/shared/<id>/rootfs`. The share is a
+//! bind-mounts a container's rootfs on `shared/<part>/rootfs` and the n-th
+//! host bind mount of its spec on `shared/<part>/mounts/<n>`, then has the
+//! agent create it on `/run/tegmen/shared/<part>/rootfs`. The part's name,
+//! `<id>.<n>`, is never used twice in a sandbox: the guest caches the
+//! entries of the share (up to the fs cache policy's timeout), so a
+//! container removed and added again under the same id must not meet its
+//! predecessor's cached, now stale, entries. The share is a
 //! *shared* mount on the host and the file system backends hold *slave*
 //! copies of it (see `tegmen_vmm::devices::fs::sandbox`), so mounts made
 //! after the VM booted reach the guest at once, while the backends stay
@@ -20,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use tegmen_agent_api::agent::CreateContainerRequest;
+use tegmen_agent_api::GUEST_SHARED_DIR;
 
 use crate::sandbox::{mounts_below, now_secs, unmount_below, validate_id, ContainerEntry, Sandbox};
 use crate::{Error, Result};
@@ -39,11 +44,11 @@ pub struct NewContainer<'a> {
     /// The root file system on the host, absolute.
     pub rootfs: &'a Path,
     pub readonly: bool,
-    /// The spec's host bind mounts, in the order the guest spec numbers
-    /// them (`<share>/<id>/mounts/<n>`).
+    /// The spec's host bind mounts; the n-th is bound on
+    /// `<share>/<part>/mounts/<n>` and the guest spec's source is set there.
     pub binds: &'a [HostBind],
-    /// The spec as the guest gets it (bind sources on the share), JSON.
-    pub guest_spec: String,
+    /// The spec as the guest gets it, but for the binds' sources.
+    pub guest_spec: serde_json::Value,
     /// Mount points of the spec's mounts, made in a read-only rootfs
     /// before it is made read-only, as runc makes them in the bundle.
     pub mount_destinations: Vec<(String, bool)>,
@@ -64,6 +69,8 @@ pub struct AddedContainer {
     pub guest_pid: i32,
     /// The host mount points made for it, outermost first.
     pub mounts: Vec<PathBuf>,
+    /// Its part of the share on the host (`shared/<id>.<n>`).
+    pub share: PathBuf,
 }
 
 impl Sandbox {
@@ -72,16 +79,22 @@ impl Sandbox {
     /// mounts are undone.
     pub fn add_container(&mut self, c: &NewContainer) -> Result<AddedContainer> {
         validate_id(c.id)?;
+        let part = format!("{}.{}", c.id, self.state().shares_made);
+        self.update_state(|s| s.shares_made += 1)?;
+        let mut guest_spec = c.guest_spec.clone();
+        for (n, b) in c.binds.iter().enumerate() {
+            guest_spec["mounts"][b.index]["source"] = format!("{GUEST_SHARED_DIR}/{part}/mounts/{n}").into();
+        }
         let host_cgroup = c.cgroup.as_ref().map(|r| r.create()).transpose()?;
         let shared = self.shared_dir();
         let staging = self.dir().join("staging");
         let mut mounts = Vec::new();
-        let made = mount_container(&shared, &staging, c, &mut mounts);
+        let made = mount_container(&shared.join(&part), &staging, c, &mut mounts);
         let created = made.and_then(|()| {
             self.agent().create_container(&CreateContainerRequest {
                 container_id: c.id.into(),
-                spec_json: c.guest_spec.clone(),
-                rootfs: format!("{}/rootfs", c.id),
+                spec_json: guest_spec.to_string(),
+                rootfs: format!("{part}/rootfs"),
                 terminal: c.terminal,
                 stdin: c.stdin,
                 ..Default::default()
@@ -94,12 +107,17 @@ impl Sandbox {
                     bundle: c.bundle.clone(),
                     created: now_secs(),
                     host_cgroup,
+                    share: part.clone(),
                 };
                 self.update_state(|s| s.containers.push(entry))?;
-                Ok(AddedContainer { guest_pid, mounts })
+                Ok(AddedContainer {
+                    guest_pid,
+                    mounts,
+                    share: shared.join(part),
+                })
             }
             Err(e) => {
-                unmount_container(&shared, c.id);
+                unmount_container(&shared.join(&part));
                 if let Some(cg) = host_cgroup {
                     let _ = cg.remove();
                 }
@@ -114,13 +132,10 @@ impl Sandbox {
     pub fn remove_container(&mut self, id: &str) -> Result<()> {
         validate_id(id)?;
         let removed = self.agent().remove_container(id, true);
-        let unmounted = unmount_container(&self.shared_dir(), id);
-        let cgroup = self
-            .state()
-            .containers
-            .iter()
-            .find(|c| c.id == id)
-            .and_then(|c| c.host_cgroup.clone());
+        let entry = self.state().containers.iter().find(|c| c.id == id).cloned();
+        let part = self.shared_dir().join(entry.as_ref().map_or(id, |c| c.share_part()));
+        let unmounted = unmount_container(&part);
+        let cgroup = entry.and_then(|c| c.host_cgroup);
         let cgroup_removed = cgroup.map_or(Ok(()), |c| c.remove());
         self.update_state(|s| s.containers.retain(|c| c.id != id))?;
         removed?;
@@ -130,20 +145,19 @@ impl Sandbox {
         } else {
             Err(Error::Hypervisor(format!(
                 "container {id}: {} could not be removed",
-                self.shared_dir().join(id).display()
+                part.display()
             )))
         }
     }
 }
 
-/// Unmounts everything below `<shared>/<id>` and removes it; true when
-/// nothing is left.
-pub fn unmount_container(shared: &Path, id: &str) -> bool {
-    let dir = shared.join(id);
-    unmount_below(&dir);
-    if mounts_below(&dir).is_empty() {
+/// Unmounts everything below a container's part of the share and removes
+/// it; true when nothing is left.
+pub fn unmount_container(dir: &Path) -> bool {
+    unmount_below(dir);
+    if mounts_below(dir).is_empty() {
         // Never recurse into a file system still mounted below.
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(dir);
     }
     !dir.exists()
 }
@@ -152,9 +166,9 @@ fn sys(what: String) -> impl FnOnce(nix::Error) -> Error {
     move |e| Error::io("mounting", what, std::io::Error::from(e))
 }
 
-/// Makes the container's mounts; each mount point made is pushed to `made`.
-fn mount_container(shared: &Path, staging: &Path, c: &NewContainer, made: &mut Vec<PathBuf>) -> Result<()> {
-    let top = shared.join(c.id);
+/// Makes the container's mounts in its part of the share, `top`; each
+/// mount point made is pushed to `made`.
+fn mount_container(top: &Path, staging: &Path, c: &NewContainer, made: &mut Vec<PathBuf>) -> Result<()> {
     let rootfs = top.join("rootfs");
     std::fs::create_dir_all(&rootfs).map_err(|e| Error::io("creating", &rootfs, e))?;
     if c.readonly {

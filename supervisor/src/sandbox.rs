@@ -87,6 +87,20 @@ pub struct ContainerEntry {
     /// sandbox container's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_cgroup: Option<HostCgroup>,
+    /// Its part of the share, `<id>.<n>` (empty in older states: `<id>`).
+    #[serde(default)]
+    pub share: String,
+}
+
+impl ContainerEntry {
+    /// The name of its directory below the share.
+    pub fn share_part(&self) -> &str {
+        if self.share.is_empty() {
+            &self.id
+        } else {
+            &self.share
+        }
+    }
 }
 
 /// What `state.json` records.
@@ -110,6 +124,10 @@ pub struct SandboxState {
     /// The containers in the guest, in the order they were added.
     #[serde(default)]
     pub containers: Vec<ContainerEntry>,
+    /// How many parts of the share were ever made: the next container's
+    /// is `<id>.<shares_made>`.
+    #[serde(default)]
+    pub shares_made: u64,
     /// The host cgroup every host process of the VM is in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_cgroup: Option<HostCgroup>,
@@ -293,6 +311,7 @@ impl Sandbox {
             vcpus: config.guest.vcpus,
             boot_to_agent_ms: None,
             containers: Vec::new(),
+            shares_made: 0,
             host_cgroup: None,
             network: None,
         };
@@ -881,6 +900,7 @@ mod tests {
             boot_to_agent_ms: None,
             face: Face::Tegmen,
             containers: Vec::new(),
+            shares_made: 0,
             host_cgroup: None,
             network: None,
         }

@@ -137,7 +137,7 @@ fn add(sb: &mut Sandbox, id: &str, rootfs: &std::path::Path, script: &str) {
         rootfs,
         readonly: false,
         binds: &[],
-        guest_spec: spec.to_string(),
+        guest_spec: spec,
         mount_destinations: Vec::new(),
         terminal: false,
         stdin: false,

@@ -5,7 +5,7 @@
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tegmen_agent_api::stream::StreamKind;
 use tegmen_supervisor::container::{self, HostBind, NewContainer};
@@ -34,18 +34,15 @@ fn spec_with_volume(script: &str, volume: Option<&Path>, readonly: bool) -> serd
 }
 
 /// Adds container `id` with `spec` on the host rootfs `rootfs`, the way a
-/// face does (the bundle's binds rewritten to the share).
-fn add(sb: &mut Sandbox, id: &str, rootfs: &Path, spec: &serde_json::Value) -> tegmen_supervisor::Result<()> {
-    let mut guest = spec.clone();
+/// face does; returns its part of the share on the host.
+fn add(sb: &mut Sandbox, id: &str, rootfs: &Path, spec: &serde_json::Value) -> tegmen_supervisor::Result<PathBuf> {
     let mut binds = Vec::new();
     for (index, m) in spec["mounts"].as_array().unwrap().iter().enumerate() {
         if m["type"] == "bind" {
-            let n = binds.len();
             binds.push(HostBind {
                 index,
                 source: m["source"].as_str().unwrap().into(),
             });
-            guest["mounts"][index]["source"] = format!("/run/tegmen/shared/{id}/mounts/{n}").into();
         }
     }
     sb.add_container(&NewContainer {
@@ -53,14 +50,14 @@ fn add(sb: &mut Sandbox, id: &str, rootfs: &Path, spec: &serde_json::Value) -> t
         rootfs,
         readonly: spec["root"]["readonly"].as_bool().unwrap_or(false),
         binds: &binds,
-        guest_spec: guest.to_string(),
+        guest_spec: spec.clone(),
         mount_destinations: container::mount_destinations(spec),
         terminal: false,
         stdin: false,
         bundle: None,
         cgroup: None,
     })
-    .map(drop)
+    .map(|added| added.share)
 }
 
 /// Starts container `id` and returns (exit code, stdout + stderr).
@@ -101,7 +98,7 @@ fn containers_are_added_to_and_removed_from_a_running_sandbox() {
     std::fs::create_dir_all(&vol).unwrap();
     std::fs::write(vol.join("data"), "from the host volume").unwrap();
 
-    add(
+    let share_a = add(
         &mut sb,
         "a",
         &work.join("a"),
@@ -114,7 +111,7 @@ fn containers_are_added_to_and_removed_from_a_running_sandbox() {
     .expect("add a");
     // b has a read-only root, made read-only before it reached the share:
     // the guest's view must be read-only too.
-    add(
+    let share_b = add(
         &mut sb,
         "b",
         &work.join("b"),
@@ -140,12 +137,9 @@ fn containers_are_added_to_and_removed_from_a_running_sandbox() {
 
     // Removing a unmounts its part of the share; b and the VM go on.
     sb.remove_container("a").expect("remove a");
-    assert!(!shared.join("a").exists(), "shared/a is gone");
-    assert!(
-        mounts_below(&shared.join("a")).is_empty(),
-        "{:?}",
-        mounts_below(&shared)
-    );
+    assert_eq!(share_a, shared.join("a.0"));
+    assert!(!share_a.exists(), "shared/a.0 is gone");
+    assert!(mounts_below(&share_a).is_empty(), "{:?}", mounts_below(&shared));
     assert!(work.join("a/marker").exists(), "the rootfs itself is untouched");
 
     let endpoint = sb.stream_endpoint();
@@ -172,23 +166,42 @@ fn containers_are_added_to_and_removed_from_a_running_sandbox() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("no-such-rootfs"), "{e}");
-    assert!(!shared.join("c").exists());
+    assert!(!shared.join("c.2").exists());
 
     // Removing a running container kills it.
     sb.remove_container("b").expect("remove b");
-    assert!(!shared.join("b").exists());
+    assert!(!share_b.exists());
     assert!(sandbox::read_state(sb.dir()).unwrap().containers.is_empty());
-    // The same id can come back.
-    add(
+    // The same id can come back, in a part of the share of its own: the
+    // guest may still hold a's cached entries of a moment ago.
+    let again = add(
         &mut sb,
         "a",
         &work.join("a"),
         &spec_with_volume("cat /marker", None, false),
     )
     .expect("add a again");
+    assert_eq!(again, shared.join("a.3"));
     let (code, out) = run(&sb, "a");
     assert_eq!((code, out.as_str()), (0, "rootfs of a"));
     sb.remove_container("a").unwrap();
+    // At once, and on another rootfs: the guest's entries of a moment ago
+    // (cached for a second by default) must not be met.
+    for rootfs in ["a", "b"] {
+        add(
+            &mut sb,
+            "x",
+            &work.join(rootfs),
+            &spec_with_volume("cat /marker", None, false),
+        )
+        .expect("add x");
+        if rootfs == "a" {
+            sb.remove_container("x").unwrap();
+        }
+    }
+    let (code, out) = run(&sb, "x");
+    assert_eq!((code, out.as_str()), (0, "rootfs of b"));
+    sb.remove_container("x").unwrap();
 
     sb.shutdown().expect("shutdown");
     t.assert_nothing_left();

@@ -14,8 +14,6 @@ use crate::config::GuestConfig;
 
 /// Memory the VM gets on top of the container's memory limit.
 pub const MEMORY_OVERHEAD_MIB: u64 = 128;
-/// Where the guest sees the share (`tegmen_agent_api::GUEST_SHARED_DIR`).
-pub const GUEST_SHARED: &str = tegmen_agent_api::GUEST_SHARED_DIR;
 
 pub struct Bundle {
     /// Absolute.
@@ -136,15 +134,12 @@ impl Bundle {
             .collect()
     }
 
-    /// The spec the agent gets: each host bind's source is its place on the
-    /// share, `<guest share>/<id>/mounts/<n>`.
+    /// The spec the agent gets (the sandbox sets the host binds' sources
+    /// to their places on the share when it adds the container).
     /// The runtime-namespace hooks are left out: they run on the host.
-    pub fn guest_spec(&self, id: &str, binds: &[HostBind]) -> serde_json::Value {
+    pub fn guest_spec(&self) -> serde_json::Value {
         let mut spec = self.spec.clone();
         super::hooks::take_host_hooks(&mut spec);
-        for (n, b) in binds.iter().enumerate() {
-            spec["mounts"][b.index]["source"] = format!("{GUEST_SHARED}/{id}/mounts/{n}").into();
-        }
         spec
     }
 
@@ -263,7 +258,7 @@ mod tests {
     }
 
     #[test]
-    fn host_binds_are_rewritten_to_the_share() {
+    fn host_binds_are_the_bind_mounts() {
         let mut s = minimal();
         s["mounts"] = serde_json::json!([
             {"destination": "/proc", "type": "proc", "source": "proc"},
@@ -273,9 +268,7 @@ mod tests {
         let b = bundle(s).unwrap();
         let binds = b.host_binds();
         assert_eq!(binds.iter().map(|b| b.index).collect::<Vec<_>>(), [1, 2]);
-        let g = b.guest_spec("c1", &binds);
-        assert_eq!(g["mounts"][0]["source"], "proc");
-        assert_eq!(g["mounts"][1]["source"], "/run/tegmen/shared/c1/mounts/0");
-        assert_eq!(g["mounts"][2]["source"], "/run/tegmen/shared/c1/mounts/1");
+        assert_eq!(binds[0].source, Path::new("/srv/data"));
+        assert_eq!(binds[1].source, Path::new("/tmp/hosts"));
     }
 }

@@ -89,7 +89,7 @@ pub fn create(globals: &Globals, opts: &CreateOptions) -> Result<Child> {
     log::phase("vm-setup", booted - sandbox.boot_time() + sandbox.spawn_time());
     log::phase("guest-boot", sandbox.boot_time() - sandbox.spawn_time());
     let t1 = Instant::now();
-    let mut guest_spec = bundle.guest_spec(id, &binds);
+    let mut guest_spec = bundle.guest_spec();
     if netns.is_some() {
         super::bundle::join_guest_network(&mut guest_spec);
     }
@@ -104,7 +104,7 @@ pub fn create(globals: &Globals, opts: &CreateOptions) -> Result<Child> {
         rootfs: &bundle.rootfs,
         readonly: bundle.readonly,
         binds: &binds,
-        guest_spec: guest_spec.to_string(),
+        guest_spec,
         mount_destinations: container::mount_destinations(&bundle.spec),
         terminal: bundle.terminal,
         stdin: true,

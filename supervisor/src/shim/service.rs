@@ -320,7 +320,7 @@ impl Inner {
             e
         };
         let binds = bundle.host_binds();
-        let mut guest = bundle.guest_spec(id, &binds);
+        let mut guest = bundle.guest_spec();
         spec::map_for_guest(
             &mut guest,
             &pod_id,
@@ -348,7 +348,7 @@ impl Inner {
                 rootfs: &bundle.rootfs,
                 readonly: bundle.readonly,
                 binds: &binds,
-                guest_spec: guest.to_string(),
+                guest_spec: guest,
                 mount_destinations: crate::container::mount_destinations(&bundle.spec),
                 terminal: bundle.terminal || req.terminal,
                 stdin: !req.stdin.is_empty(),
