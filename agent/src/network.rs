@@ -98,6 +98,17 @@ impl Sock {
     }
 }
 
+impl Sock {
+    /// Sets IFF_UP on `name`.
+    fn up(&self, name: &str) -> Result<(), String> {
+        let mut r = Sock::ifreq(name)?;
+        self.ioctl(&format!("{name}: flags"), libc::SIOCGIFFLAGS, &mut r)?;
+        // SAFETY: SIOCGIFFLAGS filled the flags member.
+        unsafe { r.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+        self.ioctl(&format!("{name}: up"), libc::SIOCSIFFLAGS, &mut r)
+    }
+}
+
 impl Drop for Sock {
     fn drop(&mut self) {
         // SAFETY: closing the socket we made.
@@ -108,6 +119,8 @@ impl Drop for Sock {
 /// Applies `req` in this process's network namespace.
 pub fn configure(req: &ConfigureNetworkRequest) -> Result<(), String> {
     let sock = Sock::new()?;
+    // The pod's `lo`, as CNI's loopback plugin leaves it on a node.
+    sock.up("lo")?;
     for nic in &req.interfaces {
         let name = name_by_mac(&nic.mac)?;
         if nic.mtu > 0 {
@@ -133,11 +146,7 @@ pub fn configure(req: &ConfigureNetworkRequest) -> Result<(), String> {
             r.ifr_ifru.ifru_netmask = sockaddr_in(netmask(len));
             sock.ioctl(&format!("{name}: netmask of {a}"), libc::SIOCSIFNETMASK, &mut r)?;
         }
-        let mut r = Sock::ifreq(&name)?;
-        sock.ioctl(&format!("{name}: flags"), libc::SIOCGIFFLAGS, &mut r)?;
-        // SAFETY: SIOCGIFFLAGS filled the flags member.
-        unsafe { r.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
-        sock.ioctl(&format!("{name}: up"), libc::SIOCSIFFLAGS, &mut r)?;
+        sock.up(&name)?;
     }
     for n in &req.neighbors {
         let name = name_by_mac(&n.device_mac)?;

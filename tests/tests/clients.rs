@@ -22,25 +22,41 @@ use tegmen_tests::{wait_child, workspace_binary};
 struct Podman {
     dir: Scratch,
     runtime: PathBuf,
+    /// The network namespace podman runs in (where its bridges go).
+    netns: Option<String>,
 }
 
 impl Podman {
     fn new(name: &str) -> Podman {
+        Podman::new_in(name, None)
+    }
+
+    /// podman run in the network namespace at `netns`, with the CNI
+    /// networks in `<scratch>/cni` (`network_config_dir`).
+    fn new_in(name: &str, netns: Option<&str>) -> Podman {
         tool("podman");
         tool("conmon");
         let dir = Scratch::new(&format!("podman-{name}"));
         let d = dir.0.display();
         // podman asks for RLIMIT_NOFILE/NPROC of 1048576 by default, beyond
-        // this machine's hard limits; --network none needs no CNI.
+        // this machine's hard limits. Networks are CNI's (no netavark
+        // here), configured by the tests that use one.
         std::fs::write(
             dir.0.join("containers.conf"),
-            "[containers]\n\
+            format!(
+                "[containers]\n\
              default_ulimits = [\"nofile=20000:20000\", \"nproc=32768:32768\"]\n\
              [engine]\n\
              cgroup_manager = \"cgroupfs\"\n\
-             events_logger = \"file\"\n",
+             events_logger = \"file\"\n\
+             [network]\n\
+             network_backend = \"cni\"\n\
+             cni_plugin_dirs = [\"/usr/lib/cni\"]\n\
+             network_config_dir = \"{d}/cni\"\n"
+            ),
         )
         .unwrap();
+        std::fs::create_dir_all(dir.0.join("cni")).unwrap();
         std::fs::write(
             dir.0.join("storage.conf"),
             format!("[storage]\ndriver = \"overlay\"\ngraphroot = \"{d}/storage\"\nrunroot = \"{d}/runroot\"\n"),
@@ -49,6 +65,7 @@ impl Podman {
         let p = Podman {
             dir,
             runtime: workspace_binary("tegmen").canonicalize().unwrap(),
+            netns: netns.map(str::to_string),
         };
         let image = p.dir.image();
         let (code, out, err) = p.out(&["load", "-q", "-i", image.to_str().unwrap()]);
@@ -57,7 +74,16 @@ impl Podman {
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("podman");
+        let mut c = match &self.netns {
+            None => Command::new("podman"),
+            Some(path) => {
+                // Only the network namespace: podman's mounts must stay
+                // where the next podman command sees them.
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={path}")).arg("podman");
+                c
+            }
+        };
         c.env("CONTAINERS_CONF", self.dir.0.join("containers.conf"))
             .env("CONTAINERS_STORAGE_CONF", self.dir.0.join("storage.conf"))
             .arg("--tmpdir")
@@ -145,6 +171,78 @@ fn podman_run_output_and_exit_code() {
     );
     let id = std::fs::read_to_string(&cidfile).expect("podman wrote the container id");
     assert_container_gone(Path::new(DEFAULT_ROOT), id.trim());
+}
+
+/// `podman run` on a bridge network of podman's (CNI: bridge +
+/// host-local, no masquerade), with podman in a network namespace of the
+/// test's, where its bridge goes: the VM takes over the namespace podman
+/// made for the container, the guest gets podman's address, and traffic
+/// flows both ways with the bridge. Nothing is left on the bridge after.
+#[test]
+fn podman_bridge_network_reaches_the_container() {
+    use tegmen_tests::netns::Netns;
+    let host = Netns::new(&format!("tgpodman{}", std::process::id() % 100_000));
+    let p = Podman::new_in("net", Some(&host.path()));
+    let d = p.dir.0.display().to_string();
+    std::fs::write(
+        p.dir.0.join("cni/tgnet.conflist"),
+        serde_json::json!({
+            "cniVersion": "0.4.0", "name": "tgnet",
+            "plugins": [{"type": "bridge", "bridge": "tgpbr0", "isGateway": true, "ipMasq": false,
+                         "ipam": {"type": "host-local", "dataDir": format!("{d}/cni-ipam"),
+                                  "ranges": [[{"subnet": "10.215.0.0/24", "gateway": "10.215.0.1"}]],
+                                  "routes": [{"dst": "0.0.0.0/0"}]}}]
+        })
+        .to_string(),
+    )
+    .unwrap();
+    p.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "tegmen-e2e-net",
+        "--network",
+        "tgnet",
+        IMAGE,
+        "sh",
+        "-c",
+        "while :; do echo from-the-podman-container | nc -l -p 8095; done",
+    ]);
+    let id = p.full_id("tegmen-e2e-net");
+    assert_vm_running(Path::new(DEFAULT_ROOT), &id);
+    let ip = p.ok(&[
+        "inspect",
+        "tegmen-e2e-net",
+        "--format",
+        "{{.NetworkSettings.Networks.tgnet.IPAddress}}",
+    ]);
+    assert!(ip.starts_with("10.215.0."), "podman's address: {ip:?}");
+    // The bridge side reaches the server in the guest...
+    assert_eq!(
+        host.read_from(&ip, "8095", "the server in the guest"),
+        "from-the-podman-container\n"
+    );
+    // ...and the guest reaches a server on the bridge, through the default
+    // route CNI gave.
+    let _server = host.spawn(&[
+        "sh",
+        "-c",
+        "while :; do echo from-the-bridge | busybox nc -l -p 8096; done",
+    ]);
+    let out = p.ok(&[
+        "exec",
+        "tegmen-e2e-net",
+        "sh",
+        "-c",
+        "ip addr show eth0; ip route; for i in 1 2 3 4 5; do nc -w 5 10.215.0.1 8096 && break; sleep 1; done",
+    ]);
+    assert!(out.contains(&format!("inet {ip}/24")), "the guest's eth0: {out}");
+    assert!(out.contains("default via 10.215.0.1"), "the guest's routes: {out}");
+    assert!(out.ends_with("from-the-bridge"), "from the bridge: {out}");
+    p.ok(&["rm", "-f", "-t", "0", "tegmen-e2e-net"]);
+    assert_container_gone(Path::new(DEFAULT_ROOT), &id);
+    let links = host.links();
+    assert!(!links.contains("veth"), "CNI's veth is gone from the bridge: {links}");
 }
 
 /// `podman run -d`, `logs`, `exec` (output and exit code), `stop` (SIGTERM

@@ -357,3 +357,116 @@ fn pods_in_a_row_and_at_once_leave_nothing() {
     });
     assert_pods_gone(&state, &before);
 }
+
+/// CNI's network reaches the pods' VMs: each pod's guest has the address
+/// CNI gave its netns (as PodSandboxStatus reports it), and two pods on
+/// the test's bridge talk to each other.
+#[test]
+fn pods_get_their_cni_address_and_reach_each_other() {
+    let root = TestRoot::new("cri-net");
+    let config = shim_config(&root);
+    let state = root.root().join("state");
+    let logs = root.root().join("pod-logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let before = shims();
+    let c = Containerd::start_cri("cri-net", &config);
+    runtime().block_on(async {
+        let mut rt = connect(&c.socket()).await;
+        let mut pods = Vec::new();
+        for (name, script) in [
+            ("server", "while :; do echo from-the-server-pod | nc -l -p 8090; done"),
+            ("client", "sleep 600"),
+        ] {
+            let cfg = pod_config(name, &logs, &[]);
+            let pod = rt
+                .run_pod_sandbox(RunPodSandboxRequest {
+                    config: Some(cfg.clone()),
+                    runtime_handler: HANDLER.into(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e}\n{}", c.log()))
+                .into_inner()
+                .pod_sandbox_id;
+            let ip = rt
+                .pod_sandbox_status(PodSandboxStatusRequest {
+                    pod_sandbox_id: pod.clone(),
+                    verbose: false,
+                })
+                .await
+                .expect("PodSandboxStatus")
+                .into_inner()
+                .status
+                .and_then(|s| s.network)
+                .map(|n| n.ip)
+                .unwrap_or_default();
+            assert!(ip.starts_with("10.213.0."), "pod {name}'s IP from CNI: {ip:?}");
+            let ctr = rt
+                .create_container(CreateContainerRequest {
+                    pod_sandbox_id: pod.clone(),
+                    config: Some(container_config(name, &["sh", "-c", script])),
+                    sandbox_config: Some(cfg),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("CreateContainer in {name}: {e}"))
+                .into_inner()
+                .container_id;
+            rt.start_container(StartContainerRequest {
+                container_id: ctr.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("StartContainer in {name}: {e}"));
+            // The guest's eth0 has the address, and the veth's MAC.
+            let r = rt
+                .exec_sync(ExecSyncRequest {
+                    container_id: ctr.clone(),
+                    cmd: ["ip", "addr", "show", "eth0"].map(String::from).to_vec(),
+                    timeout: 30,
+                })
+                .await
+                .expect("ExecSync ip addr")
+                .into_inner();
+            let text = String::from_utf8_lossy(&r.stdout);
+            assert!(text.contains(&format!("inet {ip}/24")), "pod {name}'s eth0: {text}");
+            let net = tegmen_supervisor::sandbox::read_state(&state.join("sandboxes").join(&pod))
+                .expect("the pod's VM")
+                .network
+                .expect("the pod's netns is wired to the VM");
+            let mac = &net.endpoints[0].mac;
+            assert!(text.contains(mac.as_str()), "the veth's MAC {mac}: {text}");
+            pods.push((pod, ctr, ip));
+        }
+        let server_ip = &pods[0].2;
+        let r = rt
+            .exec_sync(ExecSyncRequest {
+                container_id: pods[1].1.clone(),
+                cmd: [
+                    "sh",
+                    "-c",
+                    &format!("for i in 1 2 3 4 5; do nc -w 5 {server_ip} 8090 && break; sleep 1; done"),
+                ]
+                .map(String::from)
+                .to_vec(),
+                timeout: 60,
+            })
+            .await
+            .expect("ExecSync nc")
+            .into_inner();
+        assert_eq!(
+            String::from_utf8_lossy(&r.stdout),
+            "from-the-server-pod\n",
+            "pod to pod over the bridge: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        for (pod, _, _) in pods {
+            rt.stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await
+            .expect("StopPodSandbox");
+            rt.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod })
+                .await
+                .expect("RemovePodSandbox");
+        }
+    });
+    assert_pods_gone(&state, &before);
+}

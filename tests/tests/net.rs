@@ -5,79 +5,15 @@
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tegmen_agent_api::stream::StreamKind;
 use tegmen_supervisor::container::NewContainer;
 use tegmen_supervisor::hypervisor::Nic;
 use tegmen_supervisor::sandbox::{Sandbox, SandboxOptions};
+use tegmen_tests::netns::{ip, Netns};
 use tegmen_tests::{busybox_rootfs, runc_like_spec, TestRoot};
-
-/// A network namespace made here, deleted when dropped.
-struct Netns(String);
-
-impl Netns {
-    fn new(name: &str) -> Netns {
-        ip(&["netns", "add", name]);
-        ip(&["-n", name, "link", "set", "lo", "up"]);
-        Netns(name.to_string())
-    }
-    fn path(&self) -> String {
-        format!("/var/run/netns/{}", self.0)
-    }
-    fn links(&self) -> String {
-        let o = Command::new("ip").args(["-n", &self.0, "-o", "link"]).output().unwrap();
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-    /// Runs `args` in the namespace, in a process group of its own that
-    /// goes when the returned value is dropped (a shell loop's children too).
-    fn spawn(&self, args: &[&str]) -> Background {
-        use std::os::unix::process::CommandExt;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .unwrap();
-        Background(child)
-    }
-}
-
-/// A process group the test started.
-struct Background(Child);
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) of the process group this test made.
-        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
-        let _ = self.0.wait();
-    }
-}
-
-impl Netns {
-    /// What a `busybox nc` from this namespace to `addr:port` reads, asked
-    /// again until something answers (60 s at most).
-    fn read_from(&self, addr: &str, port: &str, who: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let o = Command::new("ip")
-                .args(["netns", "exec", &self.0, "busybox", "nc", "-w", "5", addr, port])
-                .stdin(Stdio::null())
-                .output()
-                .unwrap();
-            let text = String::from_utf8_lossy(&o.stdout).into_owned();
-            if !text.is_empty() {
-                return text;
-            }
-            assert!(Instant::now() < deadline, "{who} never answered");
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-}
 
 /// A veth pair as CNI makes one: `eth0` in `pod` with `pod_addr`, its peer
 /// `eth0p` in `peer` with `peer_addr`, both up.
@@ -89,21 +25,6 @@ fn veth_pair(pod: &Netns, peer: &Netns, pod_addr: &str, peer_addr: &str) {
     ip(&["-n", &pod.0, "addr", "add", pod_addr, "dev", "eth0"]);
     ip(&["-n", &peer.0, "link", "set", "eth0p", "up"]);
     ip(&["-n", &peer.0, "addr", "add", peer_addr, "dev", "eth0p"]);
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "delete", &self.0]).status();
-    }
-}
-
-fn ip(args: &[&str]) {
-    let o = Command::new("ip").args(args).output().expect("ip(8) (iproute2)");
-    assert!(
-        o.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 fn read_all_in_thread(mut s: UnixStream) -> std::thread::JoinHandle<Vec<u8>> {

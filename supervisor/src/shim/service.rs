@@ -271,7 +271,8 @@ impl Inner {
                     face: Face::Shim,
                     cgroup: Some(cgroup),
                     nics: Vec::new(),
-                    netns: None,
+                    // CNI's namespace of the pod, wired to the VM's NICs.
+                    netns: crate::runtime::bundle::network_namespace_path(&bundle.spec),
                 },
             )
             .map_err(|e| internal(format!("pod {pod_id}: {e}")))?;

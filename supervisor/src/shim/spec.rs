@@ -8,8 +8,10 @@
 //!   such a path means "the sandbox container's namespace in the guest" and
 //!   becomes `/proc/<sandbox init's guest pid>/ns/<name>`. The sandbox
 //!   container's own network namespace path (CNI's `/var/run/netns/cni-…`)
-//!   is dropped: the guest makes a fresh one (loopback only until pod
-//!   networking). Any other host namespace path is refused.
+//!   is the VM's: its interfaces are wired to the guest's NICs, so the
+//!   sandbox container runs in the guest's own network namespace, where
+//!   they are (and the pod's other containers join it). Any other host
+//!   namespace path is refused.
 //! - **cgroups.** The host's `cgroupsPath` (cgroupfs or systemd form) is
 //!   the VM's business on the host; in the guest each container gets
 //!   `/tegmen/<pod>/<container>`.
@@ -17,9 +19,10 @@
 //!   sandbox container (reached through containerd's `pod_annotations`),
 //!   else the spec's limits as `tegmen` sizes a VM, else the configured
 //!   default.
-//! - **Loopback.** The sandbox container's guest network namespace gets
-//!   `lo` up ([`LOOPBACK_ANNOTATION`]), as CNI's loopback plugin does on a
-//!   node; the app containers share it.
+//! - **Loopback.** A sandbox container with a new network namespace of
+//!   its own (no path: `ctr run`) gets `lo` up there
+//!   ([`LOOPBACK_ANNOTATION`]), as CNI's loopback plugin does on a node;
+//!   in the guest's namespace the agent brings it up with the NICs.
 
 use crate::config::GuestConfig;
 
@@ -107,8 +110,9 @@ pub fn map_for_guest(
                 };
                 ns["path"] = format!("/proc/{guest_pid}/ns/{name}").into();
             } else if kind == "network" && sandbox_guest_pid.is_none() {
-                // The pod's netns on the host (CNI's); the guest gets its own.
-                ns.as_object_mut().expect("a namespace is an object").remove("path");
+                // The pod's netns on the host (CNI's), taken over by the
+                // VM: the container runs in the guest's, with the NICs.
+                *ns = serde_json::Value::Null;
             } else {
                 return Err(format!(
                     "linux.namespaces: {kind} namespace {path}: only the pod's namespaces can be joined"
@@ -116,10 +120,16 @@ pub fn map_for_guest(
             }
         }
     }
+    if let Some(namespaces) = spec["linux"]["namespaces"].as_array_mut() {
+        namespaces.retain(|ns| !ns.is_null());
+    }
     if spec["linux"].is_object() {
         spec["linux"]["cgroupsPath"] = format!("/tegmen/{pod}/{container_id}").into();
     }
-    if sandbox_guest_pid.is_none() {
+    let new_network = spec["linux"]["namespaces"]
+        .as_array()
+        .is_some_and(|ns| ns.iter().any(|n| n["type"] == "network"));
+    if sandbox_guest_pid.is_none() && new_network {
         // The pod's network namespace: its `lo` is up, as CNI leaves it.
         spec["annotations"][LOOPBACK_ANNOTATION] = "up".into();
     }
@@ -168,11 +178,15 @@ mod tests {
     }
 
     #[test]
-    fn the_sandbox_netns_path_is_dropped_and_other_host_paths_refused() {
+    fn the_sandbox_netns_is_the_guests_and_other_host_paths_refused() {
         let mut s = spec(json!({}));
         map_for_guest(&mut s, "pod1", "pod1", 77, None).unwrap();
-        assert!(s["linux"]["namespaces"][1].get("path").is_none());
-        assert_eq!(s["linux"]["namespaces"][1]["type"], "network");
+        assert_eq!(s["linux"]["namespaces"], json!([{"type": "pid"}, {"type": "mount"}]));
+        assert!(s["annotations"].get(LOOPBACK_ANNOTATION).is_none());
+        // ctr run: a new namespace of its own, with lo up.
+        let mut s = json!({"linux": {"namespaces": [{"type": "network"}]}});
+        map_for_guest(&mut s, "c1", "c1", 77, None).unwrap();
+        assert_eq!(s["linux"]["namespaces"], json!([{"type": "network"}]));
         assert_eq!(s["annotations"][LOOPBACK_ANNOTATION], "up", "the pod's lo is up");
         let mut s = json!({"linux": {"namespaces": [{"type": "ipc", "path": "/proc/1/ns/ipc"}]}});
         let e = map_for_guest(&mut s, "pod1", "c1", 77, Some(5)).unwrap_err();
