@@ -13,6 +13,7 @@ mod guest;
 mod init;
 mod logger;
 mod network;
+mod ports;
 mod reaper;
 mod service;
 mod streams;

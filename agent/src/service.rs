@@ -308,6 +308,12 @@ impl Agent for AgentService {
         Ok(Empty::new())
     }
 
+    fn listening_ports(&self, _ctx: &TtrpcContext, _req: Empty) -> ttrpc::Result<ListeningPortsResponse> {
+        let mut resp = ListeningPortsResponse::new();
+        resp.tcp = crate::ports::listening_ports().into_iter().map(u32::from).collect();
+        Ok(resp)
+    }
+
     fn get_event(&self, _ctx: &TtrpcContext, _req: GetEventRequest) -> ttrpc::Result<Event> {
         let next = self.events.lock().unwrap_or_else(|p| p.into_inner()).recv();
         let mut event = Event::new();

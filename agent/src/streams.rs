@@ -4,6 +4,8 @@
 //! the pipe (or the pty master) from the container layer, and is copied to
 //! or from it by a thread of its own until EOF.
 //!
+//! A port-forward connection ([`crate::ports`]) comes the same way.
+//!
 //! Blocking copies give back-pressure for free: when the host reads slowly
 //! the pipe fills and the process's writes block; nothing is dropped.
 
@@ -87,6 +89,14 @@ pub fn spawn(listener: StreamListener, manager: Arc<ContainerManager>) -> Result
 
 fn serve(mut conn: UnixStream, manager: &ContainerManager) -> Result<()> {
     let line = read_line(&mut conn).context("reading the stream header")?;
+    match tegmen_agent_api::stream::parse_forward(&line) {
+        Some(Ok(port)) => return crate::ports::forward(conn, port).map_err(anyhow::Error::msg),
+        Some(Err(e)) => {
+            let _ = conn.write_all(format!("ERR {e}\n").as_bytes());
+            bail!(e);
+        }
+        None => {}
+    }
     let header = match StreamHeader::parse(&line) {
         Ok(h) => h,
         Err(e) => {

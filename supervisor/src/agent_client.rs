@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tegmen_agent_api::stream::{open_stream, StreamHeader, StreamKind};
+use tegmen_agent_api::stream::{open_forward, open_stream, StreamHeader, StreamKind};
 use tegmen_agent_api::STREAM_VSOCK_PORT;
 
 use tegmen_agent_api::agent::*;
@@ -300,6 +300,30 @@ impl AgentClient {
             .map_err(|e| rpc_error("RemoveContainer", e))
     }
 
+    /// The TCP ports something listens on in the guest's network
+    /// namespace; a reply out of bounds is refused.
+    pub fn listening_ports(&self) -> Result<Vec<u16>> {
+        let resp = self
+            .stub
+            .listening_ports(self.ctx(), &Empty::new())
+            .map_err(|e| rpc_error("ListeningPorts", e))?;
+        if resp.tcp.len() > MAX_LISTENING_PORTS {
+            return Err(Error::Agent(format!(
+                "ListeningPorts: {} ports, more than {MAX_LISTENING_PORTS}",
+                resp.tcp.len()
+            )));
+        }
+        resp.tcp
+            .iter()
+            .map(|&p| {
+                u16::try_from(p)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| Error::Agent(format!("ListeningPorts: {p} is not a TCP port")))
+            })
+            .collect()
+    }
+
     /// Blocks until the agent reports the next exit or OOM kill.
     pub fn get_event(&self) -> Result<Event> {
         self.stub
@@ -321,11 +345,9 @@ impl StreamEndpoint {
     /// Opens one stdio stream of a process; the returned socket carries its
     /// raw bytes.
     pub fn open(&self, container_id: &str, exec_id: &str, kind: StreamKind) -> Result<UnixStream> {
-        let mut conn = match self {
-            StreamEndpoint::HybridVsock(path) => hybrid_vsock_connect(path, STREAM_VSOCK_PORT, Duration::from_secs(10)),
-            StreamEndpoint::Unix(path) => tegmen_vmm::unix_path::connect(path),
-        }
-        .map_err(|e| Error::Agent(format!("opening the {} stream of {container_id}: {e}", kind.as_str())))?;
+        let mut conn = self
+            .connect()
+            .map_err(|e| Error::Agent(format!("opening the {} stream of {container_id}: {e}", kind.as_str())))?;
         let header = StreamHeader {
             container_id: container_id.into(),
             exec_id: exec_id.into(),
@@ -334,7 +356,27 @@ impl StreamEndpoint {
         open_stream(&mut conn, &header).map_err(|e| Error::Agent(e.to_string()))?;
         Ok(conn)
     }
+
+    /// Opens a connection to TCP `port` in the guest's network namespace;
+    /// the returned socket carries its bytes both ways.
+    pub fn open_forward(&self, port: u16) -> Result<UnixStream> {
+        let mut conn = self
+            .connect()
+            .map_err(|e| Error::Agent(format!("forwarding to guest port {port}: {e}")))?;
+        open_forward(&mut conn, port).map_err(|e| Error::Agent(e.to_string()))?;
+        Ok(conn)
+    }
+
+    fn connect(&self) -> std::io::Result<UnixStream> {
+        match self {
+            StreamEndpoint::HybridVsock(path) => hybrid_vsock_connect(path, STREAM_VSOCK_PORT, Duration::from_secs(10)),
+            StreamEndpoint::Unix(path) => tegmen_vmm::unix_path::connect(path),
+        }
+    }
 }
+
+/// Most listening ports a guest may report (as many as the agent sends).
+pub const MAX_LISTENING_PORTS: usize = 1024;
 
 fn rpc_error(method: &str, e: ttrpc::Error) -> Error {
     match e {

@@ -19,6 +19,7 @@ pub mod guest_image;
 pub mod host;
 pub mod hypervisor;
 pub mod netns;
+pub mod portforward;
 pub mod process;
 pub mod runtime;
 pub mod sandbox;

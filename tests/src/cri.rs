@@ -128,7 +128,7 @@ pub fn cri_log_stdout(path: &Path) -> String {
 /// websocket speaking `v4.channel.k8s.io` (each message starts with its
 /// channel: 0 stdin, 1 stdout, 2 stderr, 3 the exit status, 4 resize).
 pub struct TtySession {
-    ws: tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>,
+    ws: ChannelSocket,
     /// Everything that arrived on stdout so far.
     pub stdout: String,
     /// The status document of channel 3, once the process ended.
@@ -136,27 +136,74 @@ pub struct TtySession {
     pub closed: bool,
 }
 
+type ChannelSocket = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<std::net::TcpStream>>;
+
+/// A websocket to CRI's streaming server speaking `v4.channel.k8s.io`
+/// (what kubectl asks for), reads timing out every 200 ms.
+fn channel_socket(url: &str) -> ChannelSocket {
+    use tungstenite::client::IntoClientRequest;
+    let ws_url = url.replacen("http://", "ws://", 1);
+    let mut req = ws_url.into_client_request().expect("a websocket URL");
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse().unwrap());
+    let (ws, resp) = tungstenite::connect(req).unwrap_or_else(|e| panic!("websocket to {url}: {e}"));
+    assert_eq!(
+        resp.headers()
+            .get("Sec-WebSocket-Protocol")
+            .map(|v| v.to_str().unwrap()),
+        Some("v4.channel.k8s.io"),
+        "the server speaks the protocol kubectl asked for"
+    );
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    }
+    ws
+}
+
+/// `kubectl port-forward` to one `port` through the URL a PortForward
+/// answered with: what the pod's server sends (the data channel after
+/// its port prefix) until `want` is in it, the connection closes, or
+/// 20 s pass; and what came on the error channel.
+pub fn port_forward_read(url: &str, port: u16, want: &str) -> (String, String) {
+    let mut ws = channel_socket(&format!("{url}?port={port}"));
+    // Each channel's first message is its port, little-endian.
+    let (mut data, mut error) = (Vec::new(), Vec::new());
+    let (mut data_prefix, mut error_prefix) = (true, true);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !String::from_utf8_lossy(&data).contains(want) && Instant::now() < deadline {
+        match ws.read() {
+            Ok(tungstenite::Message::Binary(m)) if !m.is_empty() => {
+                let (first, to) = match m[0] {
+                    0 => (&mut data_prefix, &mut data),
+                    1 => (&mut error_prefix, &mut error),
+                    _ => continue,
+                };
+                let body = &m[1..];
+                if std::mem::take(first) {
+                    assert_eq!(body, port.to_le_bytes(), "a channel opens with its port");
+                } else {
+                    to.extend_from_slice(body);
+                }
+            }
+            Ok(tungstenite::Message::Close(_)) => break,
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = ws.close(None);
+    (
+        String::from_utf8_lossy(&data).into_owned(),
+        String::from_utf8_lossy(&error).into_owned(),
+    )
+}
+
 impl TtySession {
     /// Connects to the URL an `Exec` answered with.
     pub fn connect(url: &str) -> TtySession {
-        use tungstenite::client::IntoClientRequest;
-        let ws_url = url.replacen("http://", "ws://", 1);
-        let mut req = ws_url.into_client_request().expect("a websocket URL");
-        req.headers_mut()
-            .insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse().unwrap());
-        let (ws, resp) = tungstenite::connect(req).unwrap_or_else(|e| panic!("websocket to {url}: {e}"));
-        assert_eq!(
-            resp.headers()
-                .get("Sec-WebSocket-Protocol")
-                .map(|v| v.to_str().unwrap()),
-            Some("v4.channel.k8s.io"),
-            "the server speaks the protocol kubectl asked for"
-        );
-        if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
-            s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-        }
         TtySession {
-            ws,
+            ws: channel_socket(url),
             stdout: String::new(),
             status: String::new(),
             closed: false,

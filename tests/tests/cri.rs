@@ -359,8 +359,9 @@ fn pods_in_a_row_and_at_once_leave_nothing() {
 }
 
 /// CNI's network reaches the pods' VMs: each pod's guest has the address
-/// CNI gave its netns (as PodSandboxStatus reports it), and two pods on
-/// the test's bridge talk to each other.
+/// CNI gave its netns (as PodSandboxStatus reports it), two pods on the
+/// test's bridge talk to each other, and PortForward reaches a server in
+/// a guest.
 #[test]
 fn pods_get_their_cni_address_and_reach_each_other() {
     let root = TestRoot::new("cri-net");
@@ -457,6 +458,45 @@ fn pods_get_their_cni_address_and_reach_each_other() {
             "pod to pod over the bridge: {}",
             String::from_utf8_lossy(&r.stderr)
         );
+
+        // kubectl port-forward: CRI dials localhost:8090 in the pod's
+        // netns on the host, where the guest's listener is mirrored.
+        // (A URL serves one session: each attempt asks for its own.)
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let url = rt
+                .port_forward(PortForwardRequest {
+                    pod_sandbox_id: pods[0].0.clone(),
+                    port: vec![8090],
+                })
+                .await
+                .expect("PortForward")
+                .into_inner()
+                .url;
+            let (data, error) = port_forward_read(&url, 8090, "from-the-server-pod\n");
+            if data == "from-the-server-pod\n" {
+                break;
+            }
+            eprintln!("port-forward: not yet: {data:?} / {error:?}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "port-forward never reached the server: {data:?} / {error:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        // A port nothing listens on in the guest fails on the error channel.
+        let url = rt
+            .port_forward(PortForwardRequest {
+                pod_sandbox_id: pods[0].0.clone(),
+                port: vec![8099],
+            })
+            .await
+            .expect("PortForward")
+            .into_inner()
+            .url;
+        let (data, error) = port_forward_read(&url, 8099, "never");
+        assert!(data.is_empty() && error.contains("8099"), "{data:?} / {error:?}");
+
         for (pod, _, _) in pods {
             rt.stop_pod_sandbox(StopPodSandboxRequest {
                 pod_sandbox_id: pod.clone(),

@@ -411,6 +411,7 @@ fn errors_without_a_vm() {
     assert!(out.starts_with("tegmen version "), "{out}");
     let features: serde_json::Value = serde_json::from_str(&rt.ok(&["features"])).unwrap();
     assert_eq!(features["linux"]["cgroup"]["v2"], true);
+    assert_eq!(features["annotations"]["io.github.tegmen.network"], "tcfilter");
     let specdir = rt.root.root().join("spec");
     std::fs::create_dir_all(&specdir).unwrap();
     rt.ok(&["spec", "--bundle", specdir.to_str().unwrap()]);

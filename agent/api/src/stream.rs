@@ -12,6 +12,11 @@
 //! and the agent answers `OK\n` or `ERR <reason>\n`; after `OK` the
 //! connection carries the raw bytes. stdin ends when the host shuts down
 //! its write side; stdout/stderr end when the process's side is closed.
+//!
+//! The same port carries port-forward connections: the header line
+//! `tegmen-forward/1 tcp <port>\n` asks the agent to connect to that TCP
+//! port in the guest's network namespace (the pod's); after `OK` the
+//! connection carries the TCP stream's bytes both ways.
 
 use std::io::{self, Read, Write};
 
@@ -126,22 +131,68 @@ pub fn open_stream<S: Read + Write>(conn: &mut S, header: &StreamHeader) -> io::
         .encode()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     conn.write_all(line.as_bytes())?;
+    read_verdict(
+        conn,
+        &format!("{} stream of {}", header.kind.as_str(), header.container_id),
+    )
+}
+
+fn read_verdict(conn: &mut impl Read, what: &str) -> io::Result<()> {
     let reply = read_line(conn)?;
     if reply == b"OK" {
         return Ok(());
     }
     let text = String::from_utf8_lossy(&reply);
     let reason = text.strip_prefix("ERR ").unwrap_or(&text);
-    Err(io::Error::other(format!(
-        "{} stream of {}: {reason}",
-        header.kind.as_str(),
-        header.container_id
-    )))
+    Err(io::Error::other(format!("{what}: {reason}")))
+}
+
+const FORWARD_MAGIC: &str = "tegmen-forward/1";
+
+/// The opening line of a connection forwarded to TCP `port` in the guest.
+pub fn forward_line(port: u16) -> String {
+    format!("{FORWARD_MAGIC} tcp {port}\n")
+}
+
+/// The port a forward opening line names: `None` when `line` is not one
+/// (a stdio stream's header), an error when it is one but malformed.
+pub fn parse_forward(line: &[u8]) -> Option<Result<u16, String>> {
+    let text = std::str::from_utf8(line).ok()?;
+    let rest = text.strip_prefix(FORWARD_MAGIC)?.strip_prefix(' ');
+    let port = rest
+        .and_then(|r| r.strip_prefix("tcp "))
+        .and_then(|p| p.parse::<u16>().ok())
+        .filter(|p| *p != 0);
+    Some(port.ok_or_else(|| format!("malformed forward header {text:?}")))
+}
+
+/// The host's side of a forward's opening: after it, `conn` carries the
+/// guest's TCP stream on `port`.
+pub fn open_forward<S: Read + Write>(conn: &mut S, port: u16) -> io::Result<()> {
+    conn.write_all(forward_line(port).as_bytes())?;
+    read_verdict(conn, &format!("forward to guest port {port}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forward_lines_round_trip_and_bad_ones_are_named() {
+        let line = forward_line(8080);
+        assert_eq!(parse_forward(line.trim_end().as_bytes()), Some(Ok(8080)));
+        for bad in [
+            "tegmen-forward/1 tcp 0",
+            "tegmen-forward/1 tcp 70000",
+            "tegmen-forward/1 udp 53",
+            "tegmen-forward/1",
+        ] {
+            let e = parse_forward(bad.as_bytes()).expect("a forward line").unwrap_err();
+            assert!(e.contains("malformed forward header"), "{e}");
+        }
+        assert_eq!(parse_forward(b"tegmen-stream/1 c1 - stdout"), None);
+        assert_eq!(parse_forward(&[0xff, 0xfe]), None);
+    }
 
     #[test]
     fn headers_round_trip() {

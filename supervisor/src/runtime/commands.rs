@@ -624,7 +624,12 @@ pub fn features() -> serde_json::Value {
         },
         "annotations": {
             "io.github.tegmen.version": env!("CARGO_PKG_VERSION"),
-            "io.github.tegmen.sandbox": "microvm"
+            "io.github.tegmen.sandbox": "microvm",
+            // A spec's network namespace (by path) is the VM's: its
+            // interfaces are mirrored to virtio-net NICs by tc redirects,
+            // and the container runs in the guest's namespace. IPv4.
+            "io.github.tegmen.network": "tcfilter",
+            "io.github.tegmen.network.families": "ipv4"
         }
     })
 }

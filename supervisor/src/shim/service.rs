@@ -152,6 +152,9 @@ struct Pod {
     endpoint: StreamEndpoint,
     /// The sandbox container's init in the guest.
     sandbox_guest_pid: Option<i32>,
+    /// The guest's listening ports on the pod netns' loopback, where CRI's
+    /// PortForward dials them.
+    _ports: Option<crate::portforward::PortMirror>,
 }
 
 #[derive(Default)]
@@ -263,6 +266,7 @@ impl Inner {
                 config.guest.host_overhead_mib,
             )
             .map_err(|e| rpc_err(ttrpc::Code::INVALID_ARGUMENT, format!("pod {pod_id}: {e}")))?;
+            let netns = crate::runtime::bundle::network_namespace_path(&bundle.spec);
             let sandbox = Sandbox::create(
                 &config,
                 &pod_id,
@@ -272,10 +276,25 @@ impl Inner {
                     cgroup: Some(cgroup),
                     nics: Vec::new(),
                     // CNI's namespace of the pod, wired to the VM's NICs.
-                    netns: crate::runtime::bundle::network_namespace_path(&bundle.spec),
+                    netns: netns.clone(),
                 },
             )
             .map_err(|e| internal(format!("pod {pod_id}: {e}")))?;
+            let ports = match &netns {
+                Some(ns) => {
+                    let (agent, endpoint) = (sandbox.agent().clone(), sandbox.stream_endpoint());
+                    let mirror = crate::portforward::PortMirror::start(
+                        Some(ns),
+                        move || agent.listening_ports(),
+                        move |port| endpoint.open_forward(port),
+                    );
+                    // Port-forward is not worth failing the pod for.
+                    mirror
+                        .map_err(|e| tracing::warn!("pod {pod_id}: no port-forward: {e}"))
+                        .ok()
+                }
+                None => None,
+            };
             let pod = Pod {
                 id: pod_id.clone(),
                 agent: sandbox.agent().clone(),
@@ -283,6 +302,7 @@ impl Inner {
                 sandbox: Arc::new(Mutex::new(sandbox)),
                 config,
                 sandbox_guest_pid: None,
+                _ports: ports,
             };
             spawn_event_loop(self.clone(), pod.agent.clone());
             lock(&self.state).pod = Some(pod);
