@@ -122,6 +122,11 @@ pub fn setup_guest() -> Result<()> {
     // All cgroup v2 controllers the kernel has are made available to the
     // containers' cgroups below the root.
     enable_cgroup_controllers();
+    // The guest's own `lo` is up, as a node's is: a pod without a network
+    // namespace of its own (hostNetwork, `ctr run --net-host`) runs here.
+    if let Err(e) = crate::network::loopback_up() {
+        log::warn!("bringing lo up: {e}");
+    }
 
     std::fs::create_dir_all(GUEST_SHARED_DIR).with_context(|| format!("creating {GUEST_SHARED_DIR}"))?;
     mount(

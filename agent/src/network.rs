@@ -116,6 +116,11 @@ impl Drop for Sock {
     }
 }
 
+/// Brings `lo` up in this process's network namespace.
+pub fn loopback_up() -> Result<(), String> {
+    Sock::new()?.up("lo")
+}
+
 /// Applies `req` in this process's network namespace.
 pub fn configure(req: &ConfigureNetworkRequest) -> Result<(), String> {
     let sock = Sock::new()?;

@@ -92,9 +92,16 @@ fn targets(port: u16, listeners: &[(IpAddr, u16)]) -> Vec<SocketAddr> {
             IpAddr::V6(a) if a.is_unspecified() || a.is_loopback() => IpAddr::V6(Ipv6Addr::LOCALHOST),
             other => *other,
         };
-        let addr = SocketAddr::new(target, *p);
-        if !out.contains(&addr) {
-            out.push(addr);
+        let mut candidates = vec![SocketAddr::new(target, *p)];
+        if matches!(ip, IpAddr::V6(a) if a.is_unspecified()) {
+            // A dual-stack listener answers on IPv4 loopback too, should
+            // ::1 be missing.
+            candidates.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), *p));
+        }
+        for addr in candidates {
+            if !out.contains(&addr) {
+                out.push(addr);
+            }
         }
     }
     out
@@ -187,6 +194,10 @@ mod tests {
         assert_eq!(targets(8080, &all), ["127.0.0.1:8080".parse().unwrap()]);
         assert_eq!(targets(8081, &all), ["10.213.0.2:8081".parse().unwrap()]);
         assert_eq!(targets(8083, &all), ["[::1]:8083".parse().unwrap()]);
+        assert_eq!(
+            targets(8082, &all),
+            ["[::1]:8082".parse().unwrap(), "127.0.0.1:8082".parse().unwrap()]
+        );
         assert!(targets(9999, &all).is_empty());
     }
 }

@@ -363,7 +363,12 @@ impl StreamEndpoint {
         let mut conn = self
             .connect()
             .map_err(|e| Error::Agent(format!("forwarding to guest port {port}: {e}")))?;
-        open_forward(&mut conn, port).map_err(|e| Error::Agent(e.to_string()))?;
+        // A guest that never answers must not hold the connection.
+        let verdict = conn
+            .set_read_timeout(Some(FORWARD_VERDICT_TIMEOUT))
+            .and_then(|()| open_forward(&mut conn, port))
+            .and_then(|()| conn.set_read_timeout(None));
+        verdict.map_err(|e| Error::Agent(format!("forwarding to guest port {port}: {e}")))?;
         Ok(conn)
     }
 
@@ -374,6 +379,9 @@ impl StreamEndpoint {
         }
     }
 }
+
+/// How long the agent may take to answer a forward's opening line.
+pub const FORWARD_VERDICT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Most listening ports a guest may report (as many as the agent sends).
 pub const MAX_LISTENING_PORTS: usize = 1024;

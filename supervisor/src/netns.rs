@@ -72,6 +72,25 @@ fn in_netns<T: Send + 'static>(
     .map_err(|_| Error::Network("the netlink thread panicked".into()))?
 }
 
+/// Refuses the host's network namespace (this process's or PID 1's):
+/// taking its interfaces over would cut the host off its network.
+/// A `hostNetwork` sandbox names no namespace at all.
+pub fn refuse_host(netns: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino()));
+    let target = id(netns).map_err(|e| err(netns, "opening", e))?;
+    for host in ["/proc/self/ns/net", "/proc/1/ns/net"] {
+        if id(Path::new(host)).is_ok_and(|h| h == target) {
+            return Err(err(
+                netns,
+                "refused",
+                format!("it is the host's ({host}); a VM takes over only a namespace of the container's own"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The interfaces of `netns` the guest takes over: every link but loopback
 /// that has an address.
 pub fn endpoints(netns: &Path) -> Result<Vec<Endpoint>> {
@@ -166,6 +185,53 @@ pub fn routes(netns: &Path) -> Result<Vec<Route>> {
                     gateway: gw,
                     index,
                 });
+            }
+            Ok(found)
+        })
+    })
+}
+
+/// A permanent IPv4 neighbour of the namespace (static ARP entries that
+/// CNI or an operator added; the guest gets them too).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Neighbour {
+    pub ip: std::net::Ipv4Addr,
+    pub mac: [u8; 6],
+    /// The endpoint's link index.
+    pub index: u32,
+}
+
+/// The permanent IPv4 neighbours of `netns`.
+pub fn neighbours(netns: &Path) -> Result<Vec<Neighbour>> {
+    use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
+    let ns = netns.to_path_buf();
+    in_netns(netns, move |handle| {
+        Box::pin(async move {
+            let mut found = Vec::new();
+            let mut all = handle.neighbours().get().set_family(rtnetlink::IpVersion::V4).execute();
+            while let Some(n) = all.try_next().await.map_err(|e| err(&ns, "listing neighbours", e))? {
+                if n.header.state != NeighbourState::Permanent {
+                    continue;
+                }
+                let (mut ip, mut mac) = (None, None);
+                for a in &n.attributes {
+                    match a {
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => ip = Some(*d),
+                        NeighbourAttribute::LinkLocalAddress(m) if m.len() == 6 => {
+                            let mut b = [0u8; 6];
+                            b.copy_from_slice(m);
+                            mac = Some(b);
+                        }
+                        _ => {}
+                    }
+                }
+                if let (Some(ip), Some(mac)) = (ip, mac) {
+                    found.push(Neighbour {
+                        ip,
+                        mac,
+                        index: n.header.ifindex,
+                    });
+                }
             }
             Ok(found)
         })

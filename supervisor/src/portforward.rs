@@ -21,7 +21,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::{Error, Result};
 
@@ -35,10 +35,29 @@ pub const MAX_CONNECTIONS: usize = 64;
 type Ports = dyn Fn() -> Result<Vec<u16>> + Send + Sync;
 type Dial = dyn Fn(u16) -> Result<UnixStream> + Send + Sync;
 
+/// One mirrored port's listeners; `closed` tells its accept threads to go
+/// (a port dropped and mirrored again gets a new set).
+struct Mirrored {
+    listeners: Vec<TcpListener>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Mirrored {
+    /// Wakes the accept threads: accept(2) fails on a listening socket
+    /// that was shut down, and `closed` tells them it is for good.
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        for l in &self.listeners {
+            // SAFETY: shutdown(2) on a socket we own.
+            unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+    }
+}
+
 struct Inner {
     stop: AtomicBool,
-    /// The mirrored ports and their listeners.
-    listeners: Mutex<BTreeMap<u16, Vec<TcpListener>>>,
+    /// The mirrored ports.
+    listeners: Mutex<BTreeMap<u16, Mirrored>>,
     open: AtomicUsize,
     dial: Box<Dial>,
 }
@@ -102,8 +121,8 @@ impl PortMirror {
 impl Drop for PortMirror {
     fn drop(&mut self) {
         self.inner.stop.store(true, Ordering::SeqCst);
-        for (_, ls) in std::mem::take(&mut *lock(&self.inner.listeners)) {
-            close(&ls);
+        for (_, m) in std::mem::take(&mut *lock(&self.inner.listeners)) {
+            m.close();
         }
     }
 }
@@ -112,19 +131,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Wakes the accept threads of `listeners`: accept(2) fails on a listening
-/// socket that was shut down.
-fn close(listeners: &[TcpListener]) {
-    for l in listeners {
-        // SAFETY: shutdown(2) on a socket we own.
-        unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RDWR) };
-    }
-}
-
 fn poll_loop(inner: &Arc<Inner>, ports: &Ports) {
-    // Ports the namespace refused (in use there): not retried until the
-    // guest stops listening on them.
-    let mut refused = BTreeSet::new();
+    // Ports the namespace refused (in use there), and when: retried after
+    // RETRY, or at once when the guest listens on them anew.
+    let mut refused = BTreeMap::new();
     while !inner.stop.load(Ordering::SeqCst) {
         match ports() {
             Ok(list) => sync(inner, &list, &mut refused),
@@ -137,23 +147,26 @@ fn poll_loop(inner: &Arc<Inner>, ports: &Ports) {
             std::thread::sleep(POLL / 10);
         }
     }
-    for (_, ls) in std::mem::take(&mut *lock(&inner.listeners)) {
-        close(&ls);
+    for (_, m) in std::mem::take(&mut *lock(&inner.listeners)) {
+        m.close();
     }
 }
 
-fn sync(inner: &Arc<Inner>, guest: &[u16], refused: &mut BTreeSet<u16>) {
+/// How long a port the namespace refused waits before it is tried again.
+const RETRY: Duration = Duration::from_secs(10);
+
+fn sync(inner: &Arc<Inner>, guest: &[u16], refused: &mut BTreeMap<u16, Instant>) {
     let wanted: BTreeSet<u16> = guest.iter().copied().collect();
-    refused.retain(|p| wanted.contains(p));
+    refused.retain(|p, at| wanted.contains(p) && at.elapsed() < RETRY);
     let mut map = lock(&inner.listeners);
     let gone: Vec<u16> = map.keys().filter(|p| !wanted.contains(p)).copied().collect();
     for p in gone {
-        if let Some(ls) = map.remove(&p) {
-            close(&ls);
+        if let Some(m) = map.remove(&p) {
+            m.close();
         }
     }
     for &port in &wanted {
-        if map.contains_key(&port) || refused.contains(&port) {
+        if map.contains_key(&port) || refused.contains_key(&port) {
             continue;
         }
         if map.len() >= MAX_MIRRORED {
@@ -168,25 +181,26 @@ fn sync(inner: &Arc<Inner>, guest: &[u16], refused: &mut BTreeSet<u16>) {
         }
         if ls.is_empty() {
             tracing::warn!("port mirror: guest port {port} cannot be mirrored on the pod's loopback");
-            refused.insert(port);
+            refused.insert(port, Instant::now());
             continue;
         }
+        let closed = Arc::new(AtomicBool::new(false));
         for l in &ls {
             match l.try_clone() {
-                Ok(l) => spawn_acceptor(inner.clone(), port, l),
+                Ok(l) => spawn_acceptor(inner.clone(), port, l, closed.clone()),
                 Err(e) => tracing::warn!("port mirror: port {port}: {e}"),
             }
         }
-        map.insert(port, ls);
+        map.insert(port, Mirrored { listeners: ls, closed });
     }
 }
 
-fn spawn_acceptor(inner: Arc<Inner>, port: u16, listener: TcpListener) {
+fn spawn_acceptor(inner: Arc<Inner>, port: u16, listener: TcpListener, closed: Arc<AtomicBool>) {
     let _ = std::thread::Builder::new()
         .name(format!("mirror-{port}"))
         .spawn(move || loop {
             let conn = listener.accept();
-            let still = !inner.stop.load(Ordering::SeqCst) && lock(&inner.listeners).contains_key(&port);
+            let still = !inner.stop.load(Ordering::SeqCst) && !closed.load(Ordering::SeqCst);
             match conn {
                 Ok((tcp, _)) if still => {
                     if inner.open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
@@ -237,7 +251,6 @@ fn splice(tcp: TcpStream, guest: UnixStream) {
 mod tests {
     use super::*;
     use std::io::{Read, Write};
-    use std::time::Instant;
 
     /// A free port on this namespace's loopback, as far as one can tell.
     fn free_port() -> u16 {

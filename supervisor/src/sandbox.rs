@@ -137,9 +137,9 @@ pub struct SandboxState {
 }
 
 /// The guest's side of `net`: each NIC with its endpoint's MTU and
-/// addresses, then its routes.
+/// addresses, then its routes and permanent neighbours.
 fn guest_network(net: &NetworkState) -> tegmen_agent_api::agent::ConfigureNetworkRequest {
-    use tegmen_agent_api::agent::{ConfigureNetworkRequest, NetworkInterface, NetworkRoute};
+    use tegmen_agent_api::agent::{ConfigureNetworkRequest, NetworkInterface, NetworkNeighbor, NetworkRoute};
     let mut req = ConfigureNetworkRequest::new();
     for ep in &net.endpoints {
         let mut nic = NetworkInterface::new();
@@ -153,6 +153,13 @@ fn guest_network(net: &NetworkState) -> tegmen_agent_api::agent::ConfigureNetwor
             r.gateway = gw.clone();
             r.device_mac = ep.mac.clone();
             req.routes.push(r);
+        }
+        for (ip, mac) in &ep.neighbours {
+            let mut n = NetworkNeighbor::new();
+            n.ip = ip.clone();
+            n.mac = mac.clone();
+            n.device_mac = ep.mac.clone();
+            req.neighbors.push(n);
         }
     }
     req
@@ -179,6 +186,9 @@ pub struct NetworkEndpoint {
     /// Routes through it: `(destination or "" for default, gateway or "")`.
     #[serde(default)]
     pub routes: Vec<(String, String)>,
+    /// Its permanent neighbours: `(IPv4 address, MAC)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub neighbours: Vec<(String, String)>,
     /// Set once its redirects are in place (and so its qdisc is ours).
     #[serde(default)]
     pub wired: bool,
@@ -320,8 +330,10 @@ impl Sandbox {
         let mut nics = options.nics.clone();
         let mut network = None;
         if let Some(ns) = &options.netns {
+            crate::netns::refuse_host(ns)?;
             let endpoints = crate::netns::endpoints(ns)?;
             let routes = crate::netns::routes(ns)?;
+            let neighbours = crate::netns::neighbours(ns)?;
             let mut recorded = Vec::new();
             for (i, ep) in endpoints.iter().enumerate() {
                 let nic = crate::hypervisor::Nic {
@@ -346,6 +358,11 @@ impl Sandbox {
                                 r.gateway.map(|g| g.to_string()).unwrap_or_default(),
                             )
                         })
+                        .collect(),
+                    neighbours: neighbours
+                        .iter()
+                        .filter(|n| n.index == ep.index)
+                        .map(|n| (n.ip.to_string(), crate::hypervisor::mac_string(&n.mac)))
                         .collect(),
                     wired: false,
                 });

@@ -271,6 +271,33 @@ fn a_sandbox_takes_over_a_cni_namespace() {
     veth_pair(&pod, &peer, "10.252.1.2/24", "10.252.1.1/24");
     ip(&["-n", &pod.0, "link", "set", "eth0", "address", "02:42:0a:fc:01:02"]);
     ip(&["-n", &pod.0, "route", "add", "default", "via", "10.252.1.1"]);
+    // A static ARP entry (permanent): the guest gets it; a learnt one not.
+    ip(&[
+        "-n",
+        &pod.0,
+        "neigh",
+        "add",
+        "10.252.1.77",
+        "lladdr",
+        "02:00:00:00:00:77",
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    ip(&[
+        "-n",
+        &pod.0,
+        "neigh",
+        "add",
+        "10.252.1.78",
+        "lladdr",
+        "02:00:00:00:00:78",
+        "dev",
+        "eth0",
+        "nud",
+        "reachable",
+    ]);
     let server = peer.spawn(&[
         "sh",
         "-c",
@@ -291,6 +318,21 @@ fn a_sandbox_takes_over_a_cni_namespace() {
     .expect("a missing netns is refused")
     .to_string();
     assert!(e.contains("no-such-netns"), "{e}");
+    t.assert_nothing_left();
+    // The host's own namespace: refused, its interfaces untouched.
+    let e = Sandbox::create(
+        &t.config,
+        "host",
+        &SandboxOptions {
+            owned_by_current_process: true,
+            netns: Some("/proc/self/ns/net".into()),
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("the host's netns is refused")
+    .to_string();
+    assert!(e.contains("/proc/self/ns/net") && e.contains("the host's"), "{e}");
     t.assert_nothing_left();
 
     let mut sb = Sandbox::create(
@@ -313,12 +355,17 @@ fn a_sandbox_takes_over_a_cni_namespace() {
         [(String::new(), "10.252.1.1".to_string())],
         "the default route, not the kernel's"
     );
+    assert_eq!(
+        ep.neighbours,
+        [("10.252.1.77".to_string(), "02:00:00:00:00:77".to_string())],
+        "the permanent neighbour only"
+    );
     let rootfs = t.root().join("rootfs");
     busybox_rootfs(&rootfs);
     // The agent configured the NIC before any container: the container
     // only looks.
     let script = "cat /sys/class/net/eth0/address; ip -o -4 addr show eth0 | grep -o 'inet [0-9./]*'; \
-         ip route | grep default; \
+         ip route | grep default; grep 10.252.1.7 /proc/net/arp; \
          for i in 1 2 3 4 5; do nc -w 5 10.252.1.1 8082 && break; sleep 1; done; \
          while :; do echo from-the-guest | nc -l -p 8083; done";
     add(&mut sb, "app", &rootfs, script);
@@ -347,6 +394,11 @@ fn a_sandbox_takes_over_a_cni_namespace() {
         seen.contains("default via 10.252.1.1 dev eth0"),
         "the default route: {seen:?}"
     );
+    let arp: Vec<&str> = seen.lines().filter(|l| l.starts_with("10.252.1.7")).collect();
+    assert!(
+        arp.len() == 1 && arp[0].contains("02:00:00:00:00:77") && arp[0].contains("0x6"),
+        "the permanent neighbour is in the guest, as permanent (flags 0x6): {seen:?}"
+    );
     let got = peer.read_from("10.252.1.2", "8083", "the guest, from the peer,");
     assert_eq!(got.trim(), "from-the-guest");
     drop(out);
@@ -366,6 +418,56 @@ fn a_sandbox_takes_over_a_cni_namespace() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(pod.links().contains("eth0"), "CNI's veth stays");
+    t.assert_nothing_left();
+}
+
+/// The namespace's interface goes away while the VM runs (CNI's DEL
+/// before the pod's teardown, an operator): the VM and its containers go
+/// on without it, and teardown still leaves the namespace empty.
+#[test]
+fn an_interface_that_disappears_leaves_the_vm_running_and_nothing_behind() {
+    let t = TestRoot::new("gone-net");
+    let pod = Netns::new(&format!("tggpod{}", std::process::id()));
+    let peer = Netns::new(&format!("tggpeer{}", std::process::id()));
+    veth_pair(&pod, &peer, "10.252.4.2/24", "10.252.4.1/24");
+    let mut sb = Sandbox::create(
+        &t.config,
+        "gone",
+        &SandboxOptions {
+            owned_by_current_process: true,
+            netns: Some(pod.path().into()),
+            ..Default::default()
+        },
+    )
+    .expect("boot in the pod's namespace");
+    assert!(pod.links().contains("tap0_tg"), "{}", pod.links());
+    ip(&["-n", &pod.0, "link", "delete", "eth0"]);
+    assert!(!peer.links().contains("eth0p"), "the pair went together");
+
+    // The guest goes on: a container runs, and sees its NIC still there.
+    let rootfs = t.root().join("rootfs");
+    busybox_rootfs(&rootfs);
+    add(
+        &mut sb,
+        "after",
+        &rootfs,
+        "cat /sys/class/net/eth0/operstate; echo still-running",
+    );
+    let out = read_all_in_thread(sb.stream_endpoint().open("after", "", StreamKind::Stdout).unwrap());
+    sb.agent().start_container("after").unwrap();
+    assert_eq!(sb.agent().wait_process("after", "").unwrap().exit_code, 0);
+    let text = String::from_utf8_lossy(&out.join().unwrap()).into_owned();
+    assert!(text.ends_with("still-running\n"), "{text:?}");
+    sb.remove_container("after").unwrap();
+
+    sb.shutdown().expect("teardown without the interface");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pod.links().contains("_tg") {
+        assert!(Instant::now() < deadline, "the tap is left: {}", pod.links());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let links = pod.links();
+    assert_eq!(links.lines().count(), 1, "only lo is left: {links}");
     t.assert_nothing_left();
 }
 

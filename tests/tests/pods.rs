@@ -203,6 +203,19 @@ fn containers_are_added_to_and_removed_from_a_running_sandbox() {
     assert_eq!((code, out.as_str()), (0, "rootfs of b"));
     sb.remove_container("x").unwrap();
 
+    // A container in the guest's own network namespace (a hostNetwork
+    // pod's) finds `lo` up, as on a node.
+    let mut spec = spec_with_volume("ip link show lo", None, false);
+    spec["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|n| n["type"] != "network");
+    add(&mut sb, "hostnet", &work.join("a"), &spec).expect("add hostnet");
+    let (code, out) = run(&sb, "hostnet");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("LOOPBACK,UP"), "lo is up: {out}");
+    sb.remove_container("hostnet").unwrap();
+
     sb.shutdown().expect("shutdown");
     t.assert_nothing_left();
 }

@@ -438,3 +438,96 @@ _start:
         "1ZK\n"
     );
 }
+
+/// `tegmen-vmm --netns --net`: the process enters the namespace, makes
+/// the tap there and hosts the virtio-net device on the mmio bus (the
+/// guest reads device id 1 and the MAC's last byte from its config
+/// space); the tap goes with the process. A bad NIC spec is named.
+#[test]
+fn the_vmm_process_hosts_a_nic_on_a_tap_in_a_namespace() {
+    if !kvm_available() {
+        return;
+    }
+    let ns = format!("tgvmm{}", std::process::id());
+    let ip = |args: &[&str]| Command::new("ip").args(args).output().expect("ip(8)");
+    assert!(ip(&["netns", "add", &ns]).status.success());
+    struct Gone(String);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "delete", &self.0]).status();
+        }
+    }
+    let _gone = Gone(ns.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let body = r#"
+    mov $0xd0000000, %esi
+    mov $0x3f8, %dx
+    mov 8(%esi), %eax
+    add $'0', %al
+    out %al, %dx
+    mov 0x104(%esi), %eax
+    shr $8, %eax
+    add $'0', %al
+    out %al, %dx
+    mov $'\n', %al
+    out %al, %dx
+"#;
+    let kernel = tiny_guest(dir.path(), "nic", body);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tegmen-vmm"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory-mib", "32", "--timeout-secs", "20", "--sandbox", "none"])
+        .arg("--console")
+        .arg(dir.path().join("console.log"))
+        .arg("--netns")
+        .arg(format!("/var/run/netns/{ns}"))
+        .args(["--net", "tap=tgvmm0,mac=02:00:00:00:00:07,mtu=1400"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let links = || String::from_utf8_lossy(&ip(&["-n", &ns, "-o", "link"]).stdout).into_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !links().contains("tgvmm0") {
+        assert!(std::time::Instant::now() < deadline, "no tap in {ns}: {}", links());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let console = dir.path().join("console.log");
+    while std::fs::read_to_string(&console).unwrap_or_default() != "17\n" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest saw {:?}",
+            std::fs::read_to_string(&console)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while links().contains("tgvmm0") {
+        assert!(std::time::Instant::now() < deadline, "the tap is left: {}", links());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let out = Command::new(env!("CARGO_BIN_EXE_tegmen-vmm"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--net", "tap=t0,mtu=1400"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "clap refuses it");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no mac=MAC"));
+    let out = Command::new(env!("CARGO_BIN_EXE_tegmen-vmm"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .args([
+            "--netns",
+            "/var/run/netns/no-such-ns",
+            "--net",
+            "tap=t0,mac=02:00:00:00:00:01",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-ns"));
+}

@@ -46,6 +46,13 @@ impl Builtin {
             .arg("--shared-dir")
             .arg(&spec.shared_dir)
             .args(["--fs-tag", tegmen_agent_api::SHARED_FS_TAG]);
+        if let Some(ns) = spec.nics.first().and_then(|n| n.netns.as_ref()) {
+            cmd.arg("--netns").arg(ns);
+        }
+        for nic in &spec.nics {
+            cmd.arg("--net")
+                .arg(format!("tap={},mac={},mtu={}", nic.tap, nic.mac_string(), nic.mtu));
+        }
         cmd
     }
 }
@@ -62,10 +69,10 @@ impl Hypervisor for Builtin {
     }
 
     fn start(&mut self, spec: &VmSpec, record: &mut dyn FnMut(ProcessRecord)) -> Result<()> {
-        if !spec.nics.is_empty() {
+        let netns: Vec<_> = spec.nics.iter().map(|n| n.netns.clone()).collect();
+        if netns.windows(2).any(|w| w[0] != w[1]) {
             return Err(crate::Error::Hypervisor(
-                "the builtin monitor has no network device yet; use hypervisor = \"qemu\" for networked sandboxes"
-                    .into(),
+                "the builtin monitor lives in one network namespace: its NICs' taps must all be there".into(),
             ));
         }
         let program = helper_binary("tegmen-vmm")?;
@@ -77,7 +84,26 @@ impl Hypervisor for Builtin {
             spec.cgroup.as_ref(),
             record,
         )?;
+        let pid = child.id();
         self.child = Some(child);
+        // The monitor makes its taps once in the namespace: the caller
+        // wires them next, so they must be there first.
+        let taps: Vec<&str> = spec.nics.iter().map(|n| n.tap.as_str()).collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !taps.is_empty() && !has_links(pid, &taps) {
+            if let Some(why) = self.exited() {
+                return Err(crate::Error::Hypervisor(format!(
+                    "tegmen-vmm ended before its taps were made ({why}); see {}",
+                    spec.run_dir.join("vmm.log").display()
+                )));
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(crate::Error::Hypervisor(format!(
+                    "tegmen-vmm made no taps {taps:?} in 10 s"
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         Ok(())
     }
 
@@ -109,6 +135,23 @@ impl Drop for Builtin {
             self.kill();
         }
     }
+}
+
+/// Whether every link in `names` is in process `pid`'s network namespace
+/// (`/proc/<pid>/net/dev` lists that namespace's).
+fn has_links(pid: u32, names: &[&str]) -> bool {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/dev")) else {
+        return false;
+    };
+    let links = links_of_net_dev(&text);
+    names.iter().all(|n| links.contains(n))
+}
+
+fn links_of_net_dev(text: &str) -> Vec<&str> {
+    text.lines()
+        .skip(2)
+        .filter_map(|l| l.split_once(':').map(|(name, _)| name.trim()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -154,5 +197,51 @@ mod tests {
             cmdline.contains("reboot=k") && cmdline.ends_with("loglevel=3"),
             "{cmdline}"
         );
+        assert!(!args.contains(&"--netns".to_string()) && !args.contains(&"--net".to_string()));
+
+        // NICs: the namespace once, then one --net each.
+        let nic = |tap: &str, last: u8| crate::hypervisor::Nic {
+            tap: tap.into(),
+            netns: Some("/var/run/netns/cni-1".into()),
+            mac: [2, 0, 0, 0, 0, last],
+            mtu: 1450,
+        };
+        let spec = VmSpec {
+            nics: vec![nic("tap0_tg", 1), nic("tap1_tg", 2)],
+            ..spec
+        };
+        let cmd = Builtin::command_line(Path::new("/usr/libexec/tegmen/tegmen-vmm"), &spec);
+        let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let nets: Vec<&String> = args
+            .iter()
+            .zip(args.iter().skip(1))
+            .filter(|(a, _)| *a == "--net")
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(
+            nets,
+            [
+                "tap=tap0_tg,mac=02:00:00:00:00:01,mtu=1450",
+                "tap=tap1_tg,mac=02:00:00:00:00:02,mtu=1450"
+            ]
+        );
+        let i = args.iter().position(|a| a == "--netns").expect("--netns");
+        assert_eq!(args[i + 1], "/var/run/netns/cni-1");
+        // What tegmen-vmm parses back.
+        for n in nets {
+            n.parse::<tegmen_vmm::devices::net::NicArg>().unwrap();
+        }
+    }
+
+    #[test]
+    fn links_are_read_from_proc_net_dev() {
+        let text = "Inter-|   Receive                            |  Transmit\n \
+                    face |bytes    packets errs drop fifo frame compressed multicast|bytes\n    \
+                    lo:       0       0    0    0    0     0          0         0        0\n  \
+                    eth0: 1296      16    0    0    0     0          0         0      936\n\
+                    tap0_tg:       0       0    0    0    0     0          0         0        0\n";
+        assert_eq!(links_of_net_dev(text), ["lo", "eth0", "tap0_tg"]);
+        assert!(has_links(std::process::id(), &["lo"]));
+        assert!(!has_links(std::process::id(), &["no-such-link0"]));
     }
 }

@@ -54,12 +54,13 @@ pub struct Nic {
 impl Nic {
     /// The MAC as `aa:bb:cc:dd:ee:ff`.
     pub fn mac_string(&self) -> String {
-        self.mac
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
+        mac_string(&self.mac)
     }
+}
+
+/// A MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn mac_string(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

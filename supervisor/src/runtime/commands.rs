@@ -145,14 +145,25 @@ pub fn destroy(config: &Config, id: &str, rec: Option<&ContainerRecord>) -> Resu
         m.wait_gone(Duration::from_secs(2));
     }
     let dir = store::container_dir(config, id);
-    let below = dir.join("shared").join(id);
+    // The container's part of the share (`shared/<id>.<n>`): whatever is
+    // mounted below the share (the share itself goes with the sandbox).
+    let shared = dir.join("shared");
+    let parts = || -> Vec<PathBuf> {
+        sandbox::mounts_below(&shared)
+            .into_iter()
+            .filter(|p| *p != shared)
+            .collect()
+    };
     for _ in 0..5 {
-        if sandbox::mounts_below(&below).is_empty() {
+        let left = parts();
+        if left.is_empty() {
             break;
         }
-        sandbox::unmount_below(&below);
+        for p in left.iter().rev() {
+            let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
+        }
     }
-    let left = sandbox::mounts_below(&below);
+    let left = parts();
     if !left.is_empty() {
         return Err(Error::Sys(format!(
             "container {id}: could not unmount {}",

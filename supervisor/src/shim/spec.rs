@@ -22,7 +22,8 @@
 //! - **Loopback.** A sandbox container with a new network namespace of
 //!   its own (no path: `ctr run`) gets `lo` up there
 //!   ([`LOOPBACK_ANNOTATION`]), as CNI's loopback plugin does on a node;
-//!   in the guest's namespace the agent brings it up with the NICs.
+//!   the guest's own namespace (a pod's with CNI, a hostNetwork pod's)
+//!   has it up from boot.
 
 use crate::config::GuestConfig;
 
@@ -182,6 +183,11 @@ mod tests {
         let mut s = spec(json!({}));
         map_for_guest(&mut s, "pod1", "pod1", 77, None).unwrap();
         assert_eq!(s["linux"]["namespaces"], json!([{"type": "pid"}, {"type": "mount"}]));
+        assert!(s["annotations"].get(LOOPBACK_ANNOTATION).is_none());
+        // hostNetwork, `ctr run --net-host`: the guest's own namespace.
+        let mut s = json!({"linux": {"namespaces": [{"type": "pid"}]}});
+        map_for_guest(&mut s, "p2", "p2", 77, None).unwrap();
+        assert_eq!(s["linux"]["namespaces"], json!([{"type": "pid"}]));
         assert!(s["annotations"].get(LOOPBACK_ANNOTATION).is_none());
         // ctr run: a new namespace of its own, with lo up.
         let mut s = json!({"linux": {"namespaces": [{"type": "network"}]}});

@@ -11,13 +11,12 @@
 //! Logs go to stderr; `RUST_LOG` = `error`, `warn`, `info` (default),
 //! `debug` or `trace`.
 
-use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use tegmen_vmm::devices::net::{NetConfig, NetDevice, Tap};
+use tegmen_vmm::devices::net::{enter_netns, parse_mac, NetConfig, NetDevice, Tap};
 use tegmen_vmm::vhost_user::net::serve;
 
 /// virtio-net vhost-user backend on a tap.
@@ -42,24 +41,10 @@ struct Args {
     mtu: u16,
 }
 
-fn parse_mac(s: &str) -> Result<[u8; 6], String> {
-    let parts: Vec<&str> = s.split(':').collect();
-    let mut mac = [0u8; 6];
-    if parts.len() != 6 {
-        return Err(format!("{s:?} is not a MAC (six hex bytes with ':')"));
-    }
-    for (m, p) in mac.iter_mut().zip(parts) {
-        *m = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} is not a MAC (six hex bytes with ':')"))?;
-    }
-    Ok(mac)
-}
-
 fn run(args: &Args) -> Result<(), String> {
     if let Some(ns) = &args.netns {
-        let f = std::fs::File::open(ns).map_err(|e| format!("--netns {}: {e}", ns.display()))?;
         // Still one thread: the whole process moves.
-        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| format!("--netns {}: not a network namespace ({e})", ns.display()))?;
+        enter_netns(ns).map_err(|e| format!("--netns: {e}"))?;
     }
     let tap = Tap::open(&args.tap).map_err(|e| format!("--tap {}: {e}", args.tap))?;
     log::info!("tap {} (MTU {})", tap.name(), args.mtu);
@@ -88,19 +73,6 @@ fn main() -> ExitCode {
         Err(e) => {
             log::error!("{e}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_mac;
-
-    #[test]
-    fn macs_parse() {
-        assert_eq!(parse_mac("02:42:0a:58:00:07").unwrap(), [2, 0x42, 10, 0x58, 0, 7]);
-        for bad in ["", "02:42:0a:58:00", "02:42:0a:58:00:zz", "02-42-0a-58-00-07"] {
-            assert!(parse_mac(bad).is_err(), "{bad}");
         }
     }
 }

@@ -1,7 +1,9 @@
 //! `tegmen-vmm`: Tegmen's builtin monitor as a process — one KVM VM with
-//! the guest kernel, a serial console, and the vsock and virtio-fs devices
-//! hosted inline (the same device code `tegmen-vsock-backend` and
-//! `tegmen-fs-backend` serve to QEMU). It runs until the guest resets or
+//! the guest kernel, a serial console, and the vsock, virtio-fs and
+//! virtio-net devices hosted inline (the same device code
+//! `tegmen-vsock-backend`, `tegmen-fs-backend` and `tegmen-net-backend`
+//! serve to QEMU). With `--netns` the process lives in the pod's network
+//! namespace, where its taps are (`--net`, one per NIC). It runs until the guest resets or
 //! powers off, then prints one JSON line with how the VM ended and its
 //! timings, and exits: 0 for a guest that ended itself, 1 for a VM stopped
 //! by an error (the reason is on stderr), 2 for a VM that could not start.
@@ -18,11 +20,13 @@ use std::time::Duration;
 
 use clap::Parser;
 use tegmen_vmm::builtin::fs::InlineFs;
+use tegmen_vmm::builtin::net::InlineNet;
 use tegmen_vmm::builtin::virtio_mmio::VirtioDevice;
 use tegmen_vmm::builtin::vsock::InlineVsock;
 use tegmen_vmm::builtin::{StopReason, Vm, VmConfig};
 use tegmen_vmm::devices::fs::sandbox::{self, SandboxMode};
 use tegmen_vmm::devices::fs::{FsConfig, FsDevice};
+use tegmen_vmm::devices::net::{enter_netns, NetConfig, NetDevice, NicArg, Tap};
 use tegmen_vmm::devices::vsock::{VsockConfig, VsockDevice, DEFAULT_GUEST_CID};
 
 #[derive(Debug, Parser)]
@@ -53,6 +57,12 @@ struct Args {
     shared_dir: Option<PathBuf>,
     #[arg(long, default_value = "tegmen")]
     fs_tag: String,
+    /// The network namespace the process enters first (its taps are there).
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
+    /// A NIC on a tap: `tap=NAME,mac=aa:bb:cc:dd:ee:ff[,mtu=N]` (repeat for more).
+    #[arg(long, value_name = "SPEC")]
+    net: Vec<NicArg>,
     /// Stop the VM after this many seconds.
     #[arg(long)]
     timeout_secs: Option<u64>,
@@ -93,13 +103,25 @@ fn devices(args: &Args, jail: Option<&std::path::Path>) -> Result<Vec<Box<dyn Vi
         let device = FsDevice::new(config).map_err(|e| format!("virtio-fs {}: {e}", dir.display()))?;
         devices.push(Box::new(InlineFs::new(device)));
     }
+    for nic in &args.net {
+        let tap = Tap::open(&nic.tap).map_err(|e| format!("--net tap {}: {e}", nic.tap))?;
+        let config = NetConfig {
+            mac: nic.mac,
+            mtu: nic.mtu,
+        };
+        devices.push(Box::new(InlineNet::new(NetDevice::new(tap, config))));
+    }
     Ok(devices)
 }
 
 /// Makes the VM: kernel, console and KVM first, then (sandboxed) the
 /// devices from inside the sandbox directory.
 fn make_vm(args: &Args, config: &VmConfig) -> Result<Vm, String> {
-    let slots = usize::from(args.vsock_uds.is_some()) + usize::from(args.shared_dir.is_some());
+    if let Some(ns) = &args.netns {
+        // Before any thread: the whole process moves.
+        enter_netns(ns).map_err(|e| format!("--netns: {e}"))?;
+    }
+    let slots = usize::from(args.vsock_uds.is_some()) + usize::from(args.shared_dir.is_some()) + args.net.len();
     let mut vm = Vm::prepare(config, slots).map_err(|e| e.to_string())?;
     let jail = match args.sandbox {
         // Without devices the guest reaches nothing on the host: no jail.

@@ -21,6 +21,7 @@ pub mod fs;
 pub mod layout;
 pub mod memory;
 pub mod mptable;
+pub mod net;
 pub mod virtio_mmio;
 pub mod vsock;
 pub mod worker;

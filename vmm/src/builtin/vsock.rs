@@ -13,7 +13,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::virtio_mmio::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
-use super::worker::{Worker, WorkerEvent};
+use super::worker::{Trigger, Worker, WorkerEvent};
 use crate::devices::vsock::defs::{EVQ_INDEX, NUM_QUEUES, QUEUE_SIZE, RXQ_INDEX, TXQ_INDEX};
 use crate::devices::vsock::VsockDevice;
 
@@ -70,7 +70,7 @@ impl VirtioDevice for InlineVsock {
         let host_fd = device.lock().unwrap_or_else(|p| p.into_inner()).as_raw_fd();
         let worker = Worker::spawn(
             "vsock",
-            Some(host_fd),
+            Some((host_fd, Trigger::Level)),
             queues,
             mem,
             interrupt,

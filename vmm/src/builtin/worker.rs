@@ -27,6 +27,17 @@ pub enum WorkerEvent {
     Queue(usize),
 }
 
+/// How the device's host-side descriptor wakes the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// While it is readable (the handler drains what it can).
+    Level,
+    /// When it becomes readable: for a descriptor that may stay readable
+    /// while the guest has no room (a tap), the handler then reads until
+    /// it is empty or the guest is full, and kicks bring it back.
+    Edge,
+}
+
 pub struct Worker {
     exit: EventFd,
     thread: Option<JoinHandle<()>>,
@@ -37,7 +48,7 @@ impl Worker {
     /// whether the guest must be interrupted.
     pub fn spawn<H>(
         name: &str,
-        host_fd: Option<RawFd>,
+        host_fd: Option<(RawFd, Trigger)>,
         queues: Vec<(Queue, EventFd)>,
         mem: GuestMemoryMmap,
         interrupt: Arc<Interrupt>,
@@ -49,17 +60,21 @@ impl Worker {
         let exit = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
         let (mut queues, kicks): (Vec<Queue>, Vec<EventFd>) = queues.into_iter().unzip();
         let epoll = Epoll::new().map_err(|e| format!("epoll: {e}"))?;
-        let add = |fd: RawFd, token: u64| {
+        let add = |fd: RawFd, token: u64, events: EventSet| {
             epoll
-                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
                 .map_err(|e| format!("epoll_ctl: {e}"))
         };
-        add(exit.as_raw_fd(), EXIT_TOKEN)?;
-        if let Some(fd) = host_fd {
-            add(fd, HOST_TOKEN)?;
+        add(exit.as_raw_fd(), EXIT_TOKEN, EventSet::IN)?;
+        if let Some((fd, trigger)) = host_fd {
+            let events = match trigger {
+                Trigger::Level => EventSet::IN,
+                Trigger::Edge => EventSet::IN | EventSet::EDGE_TRIGGERED,
+            };
+            add(fd, HOST_TOKEN, events)?;
         }
         for (i, k) in kicks.iter().enumerate() {
-            add(k.as_raw_fd(), i as u64)?;
+            add(k.as_raw_fd(), i as u64, EventSet::IN)?;
         }
         let worker_kicks = kicks;
         let thread = std::thread::Builder::new()

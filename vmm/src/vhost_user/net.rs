@@ -208,34 +208,15 @@ pub fn serve<T: FrameIo + Sync + 'static>(device: NetDevice<T>, socket: &Path) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::net::test_io::{pair, DatagramIo};
     use crate::devices::net::NetConfig;
-    use std::os::fd::{AsRawFd, RawFd};
     use std::os::unix::net::UnixDatagram;
     use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 
-    struct Sock(UnixDatagram);
-    impl AsRawFd for Sock {
-        fn as_raw_fd(&self) -> RawFd {
-            self.0.as_raw_fd()
-        }
-    }
-    impl FrameIo for Sock {
-        fn recv_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            self.0.recv(buf)
-        }
-        fn send_frame(&mut self, frame: &[u8]) -> io::Result<usize> {
-            self.0.send(frame)
-        }
-        fn set_offload(&mut self, _flags: u32) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    fn backend() -> (VhostUserNetBackend<Sock>, UnixDatagram) {
-        let (a, b) = UnixDatagram::pair().unwrap();
-        a.set_nonblocking(true).unwrap();
+    fn backend() -> (VhostUserNetBackend<DatagramIo>, UnixDatagram) {
+        let (a, b) = pair();
         let dev = NetDevice::new(
-            Sock(a),
+            a,
             NetConfig {
                 mac: [2, 0, 0, 0, 0, 1],
                 mtu: 1500,

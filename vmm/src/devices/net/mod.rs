@@ -27,6 +27,133 @@ mod tests;
 pub use device::{NetConfig, NetCounters, NetDevice};
 pub use tap::{FrameIo, Tap};
 
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("{s:?} is not a MAC (six hex bytes with ':')");
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *m = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    Ok(mac)
+}
+
+/// Moves the calling thread (the whole process while it has one thread)
+/// into the network namespace at `path`, where its taps are.
+pub fn enter_netns(path: &std::path::Path) -> Result<(), String> {
+    use std::os::fd::AsFd;
+    let f = std::fs::File::open(path).map_err(|e| format!("network namespace {}: {e}", path.display()))?;
+    nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|e| format!("{}: not a network namespace ({e})", path.display()))
+}
+
+/// A NIC of the builtin monitor, as `--net` gives it:
+/// `tap=NAME,mac=aa:bb:cc:dd:ee:ff[,mtu=N]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicArg {
+    pub tap: String,
+    pub mac: [u8; 6],
+    pub mtu: u16,
+}
+
+impl std::str::FromStr for NicArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<NicArg, String> {
+        let (mut tap, mut mac, mut mtu) = (None, None, 1500u16);
+        for kv in s.split(',') {
+            match kv.split_once('=') {
+                Some(("tap", v)) if !v.is_empty() => tap = Some(v.to_string()),
+                Some(("mac", v)) => mac = Some(parse_mac(v)?),
+                Some(("mtu", v)) => {
+                    mtu = v
+                        .parse()
+                        .ok()
+                        .filter(|m| (68..=65_535).contains(m))
+                        .ok_or_else(|| format!("mtu {v:?}: 68 to 65535"))?
+                }
+                _ => return Err(format!("{kv:?}: expected tap=NAME, mac=MAC or mtu=N")),
+            }
+        }
+        Ok(NicArg {
+            tap: tap.ok_or_else(|| format!("{s:?}: no tap=NAME"))?,
+            mac: mac.ok_or_else(|| format!("{s:?}: no mac=MAC"))?,
+            mtu,
+        })
+    }
+}
+
+#[cfg(test)]
+mod arg_tests {
+    use super::*;
+
+    #[test]
+    fn macs_and_nic_args_parse_and_bad_ones_are_named() {
+        assert_eq!(parse_mac("02:42:0a:58:00:07").unwrap(), [2, 0x42, 10, 0x58, 0, 7]);
+        for bad in [
+            "",
+            "02:42:0a:58:00",
+            "02:42:0a:58:00:zz",
+            "02-42-0a-58-00-07",
+            "2:42:a:58:0:7:",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad}");
+        }
+        let n: NicArg = "tap=tap0_tg,mac=02:00:00:00:00:01,mtu=1400".parse().unwrap();
+        assert_eq!((n.tap.as_str(), n.mac, n.mtu), ("tap0_tg", [2, 0, 0, 0, 0, 1], 1400));
+        assert_eq!("mac=02:00:00:00:00:01,tap=t".parse::<NicArg>().unwrap().mtu, 1500);
+        for (bad, why) in [
+            ("mac=02:00:00:00:00:01", "no tap"),
+            ("tap=t", "no mac"),
+            ("tap=t,mac=02:00:00:00:00:01,mtu=10", "68 to 65535"),
+            ("tap=t,mac=02:00:00:00:00:01,speed=10", "expected"),
+        ] {
+            let e = bad.parse::<NicArg>().unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+}
+
+/// A host side for tests of the transports: one datagram per frame.
+#[cfg(test)]
+pub(crate) mod test_io {
+    use std::io;
+    use std::os::fd::{AsRawFd, RawFd};
+    use std::os::unix::net::UnixDatagram;
+
+    pub struct DatagramIo(pub UnixDatagram);
+
+    impl AsRawFd for DatagramIo {
+        fn as_raw_fd(&self) -> RawFd {
+            self.0.as_raw_fd()
+        }
+    }
+
+    impl super::FrameIo for DatagramIo {
+        fn recv_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.0.recv(buf)
+        }
+        fn send_frame(&mut self, frame: &[u8]) -> io::Result<usize> {
+            self.0.send(frame)
+        }
+        fn set_offload(&mut self, _flags: u32) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The device's end (non-blocking) and the peer's.
+    pub fn pair() -> (DatagramIo, UnixDatagram) {
+        let (a, b) = UnixDatagram::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        (DatagramIo(a), b)
+    }
+}
+
 /// The receive queue's index.
 pub const RXQ_INDEX: usize = 0;
 /// The transmit queue's index.
