@@ -6,7 +6,9 @@ reference:
   * boot to agent ready of a Tegmen sandbox (`supervisor check --boot`)
     next to plain QEMU booting the same kernel to a trivial /init;
   * host memory (RSS) of Tegmen's vsock and fs vhost-user backends next to
-    vhost-device-vsock and virtiofsd serving the same guest.
+    vhost-device-vsock and virtiofsd serving the same guest;
+  * and the rest listed in docs/benchmarks.md, pod networking among them
+    (scripts/bench/net.py: Tegmen's virtio-net next to QEMU's and runc).
 Writes docs/benchmarks.md.
 """
 import argparse
@@ -20,6 +22,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import net
 
 RUNS = 5
 
@@ -427,6 +431,8 @@ def main():
         print("bench: builtin monitor with a tiny guest ...", flush=True)
         tiny = bench_builtin_tiny(repo, work)
         vmm_mem = builtin_memory(repo, work)
+        print("bench: pod networking: tegmen, QEMU's own virtio-net, runc ...", flush=True)
+        network = net.bench_network(repo, work, kernel, qemu_cmd, cpio_newc)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -543,6 +549,10 @@ def main():
         "",
         f"`dd if=/dev/zero bs=1M count=256` in a container, read by the host over the vsock stream: "
         f"{tput['bytes'] / tput['seconds'] / 1e6:.1f} MB/s ({tput['bytes']} bytes in {tput['seconds']:.2f} s, {accel}).",
+        "",
+        *net.table(network, accel, fmt_ms),
+        "Under TCG the guest's CPU bounds both VM rows alike (busybox `nc` in an emulated CPU);",
+        "the ratio between the two devices is the number to read here.",
         "",
     ]
     os.makedirs(os.path.join(repo, "docs"), exist_ok=True)
