@@ -4,11 +4,12 @@
 //! A sandbox holds any number of containers. [`Sandbox::add_container`]
 //! bind-mounts a container's rootfs on `shared/<part>/rootfs` and the n-th
 //! host bind mount of its spec on `shared/<part>/mounts/<n>`, then has the
-//! agent create it on `/run/tegmen/shared/<part>/rootfs`. The part's name,
-//! `<id>.<n>`, is never used twice in a sandbox: the guest caches the
-//! entries of the share (up to the fs cache policy's timeout), so a
-//! container removed and added again under the same id must not meet its
-//! predecessor's cached, now stale, entries. The share is a
+//! agent create it on `/run/tegmen/shared/<part>/rootfs`. The part is
+//! `<id>`, but for an id used before in this sandbox: that one gets
+//! `<id>.<n>`, a name never used before. The guest caches the entries of
+//! the share (up to the fs cache policy's timeout), so a container removed
+//! and added again under the same id must not meet its predecessor's
+//! cached, now stale, entries (its old rootfs). The share is a
 //! *shared* mount on the host and the file system backends hold *slave*
 //! copies of it (see `tegmen_vmm::devices::fs::sandbox`), so mounts made
 //! after the VM booted reach the guest at once, while the backends stay
@@ -69,7 +70,7 @@ pub struct AddedContainer {
     pub guest_pid: i32,
     /// The host mount points made for it, outermost first.
     pub mounts: Vec<PathBuf>,
-    /// Its part of the share on the host (`shared/<id>.<n>`).
+    /// Its part of the share on the host (`shared/<id>`, or `<id>.<n>`).
     pub share: PathBuf,
 }
 
@@ -79,7 +80,12 @@ impl Sandbox {
     /// mounts are undone.
     pub fn add_container(&mut self, c: &NewContainer) -> Result<AddedContainer> {
         validate_id(c.id)?;
-        let part = format!("{}.{}", c.id, self.state().shares_made);
+        let reused = self.state().retired_shares.iter().any(|r| r == c.id);
+        let part = if reused {
+            format!("{}.{}", c.id, self.state().shares_made)
+        } else {
+            c.id.to_string()
+        };
         self.update_state(|s| s.shares_made += 1)?;
         let mut guest_spec = c.guest_spec.clone();
         for (n, b) in c.binds.iter().enumerate() {
@@ -118,6 +124,7 @@ impl Sandbox {
             }
             Err(e) => {
                 unmount_container(&shared.join(&part));
+                let _ = self.update_state(|s| s.retire_share(c.id));
                 if let Some(cg) = host_cgroup {
                     let _ = cg.remove();
                 }
@@ -137,7 +144,10 @@ impl Sandbox {
         let unmounted = unmount_container(&part);
         let cgroup = entry.and_then(|c| c.host_cgroup);
         let cgroup_removed = cgroup.map_or(Ok(()), |c| c.remove());
-        self.update_state(|s| s.containers.retain(|c| c.id != id))?;
+        self.update_state(|s| {
+            s.containers.retain(|c| c.id != id);
+            s.retire_share(id);
+        })?;
         removed?;
         cgroup_removed?;
         if unmounted {

@@ -87,7 +87,8 @@ pub struct ContainerEntry {
     /// sandbox container's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_cgroup: Option<HostCgroup>,
-    /// Its part of the share, `<id>.<n>` (empty in older states: `<id>`).
+    /// Its part of the share, `<id>` or `<id>.<n>` (empty in older
+    /// states: `<id>`).
     #[serde(default)]
     pub share: String,
 }
@@ -124,16 +125,36 @@ pub struct SandboxState {
     /// The containers in the guest, in the order they were added.
     #[serde(default)]
     pub containers: Vec<ContainerEntry>,
-    /// How many parts of the share were ever made: the next container's
-    /// is `<id>.<shares_made>`.
+    /// How many parts of the share were ever made: a re-used id's next
+    /// part is `<id>.<shares_made>`.
     #[serde(default)]
     pub shares_made: u64,
+    /// Ids whose part of the share was removed, newest last (at most
+    /// [`MAX_RETIRED_SHARES`]): such an id gets a part of a new name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired_shares: Vec<String>,
     /// The host cgroup every host process of the VM is in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_cgroup: Option<HostCgroup>,
     /// The network namespace wired to the VM's NICs, and its endpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkState>,
+}
+
+/// Retired ids remembered. Older ones are forgotten: by then the guest's
+/// cached entries of them (a second by default) are long gone.
+pub const MAX_RETIRED_SHARES: usize = 4096;
+
+impl SandboxState {
+    /// Remembers that `id`'s part of the share was removed.
+    pub fn retire_share(&mut self, id: &str) {
+        self.retired_shares.retain(|r| r != id);
+        self.retired_shares.push(id.to_string());
+        if self.retired_shares.len() > MAX_RETIRED_SHARES {
+            let extra = self.retired_shares.len() - MAX_RETIRED_SHARES;
+            self.retired_shares.drain(..extra);
+        }
+    }
 }
 
 /// The guest's side of `net`: each NIC with its endpoint's MTU and
@@ -322,6 +343,7 @@ impl Sandbox {
             boot_to_agent_ms: None,
             containers: Vec::new(),
             shares_made: 0,
+            retired_shares: Vec::new(),
             host_cgroup: None,
             network: None,
         };
@@ -918,6 +940,7 @@ mod tests {
             face: Face::Tegmen,
             containers: Vec::new(),
             shares_made: 0,
+            retired_shares: Vec::new(),
             host_cgroup: None,
             network: None,
         }

@@ -521,4 +521,76 @@ fn tegmen_runs_a_container_in_a_given_network_namespace() {
     assert!(!String::from_utf8_lossy(&qdiscs.stdout).contains("ingress"));
     assert!(!pod.links().contains("_tg"), "{}", pod.links());
     t.assert_nothing_left();
+
+    // kill -9 of every host process of a networked container: delete
+    // still finds the namespace's redirect from state.json and removes it.
+    spec["process"]["args"] = serde_json::json!(["sleep", "600"]);
+    std::fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
+    let tegmen = |args: &[&str]| {
+        Command::new(tegmen_tests::workspace_binary("tegmen"))
+            .arg("--root")
+            .arg(t.root())
+            .args(args)
+            // Not a pipe: the detached monitor keeps its stdio.
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(t.root().join("tegmen.err")).unwrap())
+            .status()
+            .unwrap()
+    };
+    let err = || std::fs::read_to_string(t.root().join("tegmen.err")).unwrap_or_default();
+    assert!(
+        tegmen(&["run", "-d", "--bundle", bundle.to_str().unwrap(), "netk"]).success(),
+        "{}",
+        err()
+    );
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(t.config.sandboxes_dir().join("netk/state.json")).unwrap()).unwrap();
+    assert_eq!(state["network"]["endpoints"][0]["wired"], true, "{state}");
+    let qdisc = || {
+        let o = Command::new("tc")
+            .args(["-n", &pod.0, "qdisc", "show", "dev", "eth0"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert!(qdisc().contains("ingress"), "wired: {}", qdisc());
+    let mut pids: Vec<i64> = state["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["pid"].as_i64())
+        .collect();
+    let st = Command::new(tegmen_tests::workspace_binary("tegmen"))
+        .arg("--root")
+        .arg(t.root())
+        .args(["state", "netk"])
+        .output()
+        .unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    pids.push(st["pid"].as_i64().expect("the monitor's pid"));
+    for pid in &pids {
+        // SAFETY: kill(2) of processes this test's tegmen started.
+        unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+    }
+    assert!(tegmen(&["delete", "--force", "netk"]).success(), "{}", err());
+    assert!(!qdisc().contains("ingress"), "the redirect is gone: {}", qdisc());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pod.links().contains("_tg") {
+        assert!(Instant::now() < deadline, "the tap is left: {}", pod.links());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    t.assert_nothing_left();
+
+    // A path that is no network namespace at all is named.
+    for n in spec["linux"]["namespaces"].as_array_mut().unwrap() {
+        if n["type"] == "network" {
+            n["path"] = "/etc/hostname".into();
+        }
+    }
+    std::fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
+    let failed = !tegmen(&["create", "--bundle", bundle.to_str().unwrap(), "netbad"]).success();
+    let e = err();
+    assert!(failed && e.contains("/etc/hostname"), "{e}");
+    t.assert_nothing_left();
 }
