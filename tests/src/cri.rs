@@ -83,6 +83,18 @@ pub fn container_config(name: &str, command: &[&str]) -> ContainerConfig {
     }
 }
 
+/// StopPodSandbox then RemovePodSandbox, as the kubelet ends a pod.
+pub async fn stop_and_remove_pod(rt: &mut RuntimeServiceClient<Channel>, pod: String) {
+    rt.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .expect("StopPodSandbox");
+    rt.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod })
+        .await
+        .expect("RemovePodSandbox");
+}
+
 pub async fn wait_exited(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> ContainerStatus {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {

@@ -498,14 +498,7 @@ fn pods_get_their_cni_address_and_reach_each_other() {
         assert!(data.is_empty() && error.contains("8099"), "{data:?} / {error:?}");
 
         for (pod, _, _) in pods {
-            rt.stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: pod.clone(),
-            })
-            .await
-            .expect("StopPodSandbox");
-            rt.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod })
-                .await
-                .expect("RemovePodSandbox");
+            stop_and_remove_pod(&mut rt, pod).await;
         }
     });
     assert_pods_gone(&state, &before);

@@ -172,14 +172,7 @@ fn cri_bench(runs: usize) -> serde_json::Value {
                     }
                     rss10 = shim_rss_kib(shim, &before);
                 }
-                rt.stop_pod_sandbox(StopPodSandboxRequest {
-                    pod_sandbox_id: pod.clone(),
-                })
-                .await
-                .expect("StopPodSandbox");
-                rt.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod })
-                    .await
-                    .expect("RemovePodSandbox");
+                stop_and_remove_pod(&mut rt, pod).await;
             }
             result.insert(
                 handler.into(),
