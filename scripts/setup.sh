@@ -18,6 +18,8 @@ packages=(
     # reference the benchmarks compare against); `script` (bsdutils) gives
     # them a terminal
     runc containerd podman conmon bsdutils
+    # docker 20.10 (dockerd is started by its tests, with its own roots)
+    docker.io
     # containerd's CRI plugin runs CNI's loopback plugin for each pod; the
     # tests' CRI client (k8s-cri) is generated with protoc at build time
     containernetworking-plugins protobuf-compiler
@@ -39,6 +41,14 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
     echo "setup: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    # docker.io's and containerd's postinst would start their daemons with
+    # the system's configuration; the tests start their own. A policy-rc.d
+    # that says "not now" (101) stops that, unless the machine has one.
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     apt-get update -qq
     if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >/tmp/tegmen-apt.log 2>&1; then
         # linux-source-6.12 is not in every Debian release: fall back to 6.1.

@@ -646,7 +646,8 @@ fn exec_into_running_container(env: &Env) -> Result<(), String> {
         .exec(&id, "e2", &process(&["no-such-program"]).to_string(), false)
         .unwrap_err();
     check!(
-        e.to_string() == "exec: \"no-such-program\": executable file not found in $PATH",
+        e.to_string()
+            == "unable to start container process: exec: \"no-such-program\": executable file not found in $PATH",
         "{e:?}"
     );
     let e = env.mgr.wait(&id, Some("nope")).unwrap_err();
@@ -935,7 +936,8 @@ fn invalid_specs_and_missing_executable(env: &Env) -> Result<(), String> {
         "{e:?}"
     );
     check!(
-        e.to_string() == "exec: \"no-such-program\": executable file not found in $PATH",
+        e.to_string()
+            == "unable to start container process: exec: \"no-such-program\": executable file not found in $PATH",
         "{e}"
     );
     check!(!env.state_root.join(&id).exists(), "state left");

@@ -388,7 +388,11 @@ pub const MAX_LISTENING_PORTS: usize = 1024;
 
 fn rpc_error(method: &str, e: ttrpc::Error) -> Error {
     match e {
-        ttrpc::Error::RpcStatus(s) => Error::Agent(format!("{method}: {:?}: {}", s.code(), s.message())),
+        ttrpc::Error::RpcStatus(s) => Error::AgentStatus {
+            method: method.to_string(),
+            code: format!("{:?}", s.code()),
+            message: s.message().to_string(),
+        },
         other => Error::Agent(format!("{method}: {other}")),
     }
 }

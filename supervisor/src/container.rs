@@ -181,6 +181,13 @@ fn sys(what: String) -> impl FnOnce(nix::Error) -> Error {
 fn mount_container(top: &Path, staging: &Path, c: &NewContainer, made: &mut Vec<PathBuf>) -> Result<()> {
     let rootfs = top.join("rootfs");
     std::fs::create_dir_all(&rootfs).map_err(|e| Error::io("creating", &rootfs, e))?;
+    if !c
+        .mount_destinations
+        .iter()
+        .any(|(d, _)| Path::new(d) == Path::new("/dev"))
+    {
+        make_dev_entries(c.rootfs, &c.guest_spec["linux"]["devices"]);
+    }
     if c.readonly {
         make_mount_points(c.rootfs, &c.mount_destinations);
         let stage = staging.join(c.id);
@@ -267,6 +274,144 @@ fn make_mount_points(rootfs: &Path, destinations: &[(String, bool)]) {
                     }
                 }
             }
+        }
+    }
+}
+
+/// The device nodes every container gets (runc's and libcontainer's
+/// defaults): (name below /dev, major, minor), all character devices 0666.
+const DEFAULT_DEVICES: [(&str, u64, u64); 6] = [
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+/// What runc leaves in the `/dev` of a rootfs whose spec mounts nothing
+/// there, made before the rootfs is bound (and made read-only), as runc
+/// makes it (the guest makes no device nodes on the share: its
+/// libcontainer makes them in an overlay in guest memory): the
+/// directory, the default device nodes and the spec's `linux.devices`, the
+/// `fd`, `stdin`, `stdout`, `stderr`, `core` and `ptmx` links. What exists
+/// is kept; a `/dev` that is not a directory (a symlink) is left alone.
+fn make_dev_entries(rootfs: &Path, devices: &serde_json::Value) {
+    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+    let dev = rootfs.join("dev");
+    if std::fs::symlink_metadata(&dev).is_err() {
+        let _ = std::fs::create_dir(&dev);
+    }
+    if !std::fs::symlink_metadata(&dev).is_ok_and(|m| m.is_dir()) {
+        return;
+    }
+    struct Node {
+        rel: PathBuf,
+        kind: SFlag,
+        major: u64,
+        minor: u64,
+        mode: u32,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    }
+    let mut nodes: Vec<Node> = DEFAULT_DEVICES
+        .iter()
+        .map(|(n, major, minor)| Node {
+            rel: PathBuf::from(n),
+            kind: SFlag::S_IFCHR,
+            major: *major,
+            minor: *minor,
+            mode: 0o666,
+            uid: None,
+            gid: None,
+        })
+        .collect();
+    for d in devices.as_array().into_iter().flatten() {
+        let Some(rel) = d["path"].as_str().and_then(|p| p.strip_prefix("/dev/")) else {
+            continue;
+        };
+        let kind = match d["type"].as_str() {
+            Some("c") | Some("u") => SFlag::S_IFCHR,
+            Some("b") => SFlag::S_IFBLK,
+            Some("p") => SFlag::S_IFIFO,
+            _ => continue,
+        };
+        let rel = PathBuf::from(rel);
+        if rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+            continue;
+        }
+        nodes.retain(|n| n.rel != rel);
+        let num = |k: &str| d[k].as_u64();
+        nodes.push(Node {
+            rel,
+            kind,
+            major: num("major").unwrap_or(0),
+            minor: num("minor").unwrap_or(0),
+            mode: num("fileMode").map_or(0o666, |m| m as u32 & 0o7777),
+            uid: num("uid").map(|u| u as u32),
+            gid: num("gid").map(|g| g as u32),
+        });
+    }
+    for Node {
+        rel,
+        kind,
+        major,
+        minor,
+        mode,
+        uid,
+        gid,
+    } in nodes
+    {
+        let path = dev.join(&rel);
+        if std::fs::symlink_metadata(&path).is_ok() {
+            continue;
+        }
+        // Parents of a nested node (/dev/net/tun), never through a symlink.
+        let mut at = dev.clone();
+        let mut ok = true;
+        for part in rel.parent().into_iter().flat_map(|p| p.components()) {
+            at.push(part);
+            match std::fs::symlink_metadata(&at) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => ok = false,
+                Err(_) => ok = std::fs::create_dir(&at).is_ok(),
+            }
+            if !ok {
+                break;
+            }
+        }
+        if !ok {
+            continue;
+        }
+        let perm = Mode::from_bits_truncate(mode);
+        if mknod(&path, kind, perm, makedev(major, minor)).is_ok() {
+            // mknod applies the umask; runc's nodes have the mode asked for.
+            let _ = nix::sys::stat::fchmodat(None, &path, perm, nix::sys::stat::FchmodatFlags::NoFollowSymlink);
+            if uid.is_some() || gid.is_some() {
+                let _ = nix::unistd::fchownat(
+                    None,
+                    &path,
+                    uid.map(nix::unistd::Uid::from_raw),
+                    gid.map(nix::unistd::Gid::from_raw),
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                );
+            }
+        }
+    }
+    let mut links = vec![
+        ("/proc/self/fd", "fd"),
+        ("/proc/self/fd/0", "stdin"),
+        ("/proc/self/fd/1", "stdout"),
+        ("/proc/self/fd/2", "stderr"),
+        ("pts/ptmx", "ptmx"),
+    ];
+    if Path::new("/proc/kcore").exists() {
+        links.push(("/proc/kcore", "core"));
+    }
+    for (target, name) in links {
+        let path = dev.join(name);
+        if std::fs::symlink_metadata(&path).is_err() {
+            let _ = std::os::unix::fs::symlink(target, &path);
         }
     }
 }

@@ -34,6 +34,14 @@ pub enum Error {
     AgentTimeout { id: String, secs: u64, console: String },
     #[error("agent: {0}")]
     Agent(String),
+    /// The agent answered a call with an error status: `message` is its
+    /// own words (libcontainer's and runc's, for a container it refused).
+    #[error("agent: {method}: {code}: {message}")]
+    AgentStatus {
+        method: String,
+        code: String,
+        message: String,
+    },
     /// runc's wording where callers may parse it.
     #[error("{0}")]
     Cgroup(String),

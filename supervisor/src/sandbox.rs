@@ -651,7 +651,7 @@ impl Sandbox {
         self.torn_down = true;
         self.agent = None;
         self.hypervisor.kill();
-        remove_sandbox_dir(&self.dir, &self.state);
+        let _ = remove_sandbox_dir(&self.dir, &self.state);
     }
 }
 
@@ -690,9 +690,17 @@ pub fn destroy(config: &Config, id: &str) -> Result<()> {
     if !dir.exists() {
         return Err(Error::SandboxNotFound(id.to_string()));
     }
-    match read_state(&dir) {
+    stop_owner(config, id);
+    let survivors = match read_state(&dir) {
         Ok(state) => remove_sandbox_dir(&dir, &state),
         Err(_) => remove_sandbox_dir_of(&dir, &[], &[]),
+    };
+    if !survivors.is_empty() {
+        let list: Vec<String> = survivors.iter().map(|p| format!("{} ({})", p.pid, p.name)).collect();
+        return Err(Error::Hypervisor(format!(
+            "sandbox {id}: processes {} did not exit on SIGKILL",
+            list.join(", ")
+        )));
     }
     if dir.exists() {
         return Err(Error::Hypervisor(format!(
@@ -701,6 +709,20 @@ pub fn destroy(config: &Config, id: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Kills the process still making sandbox `id` (its live owner, a
+/// `create` that has not finished), unless that is this process, and waits
+/// for it: it would go on starting processes and mounting below the
+/// directory while the sandbox is being removed.
+pub fn stop_owner(config: &Config, id: &str) {
+    let Ok(state) = read_state(&Layout::new(config, id).dir) else {
+        return;
+    };
+    if let Some(owner) = state.owner.filter(|o| o.pid != std::process::id() as i32) {
+        owner.kill();
+        owner.wait_gone(Duration::from_secs(5));
+    }
 }
 
 /// True while the VM of the sandbox in `dir` runs (its QEMU process, as
@@ -729,15 +751,16 @@ fn make_dir_atomically(config: &Config, id: &str, state: &SandboxState) -> Resul
 }
 
 /// Kills what is left of a sandbox's processes, unmounts anything below
-/// its directory and removes it and its host cgroups.
-fn remove_sandbox_dir(dir: &Path, state: &SandboxState) {
+/// its directory and removes it and its host cgroups; the processes that
+/// would not die.
+fn remove_sandbox_dir(dir: &Path, state: &SandboxState) -> Vec<ProcessRecord> {
     let cgroups: Vec<PathBuf> = state
         .host_cgroup
         .iter()
         .chain(state.containers.iter().filter_map(|c| c.host_cgroup.as_ref()))
         .flat_map(|c| c.created.iter().cloned())
         .collect();
-    remove_sandbox_dir_of(dir, &state.processes, &cgroups);
+    let survivors = remove_sandbox_dir_of(dir, &state.processes, &cgroups);
     // After the backends are gone (their taps with them): the namespace's
     // interfaces as CNI left them.
     if let Some(net) = &state.network {
@@ -747,18 +770,32 @@ fn remove_sandbox_dir(dir: &Path, state: &SandboxState) {
             }
         }
     }
+    survivors
 }
 
-fn remove_sandbox_dir_of(dir: &Path, recorded: &[ProcessRecord], cgroups: &[PathBuf]) {
-    for p in recorded {
-        p.kill();
-    }
-    for p in recorded {
-        p.wait_gone(Duration::from_secs(2));
-    }
-    for p in find_processes_using(dir) {
-        p.kill();
-        p.wait_gone(Duration::from_secs(2));
+/// How often the processes of a sandbox are looked for and killed before
+/// those still alive are reported.
+const KILL_ROUNDS: usize = 3;
+
+fn remove_sandbox_dir_of(dir: &Path, recorded: &[ProcessRecord], cgroups: &[PathBuf]) -> Vec<ProcessRecord> {
+    // Recorded ones and any other of ours naming the directory (started
+    // but not recorded yet); looked for again until none is found, since
+    // one may have been starting while the last round looked.
+    let mut survivors = Vec::new();
+    for round in 0..KILL_ROUNDS {
+        let mut victims: Vec<ProcessRecord> = if round == 0 { recorded.to_vec() } else { Vec::new() };
+        victims.extend(find_processes_using(dir));
+        if victims.is_empty() {
+            survivors.clear();
+            break;
+        }
+        for p in &victims {
+            p.kill();
+        }
+        survivors = victims
+            .into_iter()
+            .filter(|p| !p.wait_gone(Duration::from_secs(2)))
+            .collect();
     }
     if let Err(e) = crate::cgroup::remove_dirs(cgroups) {
         eprintln!("sandbox cleanup: {e}");
@@ -769,6 +806,7 @@ fn remove_sandbox_dir_of(dir: &Path, recorded: &[ProcessRecord], cgroups: &[Path
     if mounts_below(dir).is_empty() {
         let _ = std::fs::remove_dir_all(dir);
     }
+    survivors
 }
 
 /// Our own helper processes (QEMU and the backends) whose command line
@@ -889,7 +927,7 @@ pub fn cleanup_stale(config: &Config) -> Result<Vec<String>> {
         }
         match read_state(&path) {
             Ok(state) if is_stale(&state) => {
-                remove_sandbox_dir(&path, &state);
+                let _ = remove_sandbox_dir(&path, &state);
                 removed.push(name);
             }
             _ => {}

@@ -61,6 +61,11 @@ fn collect(base: &Path, dir: &Path, out: &mut Vec<std::path::PathBuf>) -> std::i
     Ok(())
 }
 
+/// Writes `archive`: a plain tar of `rootfs` (for `docker import`).
+pub fn write_rootfs_tar(rootfs: &Path, archive: &Path) -> std::io::Result<()> {
+    std::fs::write(archive, layer(rootfs)?)
+}
+
 /// Writes `archive`: an OCI image layout (tar) of `rootfs` named `name`
 /// (a full reference such as `docker.io/library/busybox:latest`), whose
 /// default command is `cmd`.

@@ -349,7 +349,8 @@ fn podman_interactive_terminal() {
 }
 
 /// `ctr run --runc-binary tegmen` of the imported image: output, and the
-/// container's exit code as ctr's; nothing left after `--rm`. The id has
+/// container's exit code as ctr's; nothing left after `--rm`; the same
+/// with a terminal (`run -t`). The id has
 /// 64 characters, as Kubernetes' do: below the shim's `--root` the
 /// sandbox's socket paths exceed `sun_path`.
 #[test]
@@ -386,6 +387,18 @@ fn containerd_ctr_run_exit_code() {
         "the container ran on the host kernel: {kernel:?}"
     );
     assert_container_gone(&c.runtime_root(), &id);
+
+    // With a terminal: the shim takes the pty master from the console
+    // socket only after `tegmen create`'s output reached EOF.
+    let line = format!(
+        "ctr --address {} --namespace {} run --rm -t --runc-binary {runtime} {IMAGE} t2 sh -c 'tty; exit 5'",
+        c.dir.0.join("containerd.sock").display(),
+        c.namespace
+    );
+    let (status, out) = run_in_terminal(&line, Duration::from_secs(120));
+    assert_eq!(status, Some(5), "ctr run -t: {out:?}");
+    assert!(out.contains("/dev/pts/0"), "no terminal in the container: {out:?}");
+    assert_container_gone(&c.runtime_root(), "t2");
     assert!(c.ok(&["containers", "ls", "-q"]).trim().is_empty());
 }
 

@@ -366,7 +366,7 @@ fn errors_without_a_vm() {
     assert_eq!(code, 1);
     assert_eq!(
         e.trim(),
-        format!("open {}/config.json: no such file or directory", empty.display())
+        "tegmen create failed: JSON specification file config.json not found"
     );
     std::fs::write(empty.join("config.json"), "{not json").unwrap();
     let (code, _, e) = rt.out(&["create", "--bundle", Rt::b(&empty), "x"]);
@@ -385,7 +385,7 @@ fn errors_without_a_vm() {
         (code, e.trim()),
         (
             1,
-            "cannot allocate tty if runc will detach without setting console socket"
+            "tegmen create failed: cannot allocate tty if runc will detach without setting console socket"
         )
     );
 
@@ -419,6 +419,189 @@ fn errors_without_a_vm() {
     assert_eq!(spec["process"]["args"], serde_json::json!(["sh"]));
     let (code, _, e) = rt.out(&["spec", "--bundle", specdir.to_str().unwrap()]);
     assert_eq!((code, e.trim()), (1, "File config.json exists. Remove it first"));
+    rt.root.assert_nothing_left();
+}
+
+/// The error a runc-like runtime reported: its exit status and message,
+/// the last `msg="…"` of runc's log lines on stderr, or the last line of
+/// tegmen's; the program's path (argv[0], in usage errors) is read as
+/// `<runtime>`, and runc's name in a message as tegmen's.
+fn reported_text(code: i32, err: &str, runc: bool, program: &Path) -> (i32, String) {
+    if code == 0 {
+        return (0, String::new());
+    }
+    let err = err.replace(program.to_str().unwrap(), "<runtime>");
+    let msg = if runc {
+        err.lines()
+            .rev()
+            .find_map(|l| {
+                l.split_once(" msg=\"")
+                    .map(|(_, m)| m.strip_suffix('"').unwrap_or(m).to_string())
+            })
+            .map(|m| m.replace("\\\"", "\"").replace("\\n", "\n").trim().to_string())
+            .unwrap_or_default()
+            .replacen("runc", "tegmen", 1)
+    } else {
+        err.lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim()
+            .to_string()
+    };
+    (code, msg)
+}
+
+/// Exit codes and error texts of every command for an unknown id, a
+/// container in the wrong state, a bad bundle and bad flags and arguments,
+/// side by side with runc's (run here, on the same bundles): the table
+/// lists every difference.
+#[test]
+fn errors_as_runc_reports_them() {
+    let rt = Rt::new("rt-errs");
+    let runc_root = rt.root.root().join("runc");
+    /// runc's containers go even when the test fails.
+    struct RuncGone(PathBuf);
+    impl Drop for RuncGone {
+        fn drop(&mut self) {
+            for id in ["w", "missing"] {
+                let _ = Command::new("runc")
+                    .arg("--root")
+                    .arg(&self.0)
+                    .args(["delete", "--force", id])
+                    .output();
+            }
+        }
+    }
+    let _runc_gone = RuncGone(runc_root.clone());
+    // stderr goes to a file: a created container's init (runc's) or
+    // monitor (ours) keeps the stdio `create` was given.
+    let err_file = rt.root.root().join("stderr");
+    let status_and_err = |mut cmd: Command| {
+        let f = std::fs::File::create(&err_file).unwrap();
+        let status = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(f)
+            .status()
+            .unwrap();
+        (
+            status.code().unwrap_or(-1),
+            std::fs::read_to_string(&err_file).unwrap_or_default(),
+        )
+    };
+    let runc = |args: &[&str]| {
+        let mut c = Command::new(tegmen_tests::clients::tool("runc"));
+        c.arg("--root").arg(&runc_root).args(args);
+        let (code, err) = status_and_err(c);
+        reported_text(code, &err, true, &tegmen_tests::clients::tool("runc"))
+    };
+    let tegmen = |args: &[&str]| {
+        let (code, err) = status_and_err(rt.cmd(args));
+        reported_text(code, &err, false, &rt.bin)
+    };
+    let mut differences = Vec::new();
+    let mut compare = |args: &[&str]| {
+        let theirs = runc(args);
+        let ours = tegmen(args);
+        if theirs != ours {
+            differences.push(format!("{args:?}: runc {theirs:?}, tegmen {ours:?}"));
+        }
+    };
+    let bundle = rt.bundle("sleep", &["sleep", "300"]);
+    let empty = rt.root.root().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let missing = rt.bundle("missing", &["no-such-program"]);
+    let (b, e, m) = (Rt::b(&bundle), Rt::b(&empty), Rt::b(&missing));
+    let table: Vec<Vec<&str>> = vec![
+        // No such container.
+        vec!["state", "nope"],
+        vec!["start", "nope"],
+        vec!["kill", "nope"],
+        vec!["kill", "nope", "BOGUS"],
+        vec!["delete", "nope"],
+        vec!["pause", "nope"],
+        vec!["resume", "nope"],
+        vec!["ps", "nope"],
+        vec!["events", "nope"],
+        vec!["exec", "nope", "true"],
+        // Bad bundles and ids.
+        vec!["create", "--bundle", e, "x"],
+        vec!["run", "--bundle", e, "x"],
+        vec!["create", "--bundle", b, "a/b"],
+        vec!["create", "--bundle", b, ".."],
+        // Bad flags and arguments.
+        vec!["create", "--bogus-flag", "x"],
+        vec!["kill", "--bogus", "nope"],
+        vec!["bogus-command"],
+        vec!["state"],
+        vec!["delete"],
+        vec!["kill"],
+        vec!["kill", "a", "b", "c"],
+        vec!["start", "a", "b"],
+        vec!["exec"],
+        vec!["ps"],
+        vec!["list", "extra"],
+        vec!["list", "--format", "bogus"],
+    ];
+    for args in &table {
+        compare(args);
+    }
+    // A program that is not in the rootfs: podman maps this text to 127.
+    compare(&["create", "--bundle", m, "missing"]);
+    let _ = (
+        runc(&["delete", "--force", "missing"]),
+        tegmen(&["delete", "--force", "missing"]),
+    );
+
+    // One container through its states, in both runtimes.
+    let steps: Vec<Vec<&str>> = vec![
+        vec!["create", "--bundle", b, "w"],
+        vec!["create", "--bundle", b, "w"],
+        vec!["resume", "w"],
+        vec!["start", "w"],
+        vec!["start", "w"],
+        vec!["delete", "w"],
+        vec!["resume", "w"],
+        vec!["kill", "w", "BOGUS"],
+        vec!["kill", "w", "KILL"],
+    ];
+    for args in &steps {
+        compare(args);
+    }
+    let wait_stopped = |state: &dyn Fn() -> std::process::Output| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !String::from_utf8_lossy(&state().stdout).contains("\"stopped\"") {
+            assert!(Instant::now() < deadline, "w never stopped");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let runc_state = || {
+        Command::new(tegmen_tests::clients::tool("runc"))
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["state", "w"])
+            .output()
+            .unwrap()
+    };
+    wait_stopped(&runc_state);
+    wait_stopped(&|| rt.cmd(&["state", "w"]).output().unwrap());
+    for args in [
+        &["start", "w"][..],
+        &["kill", "w"],
+        &["pause", "w"],
+        &["resume", "w"],
+        &["exec", "w", "true"],
+        &["delete", "w"],
+        &["delete", "w"],
+    ] {
+        compare(args);
+    }
+    assert!(
+        differences.is_empty(),
+        "differences from runc:\n{}",
+        differences.join("\n")
+    );
     rt.root.assert_nothing_left();
 }
 
@@ -532,6 +715,106 @@ fn binds_readonly_and_sizing() {
     rt.root.assert_nothing_left();
 }
 
+/// Every entry below `rootfs`: (path, type, mode, device number, link
+/// target), to compare what two runtimes left in a rootfs.
+fn rootfs_listing(rootfs: &Path) -> Vec<String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = e.path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let t = meta.file_type();
+            let kind = if t.is_symlink() {
+                format!("link {}", std::fs::read_link(&path).unwrap().display())
+            } else if t.is_dir() {
+                "dir".to_string()
+            } else if t.is_char_device() || t.is_block_device() {
+                format!("dev {:x}", meta.rdev())
+            } else {
+                format!("file {}", meta.len())
+            };
+            let rel = path.strip_prefix(base).unwrap().display().to_string();
+            out.push(format!("{rel} {kind} {:o}", meta.mode() & 0o7777));
+            if t.is_dir() {
+                walk(base, &path, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(rootfs, rootfs, &mut out);
+    out.sort();
+    out
+}
+
+/// A read-only rootfs whose spec mounts nothing on `/dev`, without `/dev`
+/// and without the directory of one of its mount points: it runs as under
+/// runc, which makes the device nodes, links and mount points in the
+/// rootfs before it makes it read-only, and the rootfs on the host then
+/// holds exactly what runc leaves in the same bundle (run here too). A
+/// writable rootfs without a `/dev` mount runs twice (the second time its
+/// `/dev` holds the nodes of the first).
+#[test]
+fn rootfs_without_dev_mount_as_runc() {
+    let rt = Rt::new("rt-nodev");
+    let script = "test -c /dev/null && echo x > /dev/null && echo null-ok; readlink /dev/fd; \
+                  touch /x 2>/dev/null || echo rootfs-ro; touch /dev/y 2>/dev/null || echo dev-ro; \
+                  test -d /data && echo data-ok";
+    let mut s = runc_like_spec(&["sh", "-c", script], false);
+    s["root"]["readonly"] = true.into();
+    let mut mounts: Vec<serde_json::Value> = s["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["destination"] == "/proc")
+        .cloned()
+        .collect();
+    mounts.push(serde_json::json!({"destination": "/data", "type": "tmpfs", "source": "tmpfs"}));
+    s["mounts"] = mounts.into();
+    let ours = rt.bundle_with("nodev", s.clone());
+    let theirs = rt.bundle_with("nodev-runc", s.clone());
+    for b in [&ours, &theirs] {
+        std::fs::remove_dir(b.join("rootfs/dev")).unwrap();
+    }
+    let want = "null-ok\n/proc/self/fd\nrootfs-ro\ndev-ro\ndata-ok\n";
+    let (code, out, err) = rt.out(&["run", "--bundle", Rt::b(&ours), "nodev"]);
+    assert_eq!((code, out.as_str()), (0, want), "tegmen run: {err}");
+    let runc = Command::new(tegmen_tests::clients::tool("runc"))
+        .arg("--root")
+        .arg(rt.root.root().join("runc"))
+        .args([
+            "run",
+            "--bundle",
+            Rt::b(&theirs),
+            &format!("tegmen-e2e-nodev-{}", std::process::id()),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let (code, out, err) = tegmen_tests::clients::text(&runc);
+    assert_eq!((code, out.as_str()), (0, want), "runc run: {err}");
+    assert_eq!(
+        rootfs_listing(&ours.join("rootfs")),
+        rootfs_listing(&theirs.join("rootfs")),
+        "the rootfs holds what runc leaves"
+    );
+
+    let mut s = runc_like_spec(&["sh", "-c", "test -c /dev/null && readlink /dev/stdout"], false);
+    let mounts: Vec<serde_json::Value> = s["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["destination"] == "/proc")
+        .cloned()
+        .collect();
+    s["mounts"] = mounts.into();
+    let rw = rt.bundle_with("nodev-rw", s);
+    for run in ["first", "second"] {
+        let (code, out, err) = rt.out(&["run", "--bundle", Rt::b(&rw), "nodev-rw"]);
+        assert_eq!((code, out.as_str()), (0, "/proc/self/fd/1\n"), "{run} run: {err}");
+    }
+    rt.root.assert_nothing_left();
+}
+
 /// `--console-socket`: the pty master arrives over the socket as runc
 /// sends it; input, output and window sizes reach the guest's terminal.
 #[test]
@@ -557,9 +840,18 @@ fn console_socket_terminal() {
             sock.to_str().unwrap(),
             "tty",
         ])
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // containerd's shim reads `create`'s output to EOF before it takes the
+    // master (go-runc's cmdOutput): nothing of the container may hold it.
+    let (out_r, err_r) = (create.stdout.take().unwrap(), create.stderr.take().unwrap());
+    let (eof_tx, eof_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (out, err) = (read_all_in_thread(out_r), read_all_in_thread(err_r));
+        let _ = eof_tx.send((out.join().unwrap(), err.join().unwrap()));
+    });
     let (conn, _) = listener.accept().unwrap();
     let mut buf = [0u8; 64];
     let mut iov = [std::io::IoSliceMut::new(&mut buf)];
@@ -575,6 +867,10 @@ fn console_socket_terminal() {
     // SAFETY: the descriptor just arrived with SCM_RIGHTS and is ours.
     let master = unsafe { OwnedFd::from_raw_fd(fds[0]) };
     assert!(create.wait().unwrap().success());
+    let (out, err) = eof_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("create's stdout and stderr reach EOF when it exits, before start");
+    assert_eq!(out, "", "create prints nothing: {err}");
     let master_fd = master.as_raw_fd();
     let set_size = |rows: u16, cols: u16| {
         let ws = libc::winsize {
@@ -868,6 +1164,108 @@ fn twenty_in_a_row_leave_nothing() {
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// kill -9 of one Tegmen process at a random moment (the `tegmen run -d`
+/// call itself, the monitor, QEMU or a device backend), or a forced delete
+/// while the call is still at work, for 25 containers in a row: `tegmen
+/// delete --force` answers 0, and when it has, nothing of the container is
+/// left (processes, mounts, its directory). The seed is printed;
+/// `TEGMEN_KILL_SEED` replays a run.
+#[test]
+fn kill_nine_at_random_then_force_delete() {
+    let rt = Rt::new("rt-kill9");
+    let bundle = rt.bundle("k9", &["sleep", "300"]);
+    let seed: u64 = std::env::var("TEGMEN_KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("kill -9 loop: TEGMEN_KILL_SEED={seed}");
+    let mut rng = seed | 1;
+    let mut below = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    const KINDS: [&str; 5] = [
+        "the tegmen call",
+        "the monitor",
+        "QEMU",
+        "a backend",
+        "nothing (delete at once)",
+    ];
+    let root = rt.root.root().to_path_buf();
+    for i in 0..25 {
+        let id = format!("k{i}");
+        let kind = i % KINDS.len();
+        let delay = Duration::from_millis(below(6000));
+        let dir = rt.root.config.sandboxes_dir().join(&id);
+        let mut call = rt
+            .cmd(&["run", "-d", "--bundle", Rt::b(&bundle), &id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        let what = format!("{id}: kill -9 of {} after {delay:?}", KINDS[kind]);
+        loop {
+            let running = call.try_wait().unwrap().is_none();
+            let mentioning = |p: &Path, pat: &str| {
+                processes_mentioning(p)
+                    .into_iter()
+                    .find(|(_, cmd)| cmd.contains(pat))
+                    .map(|(pid, _)| pid)
+            };
+            let victim = match kind {
+                0 => running.then_some(call.id() as i32),
+                1 => mentioning(&root, &format!(" monitor {id}")),
+                2 => mentioning(&dir, "qemu-system"),
+                3 => mentioning(&dir, "-backend"),
+                _ => None,
+            };
+            let due = start.elapsed() >= delay;
+            if due && kind == 4 && (dir.exists() || !running) {
+                break;
+            }
+            if let (true, Some(pid)) = (due, victim) {
+                // SAFETY: kill() sends a signal to a process of this test's.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(60) || (kind == 0 && !running) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if kind != 4 {
+            // The call ends by itself (done, or failing on what was killed).
+            let _ = tegmen_tests::wait_child(&mut call, Duration::from_secs(120));
+        }
+        let (code, _, err) = rt.out(&["delete", "--force", &id]);
+        assert_eq!(code, 0, "{what}: delete --force: {err}");
+        let _ = tegmen_tests::wait_child(&mut call, Duration::from_secs(120));
+        let procs: Vec<_> = processes_mentioning(&dir)
+            .into_iter()
+            .chain(
+                processes_mentioning(&root)
+                    .into_iter()
+                    .filter(|(_, c)| c.contains(&format!(" monitor {id}"))),
+            )
+            .collect();
+        let mounts = tegmen_tests::mounts_below(&dir);
+        assert!(
+            procs.is_empty() && mounts.is_empty() && !dir.exists(),
+            "{what}: delete --force said 0, but left processes {procs:?}, mounts {mounts:?}, directory present: {}",
+            dir.exists()
+        );
+    }
+    rt.root.assert_nothing_left();
 }
 
 /// `linux.cgroupsPath` on the host, as runc makes it: the VM's processes

@@ -24,7 +24,7 @@ pub enum ContainerError {
     WrongState { id: String, message: String },
     /// The executable named in process.args[0] is not in the container's
     /// $PATH (or not at the path given); the message is runc's.
-    #[error("exec: \"{0}\": executable file not found in $PATH")]
+    #[error("unable to start container process: exec: \"{0}\": executable file not found in $PATH")]
     ExecutableNotFound(String),
     /// A bad argument that is not part of a spec (an id, a signal number, a
     /// stdio stream the process does not have).
@@ -154,7 +154,7 @@ mod tests {
         );
         assert_eq!(
             super::ContainerError::ExecutableNotFound("foo".into()).to_string(),
-            "exec: \"foo\": executable file not found in $PATH"
+            "unable to start container process: exec: \"foo\": executable file not found in $PATH"
         );
     }
 }

@@ -20,6 +20,7 @@
 //! the maps.
 
 mod cgroup;
+mod devdir;
 mod error;
 mod helper;
 pub mod loopback;
@@ -237,6 +238,8 @@ struct ContainerInner {
     cgroup_dir: PathBuf,
     init: Option<Arc<Process>>,
     execs: HashMap<String, Arc<Process>>,
+    /// The overlay on a read-only rootfs's `/dev` ([`devdir`]).
+    dev: devdir::DevDir,
 }
 
 impl ContainerInner {
@@ -377,6 +380,7 @@ impl ContainerManager {
                     cgroup_dir: prepared.cgroup_dir.clone(),
                     init: None,
                     execs: HashMap::new(),
+                    dev: devdir::DevDir::default(),
                 }),
             });
             map.insert(id.to_string(), ctr.clone());
@@ -391,6 +395,7 @@ impl ContainerManager {
             if lock(&ctr.state).init.is_none() && self.state_root.join(id).exists() {
                 let _ = self.delete_state(id);
             }
+            lock(&ctr.state).dev.undo();
             let mut map = lock(&self.containers);
             if map.get(id).is_some_and(|c| Arc::ptr_eq(c, &ctr)) {
                 map.remove(id);
@@ -443,6 +448,9 @@ impl ContainerManager {
         let console_size = prepared.spec.process().as_ref().and_then(|p| p.console_size());
         let propagation = spec::mount_propagation(&prepared.spec);
 
+        let dev = devdir::prepare(&prepared.spec, bundle)?;
+        let dev_readonly = dev.overlay.is_some() && dev.readonly;
+        lock(&ctr.state).dev = dev;
         let mut io = StdioSetup::new(terminal, &bundle.join("console.sock"))?;
         let child = io.child.take();
         let console_path = io.console.as_ref().map(|c| c.path().to_path_buf());
@@ -463,7 +471,8 @@ impl ContainerManager {
                 .pid()
                 .map(|p| p.as_raw())
                 .ok_or_else(|| Failure::other("libcontainer reported no pid for the init"))
-        })?;
+        });
+        let pid = pid?;
         // Registered while FORK_LOCK is held: the reaper cannot have
         // collected the init yet, however quickly it died.
         let mut pio = ProcessIo {
@@ -495,6 +504,18 @@ impl ContainerManager {
             st.cgroup_dir.clone()
         };
         self.oom.add(id, &cgroup_dir);
+        if dev_readonly {
+            let made = {
+                let _fork = fork_lock_shared();
+                helper::run("make /dev read-only in", id, move || {
+                    devdir::make_readonly_in(pid).map(|()| 0)
+                })
+            };
+            if let Err(e) = made {
+                let _ = self.destroy(ctr);
+                return Err(e);
+            }
+        }
         if !propagation.is_empty() {
             let applied = {
                 let _fork = fork_lock_shared();
@@ -915,6 +936,7 @@ impl ContainerManager {
             std::fs::remove_dir(&dir)
                 .map_err(|e| ContainerError::io(format!("removing cgroup {}", dir.display()), e))?;
         }
+        lock(&ctr.state).dev.undo();
         let _ = std::fs::remove_dir_all(&bundle);
         Ok(())
     }

@@ -11,7 +11,11 @@ use tegmen_supervisor::runtime::monitor::{self, MonitorArgs};
 use tegmen_supervisor::runtime::{commands, events, log, Globals};
 
 fn main() {
-    let cli = Cli::parse_from(normalize(std::env::args().collect()));
+    let args = normalize(std::env::args().collect());
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(e) => std::process::exit(usage_error(&e, &args)),
+    };
     let format = match cli.log_format.as_str() {
         "json" => log::Format::Json,
         "text" => log::Format::Text,
@@ -21,16 +25,97 @@ fn main() {
         }
     };
     log::init(cli.log.as_deref(), format, cli.debug);
+    // runc's words around a failed create, run or exec, and exec's status.
+    let (prefix, failed) = match &cli.command {
+        Some(Command::Create(_)) => ("tegmen create failed: ", 1),
+        Some(Command::Run { .. }) => ("tegmen run failed: ", 1),
+        Some(Command::Exec { .. }) => ("exec failed: ", 255),
+        _ => ("", 1),
+    };
     let code = match run(cli, format) {
         Ok(code) => code,
         Err(e) => {
-            let msg = format!("{e:#}");
+            let msg = format!("{prefix}{e:#}");
             log::error(&msg);
             eprintln!("{msg}");
-            1
+            failed
         }
     };
     std::process::exit(code);
+}
+
+/// A command line clap refused, reported as runc (urfave/cli and Go's
+/// flag package) reports it; the exit status. Help and version requests
+/// print and exit 0.
+fn usage_error(e: &clap::Error, args: &[String]) -> i32 {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return 0;
+    }
+    let context = |k: ContextKind| match e.get(k) {
+        Some(ContextValue::String(s)) => s.clone(),
+        Some(ContextValue::Strings(v)) => v.first().cloned().unwrap_or_default(),
+        _ => String::new(),
+    };
+    let command = tegmen_supervisor::runtime::cli::subcommand_of(args);
+    let (headline, msg, code) = match e.kind() {
+        ErrorKind::InvalidSubcommand => {
+            let name = context(ContextKind::InvalidSubcommand);
+            (String::new(), format!("No help topic for '{name}'"), 3)
+        }
+        ErrorKind::UnknownArgument if context(ContextKind::InvalidArg).starts_with('-') => {
+            let arg = context(ContextKind::InvalidArg);
+            let name = arg.trim_start_matches('-').split('=').next().unwrap_or_default();
+            let msg = format!("flag provided but not defined: -{name}");
+            (format!("Incorrect Usage: {msg}"), msg, 1)
+        }
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation => {
+            let flag = context(ContextKind::InvalidArg);
+            let flag = flag
+                .trim_start_matches('-')
+                .split([' ', '='])
+                .next()
+                .unwrap_or_default();
+            let value = context(ContextKind::InvalidValue);
+            let msg = format!("invalid value \"{value}\" for flag -{flag}: parse error");
+            (format!("Incorrect Usage: {msg}"), msg, 1)
+        }
+        kind => {
+            let too_many = kind == ErrorKind::UnknownArgument;
+            let msg = match tegmen_supervisor::runtime::cli::argument_count(&command, too_many) {
+                Some(count) => format!(
+                    "{}: \"{command}\" requires {count} argument(s)",
+                    args.first().map_or("tegmen", String::as_str)
+                ),
+                None => e.kind().to_string(),
+            };
+            ("Incorrect Usage.".to_string(), msg, 1)
+        }
+    };
+    if !headline.is_empty() {
+        eprintln!("{headline}");
+    }
+    // The log file, if the command line names one, gets the error too
+    // (containerd reads the last error from it).
+    let flag_value = |name: &str| {
+        let eq = format!("--{name}=");
+        args.iter()
+            .position(|a| a == &format!("--{name}"))
+            .and_then(|i| args.get(i + 1).cloned())
+            .or_else(|| args.iter().find_map(|a| a.strip_prefix(&eq).map(String::from)))
+    };
+    let format = match flag_value("log-format").as_deref() {
+        Some("json") => log::Format::Json,
+        _ => log::Format::Text,
+    };
+    log::init(flag_value("log").as_deref().map(std::path::Path::new), format, false);
+    log::error(&msg);
+    eprintln!("{msg}");
+    code
 }
 
 fn run(cli: Cli, log_format: log::Format) -> anyhow::Result<i32> {

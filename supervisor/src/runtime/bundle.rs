@@ -44,13 +44,14 @@ impl Bundle {
                 .map_err(|e| Error::io("reading", ".", e))?
                 .join(dir)
         };
+        // runc's words: it changes into the bundle, then reads the spec.
         let dir = std::fs::canonicalize(&dir).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::MissingFile(dir.join("config.json")),
+            std::io::ErrorKind::NotFound => Error::Spec(format!("chdir {}: no such file or directory", dir.display())),
             _ => Error::io("resolving the bundle", &dir, e),
         })?;
         let path = dir.join("config.json");
         let text = std::fs::read(&path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::MissingFile(path.clone()),
+            std::io::ErrorKind::NotFound => Error::Spec("JSON specification file config.json not found".into()),
             _ => Error::io("open", &path, e),
         })?;
         let spec: serde_json::Value =

@@ -214,6 +214,31 @@ pub enum Command {
 
 /// Long flags of runc given with one dash (`-root X`, `-log-format=json`),
 /// before the command word, become `--root X`.
+/// The runtime command named in a (normalized) command line: the first
+/// argument after the global flags that is not a flag or a flag's value.
+pub fn subcommand_of(args: &[String]) -> String {
+    let mut prev: Option<&String> = None;
+    for a in args.iter().skip(1) {
+        if !a.starts_with('-') && !prev.is_some_and(|p| takes_value(p)) {
+            return a.clone();
+        }
+        prev = Some(a);
+    }
+    String::new()
+}
+
+/// How runc words the number of arguments `command` takes, for a command
+/// line with too many (`too_many`) or too few.
+pub fn argument_count(command: &str, too_many: bool) -> Option<&'static str> {
+    Some(match command {
+        "list" | "spec" | "features" => "exactly 0",
+        "kill" if too_many => "a maximum of 2",
+        "kill" | "exec" | "ps" => "a minimum of 1",
+        "create" | "run" | "start" | "state" | "delete" | "pause" | "resume" | "events" | "update" => "exactly 1",
+        _ => return None,
+    })
+}
+
 pub fn normalize(args: Vec<String>) -> Vec<String> {
     const LONG: [&str; 8] = [
         "root",

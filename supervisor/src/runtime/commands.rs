@@ -134,6 +134,9 @@ pub fn delete(globals: &Globals, id: &str, force: bool) -> Result<()> {
 /// Removes everything of container `id`: its monitors, its host mounts, its
 /// VM and its directory.
 pub fn destroy(config: &Config, id: &str, rec: Option<&ContainerRecord>) -> Result<()> {
+    // A `create` still at work (its caller was killed, a daemon forces the
+    // removal) would start a monitor or a VM process after we looked.
+    sandbox::stop_owner(config, id);
     let mut monitors: Vec<ProcessRecord> = find_monitors(config, id);
     if let Some(m) = rec.and_then(|r| r.monitor.clone()) {
         monitors.push(m);
@@ -544,7 +547,7 @@ pub fn list(globals: &Globals, format: &str, quiet: bool) -> Result<()> {
             }
             let _ = out.write_all(table(&rows).as_bytes());
         }
-        other => return Err(Error::Spec(format!("invalid format option {other:?}"))),
+        _ => return Err(Error::Spec("invalid format option".into())),
     }
     Ok(())
 }

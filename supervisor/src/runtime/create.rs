@@ -31,11 +31,12 @@ pub struct CreateOptions {
 /// Creates the container; returns its monitor (a child of this process).
 pub fn create(globals: &Globals, opts: &CreateOptions) -> Result<Child> {
     let id = opts.id.as_str();
+    // runc's order: the spec, the id, then whether it is taken.
+    let bundle = Bundle::load(&opts.bundle)?;
     validate_id(id)?;
     if store::exists(&globals.config, id) {
         return Err(Error::Exists(id.to_string()));
     }
-    let bundle = Bundle::load(&opts.bundle)?;
     if bundle.terminal && opts.console_socket.is_none() && opts.detach {
         return Err(Error::Spec(
             "cannot allocate tty if runc will detach without setting console socket".into(),

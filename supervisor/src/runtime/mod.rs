@@ -67,7 +67,18 @@ pub enum Error {
     #[error("{0}")]
     Hook(String),
     #[error(transparent)]
-    Supervisor(#[from] crate::Error),
+    Supervisor(crate::Error),
+}
+
+impl From<crate::Error> for Error {
+    /// A container the agent refused is reported in the agent's (runc's)
+    /// words, as runc reports it, without the call around them.
+    fn from(e: crate::Error) -> Self {
+        match e {
+            crate::Error::AgentStatus { message, .. } => Error::Sys(message),
+            other => Error::Supervisor(other),
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -27,7 +27,8 @@
 //!
 //! Terminals: with `--console-socket`, a host pty pair is opened, its master
 //! sent over the socket and the slave copied to and from the guest `tty`
-//! stream; without, the monitor's own stdin/stdout are (attached `run -t`).
+//! stream, and the monitor's own stdio is /dev/null (as runc's init, it
+//! holds none of the caller's pipes); without, the monitor's own stdin/stdout are (attached `run -t`).
 //! Window sizes of the host side are polled every 100 ms and passed on with
 //! `ResizeTty`.
 
@@ -38,7 +39,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -141,6 +142,14 @@ pub fn spawn(globals: &Globals, args: &MonitorArgs, preserve_fds: u32, detach: b
         cmd.arg("--console-socket").arg(s);
     }
     cmd.arg("--ready-fd").arg(ready_fd.to_string());
+    if args.console_socket.is_some() {
+        // The process's terminal is the pty whose master goes over the
+        // socket; like runc's init, the monitor keeps none of the caller's
+        // stdio. containerd's shim reads `create`'s output to EOF before
+        // it takes the master (go-runc's cmdOutput), so a monitor holding
+        // it would keep the container in `created` for ever.
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    }
     let raw_w = ready_w.as_raw_fd();
     // SAFETY: only async-signal-safe calls (setsid, dup2, fcntl, close_range,
     // close) run between fork and exec.
