@@ -100,9 +100,11 @@ impl Docker {
         std::fs::read_to_string(self.dir.0.join("dockerd.log")).unwrap_or_default()
     }
 
-    /// The `--root` docker's shim gives `tegmen` (`<exec-root>/runtime-<name>`).
+    /// The `--root` docker's shim gives `tegmen`: dockerd's
+    /// `<exec-root>/runtime-runc` (for every runtime of runc's type), and
+    /// below it the shim's namespace.
     fn runtime_root(&self) -> PathBuf {
-        self.dir.0.join("exec/runtime-tegmen")
+        self.dir.0.join("exec/runtime-runc/moby")
     }
 
     /// Waits until `docker logs name` holds `want`.
@@ -126,6 +128,7 @@ impl Docker {
     fn assert_runtime_empty(&self) {
         let root = self.runtime_root();
         let sandboxes = root.join("sandboxes");
+        assert!(sandboxes.is_dir(), "no {}: did tegmen run at all?", sandboxes.display());
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let left: Vec<_> = std::fs::read_dir(&sandboxes)
