@@ -18,6 +18,7 @@ pub mod error;
 pub mod guest_image;
 pub mod host;
 pub mod hypervisor;
+pub mod inspect;
 pub mod netns;
 pub mod portforward;
 pub mod process;

@@ -728,8 +728,17 @@ pub fn stop_owner(config: &Config, id: &str) {
 /// True while the VM of the sandbox in `dir` runs (its QEMU process, as
 /// recorded in `state.json`, is alive).
 pub fn vm_alive(dir: &Path) -> bool {
-    read_state(dir)
-        .is_ok_and(|s| s.status == Status::Running && s.processes.iter().any(|p| p.name == "qemu" && p.is_alive()))
+    read_state(dir).is_ok_and(|s| vm_process_alive(&s))
+}
+
+/// True while the sandbox runs and its VM's process (QEMU, or the builtin
+/// monitor) lives.
+pub fn vm_process_alive(state: &SandboxState) -> bool {
+    state.status == Status::Running
+        && state
+            .processes
+            .iter()
+            .any(|p| (p.name == "qemu" || p.name == "tegmen-vmm") && p.is_alive())
 }
 
 /// Creates `<sandboxes>/<id>` with its `state.json` in one rename, so a

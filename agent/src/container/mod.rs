@@ -403,6 +403,9 @@ impl ContainerManager {
             drop(map);
             let _ = std::fs::remove_dir_all(&bundle);
         }
+        if let Ok(pid) = &result {
+            log::info!("container {id} created, init pid {pid}");
+        }
         if let (Ok(pid), true) = (&result, loopback_up) {
             if let Err(e) = loopback::bring_up(*pid) {
                 let _ = self.remove(id, true);
@@ -999,6 +1002,10 @@ impl ContainerManager {
         };
         *lock(&proc.exit) = Some(info);
         proc.exited.notify_all();
+        if proc.exec_id.is_empty() {
+            // On the console, for operators (`supervisor console`).
+            log::info!("container {id}: init (pid {pid}) exited with status {exit_code}");
+        }
         let _ = lock(&self.events).send(Event::Exit {
             id,
             exec_id: proc.exec_id.clone(),

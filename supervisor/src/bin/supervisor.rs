@@ -10,7 +10,7 @@ use tegmen_supervisor::config::Config;
 use tegmen_supervisor::guest_image::GuestImage;
 use tegmen_supervisor::hypervisor::{self, Accel};
 use tegmen_supervisor::sandbox::{self, Sandbox, SandboxOptions};
-use tegmen_supervisor::{host, Error};
+use tegmen_supervisor::{host, inspect, Error};
 
 #[derive(Parser)]
 #[command(
@@ -37,18 +37,36 @@ enum Command {
         #[arg(long)]
         boot: bool,
     },
-    /// List sandboxes
+    /// List sandboxes: face, status, VM size, host RSS, uptime, containers
     List {
         /// Print JSON instead of a table
         #[arg(long)]
         json: bool,
     },
-    /// Print one sandbox's state as JSON: its face (tegmen, shim), VM,
-    /// host processes and containers (id, bundle, created)
-    Inspect { id: String },
+    /// Show one sandbox: its state, host processes (RSS, CPU time), the
+    /// guest (kernel, memory, mounts) and its containers (guest pids, use)
+    Inspect {
+        id: String,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+        /// Seconds the agent gets to answer
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
+    /// Print the guest's serial console log
+    Console {
+        id: String,
+        /// Go on printing what the guest writes until the VM is gone
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// Remove sandboxes whose owning process is gone
     Cleanup,
 }
+
+/// Exit status for a sandbox that does not exist (1: anything else).
+const EXIT_NO_SANDBOX: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -56,8 +74,87 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("supervisor: error: {e:#}");
-            ExitCode::FAILURE
+            let missing = e
+                .downcast_ref::<Error>()
+                .is_some_and(|e| matches!(e, Error::SandboxNotFound(_) | Error::InvalidId { .. }));
+            ExitCode::from(if missing { EXIT_NO_SANDBOX } else { 1 })
         }
+    }
+}
+
+/// `3600` → `1h0m`, `75` → `1m15s`.
+fn duration_text(secs: u64) -> String {
+    match secs {
+        s if s >= 86_400 => format!("{}d{}h", s / 86_400, s % 86_400 / 3600),
+        s if s >= 3600 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        s if s >= 60 => format!("{}m{}s", s / 60, s % 60),
+        s => format!("{s}s"),
+    }
+}
+
+fn print_inspection(i: &inspect::Inspection) {
+    let s = &i.summary.state;
+    let status = format!("{:?}", s.status).to_lowercase();
+    let vm = if i.summary.vm_alive { "VM running" } else { "VM gone" };
+    println!("sandbox      {}", s.id);
+    println!("status       {status} ({vm})");
+    println!("face         {}", s.face.as_str());
+    println!("hypervisor   {}", s.hypervisor);
+    println!("uptime       {}", duration_text(i.summary.uptime_s));
+    let boot = s.boot_to_agent_ms.map_or("-".to_string(), |m| format!("{m} ms"));
+    println!(
+        "vm           {} MiB, {} vCPU(s), boot to agent {boot}",
+        s.memory_mib, s.vcpus
+    );
+    println!("host rss     {} KiB", i.summary.host_rss_kib);
+    println!("host processes:");
+    println!(
+        "  {:>8}  {:<22} {:>10} {:>10}  ALIVE",
+        "PID", "NAME", "RSS KiB", "CPU ms"
+    );
+    for p in &i.host_processes {
+        let alive = if p.alive { "yes" } else { "no" };
+        println!(
+            "  {:>8}  {:<22} {:>10} {:>10}  {alive}",
+            p.pid, p.name, p.rss_kib, p.cpu_ms
+        );
+    }
+    match (&i.guest, &i.guest_error) {
+        (Some(g), _) => {
+            println!("guest:");
+            println!("  kernel     {}", g.kernel_release);
+            println!(
+                "  memory     {} MiB, {} CPU(s), agent {}",
+                g.memory_total_bytes >> 20,
+                g.cpus,
+                g.agent_version
+            );
+            println!("  mounts:");
+            for m in &g.mounts {
+                println!("    {m}");
+            }
+        }
+        (None, Some(e)) => println!("guest:       {e}"),
+        (None, None) => {}
+    }
+    println!("containers:");
+    println!(
+        "  {:<32} {:>10} {:>12} {:>12}  GUEST PIDS",
+        "ID", "PIDS", "MEMORY KiB", "CPU ms"
+    );
+    for c in &i.container_details {
+        let pids: Vec<String> = c.guest_pids.iter().map(|p| p.to_string()).collect();
+        let pids = match &c.error {
+            Some(e) => e.clone(),
+            None => pids.join(","),
+        };
+        println!(
+            "  {:<32} {:>10} {:>12} {:>12}  {pids}",
+            c.id,
+            c.pids_current,
+            c.memory_usage_bytes >> 10,
+            c.cpu_usage_usec / 1000
+        );
     }
 }
 
@@ -69,17 +166,21 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Check { boot } => check(&config, boot),
         Command::List { json } => {
-            let states = sandbox::list(&config);
+            let summaries = inspect::list(&config);
             if json {
-                println!("{}", serde_json::to_string_pretty(&states)?);
+                println!("{}", serde_json::to_string_pretty(&summaries)?);
             } else {
                 println!(
-                    "{:<24} {:<9} {:<10} {:<6} {:>8} {:>5} {:>10}  CONTAINERS",
-                    "ID", "STATUS", "FACE", "VMM", "MEM MiB", "CPUS", "BOOT ms"
+                    "{:<24} {:<9} {:<10} {:<11} {:>8} {:>5} {:>10} {:>10} {:>8}  CONTAINERS",
+                    "ID", "STATUS", "FACE", "VMM", "MEM MiB", "CPUS", "BOOT ms", "RSS KiB", "UPTIME"
                 );
-                for s in states {
+                for summary in summaries {
+                    let s = &summary.state;
                     let boot = s.boot_to_agent_ms.map(|m| m.to_string()).unwrap_or_else(|| "-".into());
-                    let status = format!("{:?}", s.status).to_lowercase();
+                    let mut status = format!("{:?}", s.status).to_lowercase();
+                    if s.status == sandbox::Status::Running && !summary.vm_alive {
+                        status = "vm-gone".into();
+                    }
                     let containers: Vec<&str> = s.containers.iter().map(|c| c.id.as_str()).collect();
                     let containers = if containers.is_empty() {
                         "-".to_string()
@@ -87,7 +188,7 @@ fn run(cli: Cli) -> Result<()> {
                         containers.join(",")
                     };
                     println!(
-                        "{:<24} {:<9} {:<10} {:<6} {:>8} {:>5} {:>10}  {}",
+                        "{:<24} {:<9} {:<10} {:<11} {:>8} {:>5} {:>10} {:>10} {:>8}  {}",
                         s.id,
                         status,
                         s.face.as_str(),
@@ -95,19 +196,25 @@ fn run(cli: Cli) -> Result<()> {
                         s.memory_mib,
                         s.vcpus,
                         boot,
+                        summary.host_rss_kib,
+                        duration_text(summary.uptime_s),
                         containers
                     );
                 }
             }
             Ok(())
         }
-        Command::Inspect { id } => {
-            let dir = config.sandboxes_dir().join(&id);
-            sandbox::validate_id(&id)?;
-            if !dir.exists() {
-                return Err(Error::SandboxNotFound(id).into());
+        Command::Inspect { id, json, timeout } => {
+            let i = inspect::inspect(&config, &id, std::time::Duration::from_secs(timeout.max(1)))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&i)?);
+            } else {
+                print_inspection(&i);
             }
-            println!("{}", serde_json::to_string_pretty(&sandbox::read_state(&dir)?)?);
+            Ok(())
+        }
+        Command::Console { id, follow } => {
+            inspect::console(&config, &id, follow, &mut std::io::stdout().lock())?;
             Ok(())
         }
         Command::Cleanup => {

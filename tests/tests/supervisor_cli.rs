@@ -1,0 +1,259 @@
+//! End-to-end: the `supervisor` CLI against running sandboxes (`tegmen`
+//! containers, each in its VM): `list` and `inspect` as text and JSON, the
+//! numbers checked against `/proc`; `console` and `console --follow`; and
+//! its faults: an unknown id, a VM that died, an agent that does not
+//! answer.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tegmen_tests::{busybox_rootfs, runc_like_spec, wait_child, workspace_binary, TestRoot};
+
+struct Cli {
+    root: TestRoot,
+    bundle: PathBuf,
+}
+
+impl Cli {
+    fn new(name: &str) -> Cli {
+        let root = TestRoot::new(name);
+        let bundle = root.root().join("bundle");
+        busybox_rootfs(&bundle.join("rootfs"));
+        std::fs::write(
+            bundle.join("config.json"),
+            runc_like_spec(&["sleep", "300"], false).to_string(),
+        )
+        .unwrap();
+        Cli { root, bundle }
+    }
+
+    fn tegmen(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(workspace_binary("tegmen"));
+        c.arg("--root").arg(self.root.root()).args(args).stdin(Stdio::null());
+        c
+    }
+
+    /// `tegmen run -d`: the monitor keeps its stdio, so none is a pipe.
+    fn run_detached(&self, id: &str) {
+        let status = self
+            .tegmen(&["run", "-d", "--bundle", self.bundle.to_str().unwrap(), id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "tegmen run -d {id}");
+    }
+
+    fn supervisor(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(workspace_binary("supervisor"));
+        c.arg("--root").arg(self.root.root()).args(args).stdin(Stdio::null());
+        c
+    }
+
+    fn out(&self, args: &[&str]) -> (i32, String, String) {
+        tegmen_tests::clients::text(&self.supervisor(args).output().unwrap())
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let (code, out, err) = self.out(args);
+        assert_eq!(code, 0, "supervisor {args:?}: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("supervisor {args:?}: {e}: {out}"))
+    }
+
+    fn qemu_pid(&self, id: &str) -> i32 {
+        let i = self.json(&["inspect", "--json", id]);
+        i["host_processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "qemu")
+            .and_then(|p| p["pid"].as_i64())
+            .unwrap_or_else(|| panic!("no qemu in {i}")) as i32
+    }
+}
+
+impl Drop for Cli {
+    fn drop(&mut self) {
+        for id in ["c1", "c2", "c3"] {
+            let _ = self.tegmen(&["delete", "--force", id]).output();
+        }
+    }
+}
+
+fn vm_rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap()
+}
+
+/// list and inspect of a running sandbox, as text and JSON; the console,
+/// and `console --follow` showing a line the guest writes after it
+/// started, ending when the VM is gone.
+#[test]
+fn list_inspect_and_console() {
+    let cli = Cli::new("sv-cli");
+    cli.run_detached("c1");
+
+    let list = cli.json(&["list", "--json"]);
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    let s = &list[0];
+    assert_eq!(
+        (s["id"].as_str(), s["face"].as_str()),
+        (Some("c1"), Some("tegmen")),
+        "{s}"
+    );
+    assert_eq!(s["vm_alive"], true, "{s}");
+    assert!(s["host_rss_kib"].as_u64().unwrap() > 10_000, "{s}");
+    assert_eq!(s["containers"][0]["id"], "c1", "{s}");
+    let (code, text, _) = cli.out(&["list"]);
+    assert_eq!(code, 0);
+    let mut lines = text.lines();
+    assert!(lines.next().unwrap().contains("RSS KiB"), "{text}");
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        (row[0], row[1], row[2], row.last().copied()),
+        ("c1", "running", "tegmen", Some("c1")),
+        "{text}"
+    );
+
+    let i = cli.json(&["inspect", "--json", "c1"]);
+    let qemu = cli.qemu_pid("c1");
+    let reported = i["host_processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"] == qemu)
+        .unwrap()["rss_kib"]
+        .as_u64()
+        .unwrap();
+    let now = vm_rss_kib(qemu);
+    assert!(
+        reported > 0 && reported * 2 > now && now * 2 > reported,
+        "QEMU's RSS: inspect says {reported} KiB, /proc {now} KiB"
+    );
+    let guest = &i["guest"];
+    let release = guest["kernel_release"].as_str().unwrap();
+    assert!(!release.is_empty() && release != nix::sys::utsname::uname().unwrap().release().to_str().unwrap());
+    assert!(guest["memory_total_bytes"].as_u64().unwrap() > 64 << 20, "{guest}");
+    assert!(
+        guest["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m.as_str().unwrap().contains("virtiofs")),
+        "{guest}"
+    );
+    let c = &i["container_details"][0];
+    assert_eq!(c["id"], "c1");
+    assert!(!c["guest_pids"].as_array().unwrap().is_empty(), "{c}");
+    assert!(c["pids_current"].as_u64().unwrap() >= 1, "{c}");
+    let (code, text, err) = cli.out(&["inspect", "c1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(text.contains(&format!("kernel     {release}")), "{text}");
+    assert!(text.contains("status       running (VM running)"), "{text}");
+
+    let (code, console, _) = cli.out(&["console", "c1"]);
+    assert_eq!(code, 0);
+    assert!(console.contains("tegmen-agent: info: agent "), "{console}");
+    assert!(console.contains("container c1 created"), "{console}");
+
+    // --follow: a line the guest writes afterwards, then the end with the VM.
+    let mut follow = cli
+        .supervisor(&["console", "--follow", "c1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut b = [0u8; 4096];
+        while let Ok(n) = out.read(&mut b) {
+            if n == 0 || tx.send(String::from_utf8_lossy(&b[..n]).into_owned()).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let status = cli.tegmen(&["kill", "c1", "KILL"]).status().unwrap();
+    assert!(status.success());
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !seen.contains("container c1: init") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(s) => seen.push_str(&s),
+            Err(_) => panic!("console --follow never showed the init's exit: {seen:?}"),
+        }
+    }
+    assert!(seen.contains("exited with status 137"), "{seen:?}");
+    let status = cli.tegmen(&["delete", "--force", "c1"]).status().unwrap();
+    assert!(status.success());
+    assert_eq!(
+        wait_child(&mut follow, Duration::from_secs(20)),
+        Some(0),
+        "console --follow ends with the VM"
+    );
+    cli.root.assert_nothing_left();
+}
+
+/// An unknown id (exit 3, named); a sandbox whose VM died (inspect shows
+/// what is known and says the VM is gone); an agent that does not answer
+/// (inspect gives up after its bound).
+#[test]
+fn inspect_faults() {
+    let cli = Cli::new("sv-faults");
+    let (code, _, err) = cli.out(&["inspect", "nope"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("nope") && err.contains("does not exist"), "{err}");
+    let (code, _, err) = cli.out(&["console", "nope"]);
+    assert_eq!(code, 3, "{err}");
+
+    cli.run_detached("c2");
+    cli.run_detached("c3");
+    let qemu2 = cli.qemu_pid("c2");
+    // SAFETY: kill() sends a signal to a QEMU of this test's.
+    unsafe { libc::kill(qemu2, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let i = loop {
+        let i = cli.json(&["inspect", "--json", "c2"]);
+        if i["vm_alive"] == false || Instant::now() > deadline {
+            break i;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(i["vm_alive"], false, "{i}");
+    assert_eq!(i["guest_error"], "the VM is gone", "{i}");
+    assert_eq!(i["container_details"][0]["id"], "c2", "{i}");
+    let (code, text, _) = cli.out(&["inspect", "c2"]);
+    assert_eq!(code, 0);
+    assert!(text.contains("VM gone"), "{text}");
+
+    let qemu3 = cli.qemu_pid("c3");
+    // SAFETY: as above; SIGSTOP freezes the guest, SIGCONT below thaws it.
+    unsafe { libc::kill(qemu3, libc::SIGSTOP) };
+    let t0 = Instant::now();
+    let i = cli.json(&["inspect", "--json", "--timeout", "2", "c3"]);
+    let took = t0.elapsed();
+    // SAFETY: as above.
+    unsafe { libc::kill(qemu3, libc::SIGCONT) };
+    assert!(
+        i["guest_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("did not answer within 2s"),
+        "{i}"
+    );
+    assert!(took < Duration::from_secs(15), "inspect took {took:?} with a 2 s bound");
+    for id in ["c2", "c3"] {
+        let status = cli.tegmen(&["delete", "--force", id]).status().unwrap();
+        assert!(status.success());
+    }
+    cli.root.assert_nothing_left();
+}
