@@ -14,6 +14,7 @@ mod init;
 mod logger;
 mod network;
 mod ports;
+mod procinfo;
 mod reaper;
 mod service;
 mod streams;

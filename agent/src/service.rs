@@ -214,6 +214,7 @@ impl Agent for AgentService {
     fn list_processes(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<ListProcessesResponse> {
         let mut resp = ListProcessesResponse::new();
         resp.pids = self.containers.processes(&req.container_id).map_err(container_status)?;
+        resp.processes = resp.pids.iter().filter_map(|p| crate::procinfo::read(*p)).collect();
         Ok(resp)
     }
 

@@ -60,6 +60,11 @@ pub fn hybrid_vsock_connect(socket: &Path, port: u32, timeout: Duration) -> std:
     Ok(stream)
 }
 
+/// Most processes taken from one `ListProcesses` reply.
+pub const MAX_PROCESS_DETAILS: usize = 65_536;
+/// Longest command line taken from the guest, in bytes.
+pub const MAX_COMMAND: usize = 4096;
+
 /// A connection to one sandbox's agent. Clones share the connection.
 #[derive(Clone)]
 pub struct AgentClient {
@@ -203,6 +208,39 @@ impl AgentClient {
             .list_processes(self.ctx(), &req)
             .map(|r| r.pids)
             .map_err(|e| rpc_error("ListProcesses", e))
+    }
+
+    /// The container's processes as the guest's /proc has them; the reply
+    /// is the guest's, so it is bounded: at most [`MAX_PROCESS_DETAILS`]
+    /// entries, commands cut at [`MAX_COMMAND`] bytes, states at 4.
+    pub fn list_process_details(&self, id: &str) -> Result<Vec<ProcessInfo>> {
+        let req = ContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        let resp = self
+            .stub
+            .list_processes(self.ctx(), &req)
+            .map_err(|e| rpc_error("ListProcesses", e))?;
+        let cut = |s: &mut String, max: usize| {
+            if s.len() > max {
+                let mut at = max;
+                while !s.is_char_boundary(at) {
+                    at -= 1;
+                }
+                s.truncate(at);
+            }
+        };
+        Ok(resp
+            .processes
+            .into_iter()
+            .take(MAX_PROCESS_DETAILS)
+            .map(|mut p| {
+                cut(&mut p.command, MAX_COMMAND);
+                cut(&mut p.state, 4);
+                p
+            })
+            .collect())
     }
 
     pub fn stats_container(&self, id: &str) -> Result<ContainerStats> {

@@ -225,6 +225,48 @@ fn ask_guest(config: &Config, id: &str, timeout: Duration, containers: &mut [Con
     })
 }
 
+/// One process in the guest, of one container (`supervisor ps`).
+#[derive(Debug, Clone, Serialize)]
+pub struct GuestProcess {
+    pub container: String,
+    pub pid: i32,
+    pub ppid: i32,
+    pub uid: u32,
+    pub state: String,
+    pub cpu_ms: u64,
+    pub rss_kib: u64,
+    pub age_s: u64,
+    pub command: String,
+}
+
+/// The guest's processes of every container of sandbox `id`, in the
+/// order the containers were added; the agent gets `timeout`.
+pub fn ps(config: &Config, id: &str, timeout: Duration) -> Result<Vec<GuestProcess>> {
+    let state = state_of(config, id)?;
+    if !sandbox::vm_process_alive(&state) {
+        return Err(Error::Agent(format!("sandbox {id}: the VM is gone")));
+    }
+    let socket = Layout::new(config, id).vsock_socket();
+    let agent = AgentClient::connect(&socket, tegmen_agent_api::AGENT_VSOCK_PORT, timeout, timeout)?;
+    let mut out = Vec::new();
+    for c in &state.containers {
+        for p in agent.list_process_details(&c.id)? {
+            out.push(GuestProcess {
+                container: c.id.clone(),
+                pid: p.pid,
+                ppid: p.ppid,
+                uid: p.uid,
+                state: p.state,
+                cpu_ms: p.cpu_ms,
+                rss_kib: p.rss_kib,
+                age_s: p.age_s,
+                command: p.command,
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// Copies sandbox `id`'s serial console log to `out`; with `follow`, goes
 /// on copying what the guest writes until the sandbox is gone or its VM
 /// has exited.

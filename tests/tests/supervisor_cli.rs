@@ -1,6 +1,7 @@
 //! End-to-end: the `supervisor` CLI against running sandboxes (`tegmen`
-//! containers, each in its VM): `list` and `inspect` as text and JSON, the
-//! numbers checked against `/proc`; `console` and `console --follow`; and
+//! containers, each in its VM): `list`, `inspect` and `ps` as text and
+//! JSON, the numbers checked against `/proc`; `console` and `console
+//! --follow`; and
 //! its faults: an unknown id, a VM that died, an agent that does not
 //! answer.
 
@@ -159,6 +160,30 @@ fn list_inspect_and_console() {
     assert!(text.contains(&format!("kernel     {release}")), "{text}");
     assert!(text.contains("status       running (VM running)"), "{text}");
 
+    let ps = cli.json(&["ps", "--json", "c1"]);
+    let sleep = ps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["command"] == "sleep 300")
+        .unwrap_or_else(|| panic!("no sleep 300 in {ps}"));
+    assert_eq!(
+        (&sleep["container"], &sleep["uid"]),
+        (&"c1".into(), &0.into()),
+        "{sleep}"
+    );
+    assert!(
+        c["guest_pids"].as_array().unwrap().contains(&sleep["pid"]),
+        "{sleep} {c}"
+    );
+    assert!(["S", "R"].contains(&sleep["state"].as_str().unwrap()), "{sleep}");
+    let (code, text, err) = cli.out(&["ps", "c1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.lines().any(|l| l.starts_with("c1 ") && l.ends_with("  sleep 300")),
+        "{text}"
+    );
+
     let (code, console, _) = cli.out(&["console", "c1"]);
     assert_eq!(code, 0);
     assert!(console.contains("tegmen-agent: info: agent "), "{console}");
@@ -234,6 +259,9 @@ fn inspect_faults() {
     let (code, text, _) = cli.out(&["inspect", "c2"]);
     assert_eq!(code, 0);
     assert!(text.contains("VM gone"), "{text}");
+    let (code, _, err) = cli.out(&["ps", "c2"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("sandbox c2: the VM is gone"), "{err}");
 
     let qemu3 = cli.qemu_pid("c3");
     // SAFETY: as above; SIGSTOP freezes the guest, SIGCONT below thaws it.

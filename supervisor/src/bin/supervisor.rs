@@ -54,6 +54,17 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         timeout: u64,
     },
+    /// The guest's processes per container: pid and ppid in the guest,
+    /// uid, state, CPU time, RSS, age, command line
+    Ps {
+        id: String,
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+        /// Seconds the agent gets to answer
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
     /// Print the guest's serial console log
     Console {
         id: String,
@@ -210,6 +221,32 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&i)?);
             } else {
                 print_inspection(&i);
+            }
+            Ok(())
+        }
+        Command::Ps { id, json, timeout } => {
+            let procs = inspect::ps(&config, &id, std::time::Duration::from_secs(timeout.max(1)))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&procs)?);
+            } else {
+                println!(
+                    "{:<24} {:>7} {:>7} {:>6} {:<5} {:>9} {:>9} {:>8}  CMD",
+                    "CONTAINER", "PID", "PPID", "UID", "STATE", "TIME ms", "RSS KiB", "AGE"
+                );
+                for p in procs {
+                    println!(
+                        "{:<24} {:>7} {:>7} {:>6} {:<5} {:>9} {:>9} {:>8}  {}",
+                        p.container,
+                        p.pid,
+                        p.ppid,
+                        p.uid,
+                        p.state,
+                        p.cpu_ms,
+                        p.rss_kib,
+                        duration_text(p.age_s),
+                        p.command
+                    );
+                }
             }
             Ok(())
         }
