@@ -225,6 +225,219 @@ fn ask_guest(config: &Config, id: &str, timeout: Duration, containers: &mut [Con
     })
 }
 
+/// A label value as the Prometheus text format wants it.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// One metric family of the text exposition format.
+struct Family {
+    name: &'static str,
+    help: &'static str,
+    kind: &'static str,
+    samples: Vec<(String, f64)>,
+}
+
+/// Prometheus' text exposition (format 0.0.4) of the sandboxes `ids` (all
+/// when empty): host processes' RSS and CPU time, the VM's size, whether it
+/// runs, boot-to-agent time, and from each agent (asked with `timeout`)
+/// the guest's memory and each container's memory, CPU time, pids and OOM
+/// kills. A sandbox whose agent does not answer gets only its host side.
+pub fn metrics(config: &Config, ids: &[String], timeout: Duration) -> Result<String> {
+    let all = list(config);
+    let chosen: Vec<&Summary> = if ids.is_empty() {
+        all.iter().collect()
+    } else {
+        let mut v = Vec::new();
+        for id in ids {
+            v.push(
+                all.iter()
+                    .find(|s| &s.state.id == id)
+                    .ok_or_else(|| Error::SandboxNotFound(id.clone()))?,
+            );
+        }
+        v
+    };
+    let fam = |name, help, kind| Family {
+        name,
+        help,
+        kind,
+        samples: Vec::new(),
+    };
+    let mut info = fam("tegmen_sandbox_info", "A sandbox: its face and hypervisor.", "gauge");
+    let mut up = fam(
+        "tegmen_sandbox_vm_up",
+        "1 while the sandbox's VM process lives.",
+        "gauge",
+    );
+    let mut uptime = fam(
+        "tegmen_sandbox_uptime_seconds",
+        "Seconds since the sandbox was created.",
+        "gauge",
+    );
+    let mut boot = fam(
+        "tegmen_sandbox_boot_to_agent_seconds",
+        "From starting the VM to the agent's first answer.",
+        "gauge",
+    );
+    let mut vm_mem = fam("tegmen_sandbox_vm_memory_bytes", "Guest RAM the VM was given.", "gauge");
+    let mut vcpus = fam("tegmen_sandbox_vcpus", "vCPUs of the VM.", "gauge");
+    let mut rss = fam(
+        "tegmen_sandbox_host_rss_bytes",
+        "Resident memory of the sandbox's host processes (QEMU or the monitor, device backends).",
+        "gauge",
+    );
+    let mut proc_rss = fam(
+        "tegmen_host_process_rss_bytes",
+        "Resident memory of one host process.",
+        "gauge",
+    );
+    let mut proc_cpu = fam(
+        "tegmen_host_process_cpu_seconds_total",
+        "User and system CPU time of one host process.",
+        "counter",
+    );
+    let mut guest_mem = fam(
+        "tegmen_guest_memory_total_bytes",
+        "MemTotal of the guest kernel.",
+        "gauge",
+    );
+    let mut guest_up = fam(
+        "tegmen_guest_agent_up",
+        "1 when the guest's agent answered this scrape.",
+        "gauge",
+    );
+    let mut c_mem = fam(
+        "tegmen_container_memory_usage_bytes",
+        "A container's cgroup memory in the guest.",
+        "gauge",
+    );
+    let mut c_cpu = fam(
+        "tegmen_container_cpu_seconds_total",
+        "A container's cgroup CPU time in the guest.",
+        "counter",
+    );
+    let mut c_pids = fam(
+        "tegmen_container_pids",
+        "Processes of a container in the guest.",
+        "gauge",
+    );
+    let mut c_oom = fam(
+        "tegmen_container_oom_kills_total",
+        "OOM kills in a container's cgroup.",
+        "counter",
+    );
+    for s in chosen {
+        let st = &s.state;
+        let sb = format!("sandbox=\"{}\"", label(&st.id));
+        info.samples.push((
+            format!(
+                "{sb},face=\"{}\",hypervisor=\"{}\"",
+                label(st.face.as_str()),
+                label(&st.hypervisor)
+            ),
+            1.0,
+        ));
+        up.samples.push((sb.clone(), if s.vm_alive { 1.0 } else { 0.0 }));
+        uptime.samples.push((sb.clone(), s.uptime_s as f64));
+        if let Some(ms) = st.boot_to_agent_ms {
+            boot.samples.push((sb.clone(), ms as f64 / 1000.0));
+        }
+        vm_mem.samples.push((sb.clone(), (st.memory_mib as f64) * 1048576.0));
+        vcpus.samples.push((sb.clone(), st.vcpus as f64));
+        rss.samples.push((sb.clone(), (s.host_rss_kib * 1024) as f64));
+        for p in st.processes.iter().map(process_usage).filter(|p| p.alive) {
+            let l = format!("{sb},process=\"{}\",pid=\"{}\"", label(&p.name), p.pid);
+            proc_rss.samples.push((l.clone(), (p.rss_kib * 1024) as f64));
+            proc_cpu.samples.push((l, p.cpu_ms as f64 / 1000.0));
+        }
+        if !s.vm_alive {
+            guest_up.samples.push((sb.clone(), 0.0));
+            continue;
+        }
+        let socket = Layout::new(config, &st.id).vsock_socket();
+        let answered = AgentClient::connect(&socket, tegmen_agent_api::AGENT_VSOCK_PORT, timeout, timeout)
+            .and_then(|agent| {
+                let d = agent.guest_details()?;
+                guest_mem.samples.push((sb.clone(), d.memory_total_bytes as f64));
+                for c in &st.containers {
+                    if let Ok(cs) = agent.stats_container(&c.id) {
+                        let l = format!("{sb},container=\"{}\"", label(&c.id));
+                        c_mem.samples.push((l.clone(), cs.memory_usage as f64));
+                        c_cpu.samples.push((l.clone(), cs.cpu_usage_usec as f64 / 1e6));
+                        c_pids.samples.push((l.clone(), cs.pids_current as f64));
+                        c_oom.samples.push((l, cs.oom_kills as f64));
+                    }
+                }
+                Ok(())
+            })
+            .is_ok();
+        guest_up.samples.push((sb, if answered { 1.0 } else { 0.0 }));
+    }
+    let mut text = String::new();
+    for f in [
+        info, up, uptime, boot, vm_mem, vcpus, rss, proc_rss, proc_cpu, guest_up, guest_mem, c_mem, c_cpu, c_pids,
+        c_oom,
+    ] {
+        text.push_str(&format!("# HELP {} {}\n# TYPE {} {}\n", f.name, f.help, f.name, f.kind));
+        for (labels, v) in f.samples {
+            text.push_str(&format!("{}{{{labels}}} {v}\n", f.name));
+        }
+    }
+    Ok(text)
+}
+
+/// Serves [`metrics`] of every sandbox over HTTP on `addr`, which must be a
+/// loopback address (the numbers are the operator's, not the network's):
+/// `GET /metrics`, one request at a time, each read with a bound.
+pub fn serve_metrics(config: &Config, addr: std::net::SocketAddr, timeout: Duration) -> Result<()> {
+    use std::io::BufRead;
+    if !addr.ip().is_loopback() {
+        return Err(Error::Config {
+            path: "--listen".into(),
+            msg: format!("{addr}: metrics are served on a loopback address only"),
+        });
+    }
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| Error::io("listening on", addr.to_string(), e))?;
+    eprintln!(
+        "supervisor: serving metrics on http://{}/metrics",
+        listener.local_addr().map_or(addr, |a| a)
+    );
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = conn.set_write_timeout(Some(Duration::from_secs(10)));
+        let mut reader = std::io::BufReader::new(std::io::Read::take(&conn, 8192));
+        let mut line = String::new();
+        if reader.read_line(&mut line).is_err() {
+            continue;
+        }
+        // The rest of the head, up to the bound.
+        let mut rest = String::new();
+        while reader.read_line(&mut rest).is_ok_and(|n| n > 0) && rest != "\r\n" && rest != "\n" {
+            rest.clear();
+        }
+        let mut parts = line.split_whitespace();
+        let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let (status, kind, body) = if method != "GET" {
+            ("405 Method Not Allowed", "text/plain", "GET only\n".to_string())
+        } else if target != "/metrics" {
+            ("404 Not Found", "text/plain", "see /metrics\n".to_string())
+        } else {
+            match metrics(config, &[], timeout) {
+                Ok(text) => ("200 OK", "text/plain; version=0.0.4", text),
+                Err(e) => ("500 Internal Server Error", "text/plain", format!("{e}\n")),
+            }
+        };
+        let _ = write!(
+            conn,
+            "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+    Ok(())
+}
+
 /// One process in the guest, of one container (`supervisor ps`).
 #[derive(Debug, Clone, Serialize)]
 pub struct GuestProcess {
@@ -325,6 +538,24 @@ mod tests {
         let stat = "42 (qemu (x) y) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 1000 0 0";
         assert_eq!(parse_cpu_ticks(stat), Some(300));
         assert_eq!(parse_cpu_ticks("42 (short) S 1"), None);
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn metrics_of_no_sandbox_and_of_an_unknown_one() {
+        let config = Config {
+            root: std::env::temp_dir().join(format!("tegmen-metrics-{}", std::process::id())),
+            ..Config::default()
+        };
+        let text = metrics(&config, &[], Duration::from_secs(1)).unwrap();
+        assert!(text.contains("# TYPE tegmen_sandbox_vm_up gauge\n"), "{text}");
+        assert!(!text.contains("{"), "no samples without sandboxes: {text}");
+        let e = metrics(&config, &["nope".into()], Duration::from_secs(1)).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! End-to-end: the `supervisor` CLI against running sandboxes (`tegmen`
 //! containers, each in its VM): `list`, `inspect` and `ps` as text and
-//! JSON, the numbers checked against `/proc`; `console` and `console
+//! JSON, `metrics` (also over HTTP) read by a Prometheus parser, the
+//! numbers checked against `/proc`; `console` and `console
 //! --follow`; and
 //! its faults: an unknown id, a VM that died, an agent that does not
 //! answer.
@@ -93,6 +94,54 @@ fn vm_rss_kib(pid: i32) -> u64 {
         .unwrap()
 }
 
+/// `supervisor metrics` text, read by a Prometheus parser, against /proc
+/// and the guest.
+fn check_metrics(_cli: &Cli, text: &str, qemu: i32) {
+    use prometheus_parse::{Scrape, Value};
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text format");
+    let find = |metric: &str, labels: &[(&str, &str)]| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| s.value.clone())
+            .unwrap_or_else(|| panic!("no {metric} {labels:?} in:\n{text}"))
+    };
+    let gauge = |metric: &str, labels: &[(&str, &str)]| match find(metric, labels) {
+        Value::Gauge(v) => v,
+        other => panic!("{metric} is not a gauge: {other:?}"),
+    };
+    assert_eq!(gauge("tegmen_sandbox_vm_up", &[("sandbox", "c1")]), 1.0);
+    assert_eq!(gauge("tegmen_guest_agent_up", &[("sandbox", "c1")]), 1.0);
+    let pid = qemu.to_string();
+    let rss = gauge(
+        "tegmen_host_process_rss_bytes",
+        &[("sandbox", "c1"), ("process", "qemu"), ("pid", &pid)],
+    );
+    let now = (vm_rss_kib(qemu) * 1024) as f64;
+    assert!(
+        rss > 0.0 && rss * 2.0 > now && now * 2.0 > rss,
+        "QEMU's RSS: {rss} in metrics, {now} in /proc"
+    );
+    assert!(gauge("tegmen_sandbox_host_rss_bytes", &[("sandbox", "c1")]) >= rss);
+    assert!(gauge("tegmen_guest_memory_total_bytes", &[("sandbox", "c1")]) > (64 << 20) as f64);
+    assert!(gauge("tegmen_container_pids", &[("sandbox", "c1"), ("container", "c1")]) >= 1.0);
+    assert!(
+        gauge(
+            "tegmen_container_memory_usage_bytes",
+            &[("sandbox", "c1"), ("container", "c1")]
+        ) > 0.0
+    );
+    assert!(matches!(
+        find("tegmen_container_cpu_seconds_total", &[("container", "c1")]),
+        Value::Counter(v) if v >= 0.0
+    ));
+    assert!(matches!(
+        find("tegmen_host_process_cpu_seconds_total", &[("process", "qemu")]),
+        Value::Counter(v) if v > 0.0
+    ));
+}
+
 /// list and inspect of a running sandbox, as text and JSON; the console,
 /// and `console --follow` showing a line the guest writes after it
 /// started, ending when the VM is gone.
@@ -183,6 +232,44 @@ fn list_inspect_and_console() {
         text.lines().any(|l| l.starts_with("c1 ") && l.ends_with("  sleep 300")),
         "{text}"
     );
+
+    check_metrics(&cli, &cli.out(&["metrics"]).1, qemu);
+    check_metrics(&cli, &cli.out(&["metrics", "c1"]).1, qemu);
+    // Served over HTTP on loopback; nowhere else.
+    let (code, _, err) = cli.out(&["metrics", "--listen", "0.0.0.0:9109"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("loopback"), "{err}");
+    let mut server = cli
+        .supervisor(&["metrics", "--listen", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stderr.take().unwrap()), &mut line).unwrap();
+    let addr = line
+        .trim()
+        .rsplit("http://")
+        .next()
+        .unwrap()
+        .trim_end_matches("/metrics")
+        .to_string();
+    let get = |path: &str| {
+        use std::io::Write;
+        let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+        write!(conn, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply).unwrap();
+        reply
+    };
+    let reply = get("/metrics");
+    let _ = server.kill();
+    let _ = server.wait();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.starts_with("HTTP/1.1 200") && head.contains("version=0.0.4"),
+        "{head}"
+    );
+    check_metrics(&cli, body, qemu);
 
     let (code, console, _) = cli.out(&["console", "c1"]);
     assert_eq!(code, 0);

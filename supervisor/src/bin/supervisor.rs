@@ -65,6 +65,17 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         timeout: u64,
     },
+    /// Prometheus text exposition of every sandbox (or those named): host
+    /// RSS and CPU, VM size, guest memory, containers' memory, CPU, pids
+    Metrics {
+        ids: Vec<String>,
+        /// Serve it over HTTP at this loopback address (GET /metrics)
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Seconds each agent gets to answer
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
     /// Print the guest's serial console log
     Console {
         id: String,
@@ -247,6 +258,14 @@ fn run(cli: Cli) -> Result<()> {
                         p.command
                     );
                 }
+            }
+            Ok(())
+        }
+        Command::Metrics { ids, listen, timeout } => {
+            let timeout = std::time::Duration::from_secs(timeout.max(1));
+            match listen {
+                Some(addr) => inspect::serve_metrics(&config, addr, timeout)?,
+                None => print!("{}", inspect::metrics(&config, &ids, timeout)?),
             }
             Ok(())
         }
