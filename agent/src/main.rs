@@ -8,6 +8,7 @@
 //! the container layer is tested on the host.
 
 mod container;
+mod eventhub;
 mod fatal;
 mod guest;
 mod init;
@@ -68,7 +69,7 @@ fn run(as_init: bool) -> Result<()> {
         as_init,
         opts.shared_dir,
         containers,
-        events_rx,
+        eventhub::EventHub::start(events_rx),
     ));
     let methods = tegmen_agent_api::agent_ttrpc::create_agent(service);
     // Wait and GetEvent block a handler thread each until something

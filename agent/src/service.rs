@@ -1,8 +1,7 @@
 //! The agent API service: answers the supervisor's ttrpc requests.
 
 use std::path::{Component, Path, PathBuf};
-use std::sync::mpsc::Receiver;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tegmen_agent_api::agent::*;
@@ -13,13 +12,16 @@ use ttrpc::TtrpcContext;
 use crate::container::{self, ContainerError, ContainerManager, StdioStream};
 use crate::guest;
 
+/// Longest a watcher's `GetEvent` waits for an event.
+const MAX_EVENT_WAIT_MS: u32 = 60_000;
+
 pub struct AgentService {
     /// True when the agent is the guest's PID 1 (Shutdown powers off).
     as_init: bool,
     /// The shared directory (the virtio-fs mount in the guest).
     shared_dir: PathBuf,
     containers: Arc<ContainerManager>,
-    events: Mutex<Receiver<container::Event>>,
+    events: Arc<crate::eventhub::EventHub>,
 }
 
 impl AgentService {
@@ -27,13 +29,13 @@ impl AgentService {
         as_init: bool,
         shared_dir: PathBuf,
         containers: Arc<ContainerManager>,
-        events: Receiver<container::Event>,
+        events: Arc<crate::eventhub::EventHub>,
     ) -> Self {
         Self {
             as_init,
             shared_dir,
             containers,
-            events: Mutex::new(events),
+            events,
         }
     }
 
@@ -315,10 +317,20 @@ impl Agent for AgentService {
         Ok(resp)
     }
 
-    fn get_event(&self, _ctx: &TtrpcContext, _req: GetEventRequest) -> ttrpc::Result<Event> {
-        let next = self.events.lock().unwrap_or_else(|p| p.into_inner()).recv();
+    fn get_event(&self, _ctx: &TtrpcContext, req: GetEventRequest) -> ttrpc::Result<Event> {
+        let next = if req.watcher.is_empty() {
+            self.events.next_primary()
+        } else {
+            let wait = Duration::from_millis(u64::from(req.wait_ms.min(MAX_EVENT_WAIT_MS)));
+            match self.events.next_for(&req.watcher, wait) {
+                // Nothing happened within the wait: an event with none set.
+                Ok(None) => return Ok(Event::new()),
+                Ok(some) => some,
+                Err(e) => return Err(status(ttrpc::Code::RESOURCE_EXHAUSTED, e)),
+            }
+        };
         let mut event = Event::new();
-        match next {
+        match next.ok_or(()) {
             Ok(container::Event::Exit {
                 id,
                 exec_id,

@@ -362,6 +362,20 @@ impl AgentClient {
             .collect()
     }
 
+    /// As watcher `watcher` (`supervisor events`): the next exit or OOM
+    /// kill from its first call on, `None` after `wait` without one. The
+    /// first reader's events ([`AgentClient::get_event`]) are not taken.
+    pub fn watch_event(&self, watcher: &str, wait: Duration) -> Result<Option<Event>> {
+        let req = GetEventRequest {
+            watcher: watcher.into(),
+            wait_ms: wait.as_millis().min(60_000) as u32,
+            ..Default::default()
+        };
+        let ctx = ttrpc::context::with_timeout((wait + self.timeout).as_nanos() as i64);
+        let e = self.stub.get_event(ctx, &req).map_err(|e| rpc_error("GetEvent", e))?;
+        Ok(e.event.is_some().then_some(e))
+    }
+
     /// Blocks until the agent reports the next exit or OOM kill.
     pub fn get_event(&self) -> Result<Event> {
         self.stub

@@ -480,6 +480,104 @@ pub fn ps(config: &Config, id: &str, timeout: Duration) -> Result<Vec<GuestProce
     Ok(out)
 }
 
+/// One line of `supervisor events`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct EventLine {
+    /// `exit` or `oom`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub sandbox: String,
+    pub container: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub exec_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// RFC 3339, UTC: when it happened (an exit) or was seen (an OOM kill).
+    pub time: String,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    crate::runtime::log::rfc3339(d.as_secs() as i64, d.subsec_nanos())
+}
+
+fn event_line(sandbox: &str, e: &tegmen_agent_api::agent::Event) -> Option<EventLine> {
+    use tegmen_agent_api::agent::event::Event as E;
+    Some(match e.event.as_ref()? {
+        E::Exit(x) => EventLine {
+            kind: "exit".into(),
+            sandbox: sandbox.to_string(),
+            container: x.container_id.clone(),
+            exec_id: x.exec_id.clone(),
+            pid: Some(x.pid),
+            exit_code: Some(x.exit_code),
+            time: rfc3339(UNIX_EPOCH + Duration::from_nanos(x.exited_at_unix_nanos.max(0) as u64)),
+        },
+        E::Oom(o) => EventLine {
+            kind: "oom".into(),
+            sandbox: sandbox.to_string(),
+            container: o.container_id.clone(),
+            exec_id: String::new(),
+            pid: None,
+            exit_code: None,
+            time: rfc3339(SystemTime::now()),
+        },
+        _ => return None,
+    })
+}
+
+/// Writes the agent's events of sandbox `id` (exits, OOM kills) as JSON
+/// lines as they happen, as a watcher of its own (the shim's and the
+/// monitors' events are not taken), until the VM is gone.
+pub fn events(config: &Config, id: &str, out: &mut dyn Write) -> Result<()> {
+    state_of(config, id)?;
+    let layout = Layout::new(config, id);
+    let watcher = format!("supervisor-{}", std::process::id());
+    let agent = AgentClient::connect(
+        &layout.vsock_socket(),
+        tegmen_agent_api::AGENT_VSOCK_PORT,
+        Duration::from_secs(5),
+        Duration::from_secs(10),
+    )?;
+    // The first call registers the watcher: events from here on.
+    agent.watch_event(&watcher, Duration::ZERO)?;
+    if writeln!(out, "{}", serde_json::json!({"type": "watching", "sandbox": id})).is_err() {
+        return Ok(());
+    }
+    let _ = out.flush();
+    loop {
+        match agent.watch_event(&watcher, Duration::from_secs(2)) {
+            Ok(Some(e)) => {
+                if let Some(line) = event_line(id, &e) {
+                    let text = serde_json::to_string(&line).expect("an event serializes");
+                    if writeln!(out, "{text}").is_err() {
+                        return Ok(());
+                    }
+                    let _ = out.flush();
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                // The connection goes with the VM's processes, which do not
+                // all die at the same instant: give the VM a moment.
+                let deadline = std::time::Instant::now() + Duration::from_secs(3);
+                while std::time::Instant::now() < deadline {
+                    if !sandbox::read_state(&layout.dir).is_ok_and(|s| sandbox::vm_process_alive(&s)) {
+                        return Ok(());
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                return Err(e);
+            }
+        }
+        if !sandbox::read_state(&layout.dir).is_ok_and(|s| sandbox::vm_process_alive(&s)) {
+            return Ok(());
+        }
+    }
+}
+
 /// Copies sandbox `id`'s serial console log to `out`; with `follow`, goes
 /// on copying what the guest writes until the sandbox is gone or its VM
 /// has exited.
@@ -538,6 +636,13 @@ mod tests {
         let stat = "42 (qemu (x) y) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 1000 0 0";
         assert_eq!(parse_cpu_ticks(stat), Some(300));
         assert_eq!(parse_cpu_ticks("42 (short) S 1"), None);
+    }
+
+    #[test]
+    fn times_are_rfc3339() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let t = UNIX_EPOCH + Duration::new(1_764_680_000, 5);
+        assert_eq!(rfc3339(t), "2025-12-02T12:53:20.000000005Z");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! containers, each in its VM): `list`, `inspect` and `ps` as text and
 //! JSON, `metrics` (also over HTTP) read by a Prometheus parser, the
 //! numbers checked against `/proc`; `console` and `console
-//! --follow`; and
+//! --follow`; `events`; and
 //! its faults: an unknown id, a VM that died, an agent that does not
 //! answer.
 
@@ -82,6 +82,20 @@ impl Drop for Cli {
             let _ = self.tegmen(&["delete", "--force", id]).output();
         }
     }
+}
+
+/// The lines a child writes, as they come.
+fn lines_of(out: impl Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(out)) {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 fn vm_rss_kib(pid: i32) -> u64 {
@@ -292,9 +306,42 @@ fn list_inspect_and_console() {
             }
         }
     });
+    // The agent's events, as a watcher of their own: an exec's exit, then the init's.
+    let mut events = cli
+        .supervisor(&["events", "c1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = lines_of(events.stdout.take().unwrap());
+    let event = |want: &str| -> serde_json::Value {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("supervisor events: no {want} line"));
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    };
+    assert_eq!(event("watching")["type"], "watching");
+    let status = cli
+        .tegmen(&["exec", "c1", "sh", "-c", "exit 3"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(3));
+    let e = event("exec exit");
+    assert_eq!(
+        (&e["type"], &e["sandbox"], &e["container"], &e["exit_code"]),
+        (&"exit".into(), &"c1".into(), &"c1".into(), &3.into()),
+        "{e}"
+    );
+    assert!(
+        !e["exec_id"].as_str().unwrap().is_empty() && e["time"].as_str().unwrap().ends_with('Z'),
+        "{e}"
+    );
     std::thread::sleep(Duration::from_millis(500));
     let status = cli.tegmen(&["kill", "c1", "KILL"]).status().unwrap();
     assert!(status.success());
+    let e = event("init exit");
+    assert_eq!((&e["exit_code"], e.get("exec_id")), (&137.into(), None), "{e}");
     let mut seen = String::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !seen.contains("container c1: init") {
@@ -311,6 +358,11 @@ fn list_inspect_and_console() {
         wait_child(&mut follow, Duration::from_secs(20)),
         Some(0),
         "console --follow ends with the VM"
+    );
+    assert_eq!(
+        wait_child(&mut events, Duration::from_secs(20)),
+        Some(0),
+        "events ends with the VM"
     );
     cli.root.assert_nothing_left();
 }

@@ -76,6 +76,9 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         timeout: u64,
     },
+    /// The agent's events of a sandbox (exits, OOM kills) as JSON lines as
+    /// they happen, until its VM is gone
+    Events { id: String },
     /// Print the guest's serial console log
     Console {
         id: String,
@@ -267,6 +270,10 @@ fn run(cli: Cli) -> Result<()> {
                 Some(addr) => inspect::serve_metrics(&config, addr, timeout)?,
                 None => print!("{}", inspect::metrics(&config, &ids, timeout)?),
             }
+            Ok(())
+        }
+        Command::Events { id } => {
+            inspect::events(&config, &id, &mut std::io::stdout().lock())?;
             Ok(())
         }
         Command::Console { id, follow } => {

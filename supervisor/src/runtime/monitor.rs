@@ -28,7 +28,8 @@
 //! Terminals: with `--console-socket`, a host pty pair is opened, its master
 //! sent over the socket and the slave copied to and from the guest `tty`
 //! stream, and the monitor's own stdio is /dev/null (as runc's init, it
-//! holds none of the caller's pipes); without, the monitor's own stdin/stdout are (attached `run -t`).
+//! holds none of the caller's pipes); without, the monitor's own
+//! stdin/stdout are (attached `run -t`).
 //! Window sizes of the host side are polled every 100 ms and passed on with
 //! `ResizeTty`.
 
