@@ -238,7 +238,8 @@ struct ContainerInner {
     cgroup_dir: PathBuf,
     init: Option<Arc<Process>>,
     execs: HashMap<String, Arc<Process>>,
-    /// The overlay on a read-only rootfs's `/dev` ([`devdir`]).
+    /// The overlay on the rootfs's `/dev` when the spec mounts none there
+    /// ([`devdir`]).
     dev: devdir::DevDir,
 }
 
