@@ -229,7 +229,10 @@ fn kill_exec_pause() {
     let (code, _, e) = rt.out(&["start", "trap"]);
     assert_eq!((code, e.trim()), (1, "cannot start an already running container"));
     let (code, _, e) = rt.out(&["create", "--bundle", Rt::b(&bundle), "trap"]);
-    assert_eq!((code, e.trim()), (1, "container with given ID already exists"));
+    assert_eq!(
+        (code, e.trim()),
+        (1, "tegmen create failed: container with given ID already exists")
+    );
     let (code, _, e) = rt.out(&["delete", "trap"]);
     assert_eq!(
         (code, e.trim()),
