@@ -172,7 +172,7 @@ fn ctr_detached_task_exec_kill_with_the_shim() {
     let inspect = std::process::Command::new(&supervisor)
         .arg("--root")
         .arg(&state)
-        .args(["inspect", "t1"])
+        .args(["inspect", "--json", "t1"])
         .output()
         .unwrap();
     let inspect: serde_json::Value = serde_json::from_slice(&inspect.stdout).expect("inspect prints JSON");
