@@ -36,12 +36,10 @@ fn parse_rss_kib(status: &str) -> Option<u64> {
         .and_then(|n| n.parse().ok())
 }
 
-/// utime + stime (clock ticks) of a `/proc/<pid>/stat` line; the command
-/// name may hold spaces and parentheses, so fields count after the last ')'.
+/// utime + stime (clock ticks) of a `/proc/<pid>/stat` line.
 fn parse_cpu_ticks(stat: &str) -> Option<u64> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After ')': state is field 3 of the line, utime 14 and stime 15.
+    let fields = crate::process::stat_fields(stat)?;
+    // They start at field 3 (state); utime is field 14, stime 15.
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some(utime + stime)
@@ -83,17 +81,29 @@ pub struct Summary {
     pub uptime_s: u64,
     /// RSS of all its live host processes.
     pub host_rss_kib: u64,
+    /// Its host processes as `/proc` had them (read once, for the sum and
+    /// for whoever shows them one by one).
+    #[serde(skip)]
+    pub usage: Vec<ProcessUsage>,
 }
 
 pub fn summary(state: SandboxState) -> Summary {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let host_rss_kib = state.processes.iter().map(|p| process_usage(p).rss_kib).sum();
+    let usage: Vec<ProcessUsage> = state.processes.iter().map(process_usage).collect();
     Summary {
         vm_alive: sandbox::vm_process_alive(&state),
         uptime_s: now.saturating_sub(state.created),
-        host_rss_kib,
+        host_rss_kib: usage.iter().map(|u| u.rss_kib).sum(),
+        usage,
         state,
     }
+}
+
+/// A client of sandbox `id`'s agent that gets `timeout` to connect and for
+/// each call.
+fn agent_of(config: &Config, id: &str, timeout: Duration) -> Result<AgentClient> {
+    let socket = Layout::new(config, id).vsock_socket();
+    AgentClient::connect(&socket, tegmen_agent_api::AGENT_VSOCK_PORT, timeout, timeout)
 }
 
 /// Every sandbox below the configuration's root.
@@ -157,9 +167,8 @@ fn state_of(config: &Config, id: &str) -> Result<SandboxState> {
 /// call. A VM that is gone or an agent that does not answer is reported in
 /// `guest_error`, not as an error.
 pub fn inspect(config: &Config, id: &str, timeout: Duration) -> Result<Inspection> {
-    let state = state_of(config, id)?;
-    let host_processes = state.processes.iter().map(process_usage).collect();
-    let summary = summary(state);
+    let summary = summary(state_of(config, id)?);
+    let host_processes = summary.usage.clone();
     let mut containers: Vec<ContainerInfo> = summary
         .state
         .containers
@@ -197,8 +206,7 @@ pub fn inspect(config: &Config, id: &str, timeout: Duration) -> Result<Inspectio
 }
 
 fn ask_guest(config: &Config, id: &str, timeout: Duration, containers: &mut [ContainerInfo]) -> Result<GuestInfo> {
-    let socket = Layout::new(config, id).vsock_socket();
-    let agent = AgentClient::connect(&socket, tegmen_agent_api::AGENT_VSOCK_PORT, timeout, timeout)?;
+    let agent = agent_of(config, id, timeout)?;
     let d = agent.guest_details()?;
     for c in containers.iter_mut() {
         match agent.list_processes(&c.id) {
@@ -346,7 +354,7 @@ pub fn metrics(config: &Config, ids: &[String], timeout: Duration) -> Result<Str
         vm_mem.samples.push((sb.clone(), (st.memory_mib as f64) * 1048576.0));
         vcpus.samples.push((sb.clone(), st.vcpus as f64));
         rss.samples.push((sb.clone(), (s.host_rss_kib * 1024) as f64));
-        for p in st.processes.iter().map(process_usage).filter(|p| p.alive) {
+        for p in s.usage.iter().filter(|p| p.alive) {
             let l = format!("{sb},process=\"{}\",pid=\"{}\"", label(&p.name), p.pid);
             proc_rss.samples.push((l.clone(), (p.rss_kib * 1024) as f64));
             proc_cpu.samples.push((l, p.cpu_ms as f64 / 1000.0));
@@ -355,8 +363,7 @@ pub fn metrics(config: &Config, ids: &[String], timeout: Duration) -> Result<Str
             guest_up.samples.push((sb.clone(), 0.0));
             continue;
         }
-        let socket = Layout::new(config, &st.id).vsock_socket();
-        let answered = AgentClient::connect(&socket, tegmen_agent_api::AGENT_VSOCK_PORT, timeout, timeout)
+        let answered = agent_of(config, &st.id, timeout)
             .and_then(|agent| {
                 let d = agent.guest_details()?;
                 guest_mem.samples.push((sb.clone(), d.memory_total_bytes as f64));
@@ -459,8 +466,7 @@ pub fn ps(config: &Config, id: &str, timeout: Duration) -> Result<Vec<GuestProce
     if !sandbox::vm_process_alive(&state) {
         return Err(Error::Agent(format!("sandbox {id}: the VM is gone")));
     }
-    let socket = Layout::new(config, id).vsock_socket();
-    let agent = AgentClient::connect(&socket, tegmen_agent_api::AGENT_VSOCK_PORT, timeout, timeout)?;
+    let agent = agent_of(config, id, timeout)?;
     let mut out = Vec::new();
     for c in &state.containers {
         for p in agent.list_process_details(&c.id)? {
@@ -564,7 +570,7 @@ pub fn events(config: &Config, id: &str, out: &mut dyn Write) -> Result<()> {
                 // all die at the same instant: give the VM a moment.
                 let deadline = std::time::Instant::now() + Duration::from_secs(3);
                 while std::time::Instant::now() < deadline {
-                    if !sandbox::read_state(&layout.dir).is_ok_and(|s| sandbox::vm_process_alive(&s)) {
+                    if !sandbox::vm_alive(&layout.dir) {
                         return Ok(());
                     }
                     std::thread::sleep(Duration::from_millis(100));
@@ -572,7 +578,7 @@ pub fn events(config: &Config, id: &str, out: &mut dyn Write) -> Result<()> {
                 return Err(e);
             }
         }
-        if !sandbox::read_state(&layout.dir).is_ok_and(|s| sandbox::vm_process_alive(&s)) {
+        if !sandbox::vm_alive(&layout.dir) {
             return Ok(());
         }
     }
@@ -608,7 +614,7 @@ pub fn console(config: &Config, id: &str, follow: bool, out: &mut dyn Write) -> 
     }
     loop {
         std::thread::sleep(Duration::from_millis(200));
-        let live = sandbox::read_state(&layout.dir).is_ok_and(|s| sandbox::vm_process_alive(&s));
+        let live = sandbox::vm_alive(&layout.dir);
         // A file replaced or cut short starts again from its beginning.
         let len = std::fs::metadata(&path).map_or(0, |m| m.len());
         let at = file.stream_position().unwrap_or(0);

@@ -60,12 +60,17 @@ fn process_state(pid: i32) -> Option<(char, u64)> {
     parse_stat(&stat)
 }
 
-/// (state, starttime) from a /proc/PID/stat line; the command name may hold
-/// spaces and parentheses, so fields are counted after the last ')'.
+/// The fields of a /proc/PID/stat line from field 3 (the state) on: the
+/// command name before them may hold spaces and parentheses, so they are
+/// counted after the last ')'.
+pub(crate) fn stat_fields(stat: &str) -> Option<Vec<&str>> {
+    Some(stat[stat.rfind(')')? + 1..].split_whitespace().collect())
+}
+
+/// (state, starttime) from a /proc/PID/stat line.
 fn parse_stat(stat: &str) -> Option<(char, u64)> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state); starttime is field 22.
+    let fields = stat_fields(stat)?;
+    // The fields start at field 3 (state); starttime is field 22.
     let state = fields.first()?.chars().next()?;
     let start = fields.get(22 - 3)?.parse().ok()?;
     Some((state, start))
