@@ -113,7 +113,17 @@ dir /tmp 1777 0 0
 dir /etc 0755 0 0
 file /init $agent 0755 0 0
 LIST
-    local h; h=$(hash_of "$list.tmp" "$agent")
+    # The debug console's tools (`supervisor exec`): a static busybox and
+    # its applets as links, moved to the guest's root with /init.
+    local busybox=/bin/busybox
+    [ -x "$busybox" ] && ! readelf -l "$busybox" | grep -q INTERP \
+        || die "a static $busybox is needed for the guest's debug tools (Debian package 'busybox-static'); run scripts/setup.sh"
+    {
+        echo "dir /bin 0755 0 0"
+        echo "file /bin/busybox $busybox 0755 0 0"
+        "$busybox" --list | grep -vx busybox | sort -u | sed 's|.*|slink /bin/& busybox 0777 0 0|'
+    } >> "$list.tmp"
+    local h; h=$(hash_of "$list.tmp" "$agent" "$busybox")
     local dest="$out/initramfs-$h.cpio.gz"
     if [ ! -f "$dest" ]; then
         "$gen" "$list.tmp" | gzip -n -6 > "$dest.tmp"

@@ -22,9 +22,34 @@ pub fn memory_total_bytes() -> u64 {
 }
 
 fn parse_meminfo_total(text: &str) -> Option<u64> {
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    parse_meminfo(text, "MemTotal:")
+}
+
+/// MemAvailable from /proc/meminfo, in bytes.
+pub fn memory_available_bytes() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    parse_meminfo(&text, "MemAvailable:").unwrap_or(0)
+}
+
+fn parse_meminfo(text: &str, key: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(key))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     kib.checked_mul(1024)
+}
+
+/// The 1, 5 and 15 minute load averages of /proc/loadavg.
+pub fn load_average() -> Vec<f64> {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    parse_loadavg(&text)
+}
+
+fn parse_loadavg(text: &str) -> Vec<f64> {
+    let v: Vec<f64> = text.split_whitespace().take(3).filter_map(|w| w.parse().ok()).collect();
+    if v.len() == 3 {
+        v
+    } else {
+        Vec::new()
+    }
 }
 
 pub fn online_cpus() -> u32 {
@@ -66,6 +91,17 @@ pub fn sandbox_id(shared_dir: &Path) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn load_averages_are_three_or_none() {
+        assert_eq!(parse_loadavg("0.52 0.25 0.10 2/61 123\n"), vec![0.52, 0.25, 0.10]);
+        assert!(parse_loadavg("0.52 x 0.10").is_empty());
+        assert!(parse_loadavg("").is_empty());
+        assert_eq!(
+            parse_meminfo("MemTotal: 2 kB\nMemAvailable: 1 kB\n", "MemAvailable:"),
+            Some(1024)
+        );
+    }
 
     #[test]
     fn meminfo_total_is_parsed_in_bytes() {

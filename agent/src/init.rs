@@ -102,12 +102,41 @@ pub fn switch_root_off_initramfs() -> Result<()> {
     std::fs::copy("/init", new_root.join("init")).context("copying /init to the new root")?;
     // The initramfs cannot be unmounted; free what it holds instead.
     let _ = std::fs::remove_file("/init");
+    // The debug console's tools (busybox and its applet links), if the
+    // image has them.
+    move_dir_entries(Path::new("/bin"), &new_root.join("bin")).context("moving /bin to the new root")?;
     std::env::set_current_dir(new_root).context("entering /newroot")?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).context("moving the new root onto /")?;
     nix::unistd::chroot(".").context("chroot into the new root")?;
     std::env::set_current_dir("/").context("entering the new root")?;
     let err = std::os::unix::process::CommandExt::exec(std::process::Command::new("/init").env(ROOT_SWITCHED_ENV, "1"));
     Err(err).context("re-executing /init on the new root")
+}
+
+/// Moves the regular files and symlinks of `from` (not below) to `to`,
+/// which is made; nothing when `from` does not exist.
+fn move_dir_entries(from: &Path, to: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(from) else {
+        return Ok(());
+    };
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("reading {}", from.display()))?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let kind = entry
+            .file_type()
+            .with_context(|| format!("reading {}", src.display()))?;
+        if kind.is_symlink() {
+            let target = std::fs::read_link(&src).with_context(|| format!("reading {}", src.display()))?;
+            std::os::unix::fs::symlink(&target, &dst).with_context(|| format!("linking {}", dst.display()))?;
+        } else if kind.is_file() {
+            std::fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
+        } else {
+            continue;
+        }
+        let _ = std::fs::remove_file(&src);
+    }
+    Ok(())
 }
 
 pub fn setup_guest() -> Result<()> {

@@ -43,12 +43,15 @@ fn run(as_init: bool) -> Result<()> {
     if as_init {
         init::switch_root_off_initramfs().context("leaving the initramfs")?;
     }
-    let opts = Options::parse(as_init)?;
+    let mut opts = Options::parse(as_init)?;
     // Block SIGCHLD before any thread exists so that only the reaper thread
     // receives it.
     reaper::block_sigchld().context("blocking SIGCHLD")?;
     if as_init {
         init::setup_guest().context("setting up the guest")?;
+        // /proc is there now.
+        opts.debug_console = std::fs::read_to_string("/proc/cmdline")
+            .is_ok_and(|c| cmdline_has(&c, tegmen_agent_api::DEBUG_CONSOLE_PARAM));
     } else {
         // On a host whose cgroup v2 is not at /sys/fs/cgroup, give this
         // agent a private mount namespace where it is (before any thread).
@@ -70,7 +73,11 @@ fn run(as_init: bool) -> Result<()> {
         opts.shared_dir,
         containers,
         eventhub::EventHub::start(events_rx),
+        opts.debug_console,
     ));
+    if opts.debug_console {
+        log::warn!("the debug console is on: the host may run any program in this guest");
+    }
     let methods = tegmen_agent_api::agent_ttrpc::create_agent(service);
     // Wait and GetEvent block a handler thread each until something
     // happens: allow many per connection.
@@ -94,7 +101,7 @@ fn run(as_init: bool) -> Result<()> {
 }
 
 const USAGE: &str = "usage: tegmen-agent --listen unix:///PATH --stream-listen unix:///PATH \
-[--shared-dir DIR] [--state-root DIR]   (or run as the guest's PID 1 without arguments)";
+[--shared-dir DIR] [--state-root DIR] [--debug-console yes|no]   (or run as the guest's PID 1 without arguments)";
 
 /// Where the agent serves, and the directories it works in.
 struct Options {
@@ -102,6 +109,14 @@ struct Options {
     stream_listen: String,
     shared_dir: PathBuf,
     state_root: PathBuf,
+    /// Serve `ExecDebug`: `tegmen.debug_console=1` on the kernel command
+    /// line as PID 1, `--debug-console yes` on the host.
+    debug_console: bool,
+}
+
+/// Whether the word `param` is on the kernel command line `cmdline`.
+fn cmdline_has(cmdline: &str, param: &str) -> bool {
+    cmdline.split_whitespace().any(|w| w == param)
 }
 
 impl Options {
@@ -113,6 +128,9 @@ impl Options {
             stream_listen: format!("vsock://-1:{STREAM_VSOCK_PORT}"),
             shared_dir: PathBuf::from(GUEST_SHARED_DIR),
             state_root: PathBuf::from("/run/tegmen/containers"),
+            // As PID 1: read from the kernel command line once /proc is
+            // mounted.
+            debug_console: false,
         };
         let mut args = std::env::args().skip(1);
         let mut given = false;
@@ -123,6 +141,13 @@ impl Options {
                 "--stream-listen" => opts.stream_listen = value,
                 "--shared-dir" => opts.shared_dir = value.into(),
                 "--state-root" => opts.state_root = value.into(),
+                "--debug-console" => {
+                    opts.debug_console = match value.as_str() {
+                        "yes" => true,
+                        "no" => false,
+                        _ => anyhow::bail!("--debug-console takes yes or no, not {value:?}\n{USAGE}"),
+                    }
+                }
                 _ => anyhow::bail!("unknown argument {flag}\n{USAGE}"),
             }
             given = true;
@@ -131,5 +156,17 @@ impl Options {
             anyhow::bail!("{USAGE}");
         }
         Ok(opts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_debug_console_word_must_be_whole() {
+        let p = tegmen_agent_api::DEBUG_CONSOLE_PARAM;
+        assert!(super::cmdline_has("console=ttyS0 tegmen.debug_console=1 quiet\n", p));
+        assert!(!super::cmdline_has("console=ttyS0 tegmen.debug_console=10", p));
+        assert!(!super::cmdline_has("x=tegmen.debug_console=1", p));
+        assert!(!super::cmdline_has("", p));
     }
 }

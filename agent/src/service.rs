@@ -22,6 +22,8 @@ pub struct AgentService {
     shared_dir: PathBuf,
     containers: Arc<ContainerManager>,
     events: Arc<crate::eventhub::EventHub>,
+    /// `ExecDebug` is served (the guest was booted with the debug console).
+    debug_console: bool,
 }
 
 impl AgentService {
@@ -30,12 +32,14 @@ impl AgentService {
         shared_dir: PathBuf,
         containers: Arc<ContainerManager>,
         events: Arc<crate::eventhub::EventHub>,
+        debug_console: bool,
     ) -> Self {
         Self {
             as_init,
             shared_dir,
             containers,
             events,
+            debug_console,
         }
     }
 
@@ -128,6 +132,8 @@ impl Agent for AgentService {
         resp.cpus = guest::online_cpus();
         resp.agent_version = env!("CARGO_PKG_VERSION").to_string();
         resp.mounts = guest::mounts();
+        resp.load_average = guest::load_average();
+        resp.memory_available_bytes = guest::memory_available_bytes();
         resp.shared_mount = self.shared_dir.display().to_string();
         resp.sandbox_id = guest::sandbox_id(&self.shared_dir)
             .map_err(|e| status(ttrpc::Code::FAILED_PRECONDITION, format!("sandbox id: {e}")))?;
@@ -185,6 +191,34 @@ impl Agent for AgentService {
             .exec(id, exec, &req.process_json, req.terminal)
             .map_err(container_status)?;
         close_unused_stdin(&self.containers, id, Some(exec), req.stdin, req.terminal);
+        let mut resp = ExecProcessResponse::new();
+        resp.pid = pid;
+        Ok(resp)
+    }
+
+    fn exec_debug(&self, _ctx: &TtrpcContext, req: ExecDebugRequest) -> ttrpc::Result<ExecProcessResponse> {
+        let size = (
+            u16::try_from(req.rows).unwrap_or(u16::MAX),
+            u16::try_from(req.cols).unwrap_or(u16::MAX),
+        );
+        let cmd = container::DebugCommand {
+            exec_id: &req.exec_id,
+            args: &req.args,
+            env: &req.env,
+            terminal: req.terminal,
+            size,
+        };
+        let pid = self
+            .containers
+            .exec_debug(self.debug_console, &cmd)
+            .map_err(container_status)?;
+        close_unused_stdin(
+            &self.containers,
+            container::DEBUG_CONTAINER,
+            Some(&req.exec_id),
+            req.stdin,
+            req.terminal,
+        );
         let mut resp = ExecProcessResponse::new();
         resp.pid = pid;
         Ok(resp)

@@ -174,6 +174,15 @@ impl AgentClient {
             .map_err(|e| rpc_error("ExecProcess", e))
     }
 
+    /// Runs a debug process in the guest outside every container (the
+    /// agent refuses unless the debug console is on); returns its pid.
+    pub fn exec_debug(&self, req: &ExecDebugRequest) -> Result<i32> {
+        self.stub
+            .exec_debug(self.ctx(), req)
+            .map(|r| r.pid)
+            .map_err(|e| rpc_error("ExecDebug", e))
+    }
+
     pub fn signal_process(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
         let req = SignalProcessRequest {
             container_id: id.into(),

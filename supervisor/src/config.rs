@@ -15,6 +15,7 @@
 //! kernel_params = ""
 //! boot_timeout_secs = 60
 //! host_overhead_mib = 256      # host memory of a VM beyond its guest RAM (its host cgroup's memory limit)
+//! debug_console = false        # `supervisor exec ID -- CMD` may run programs in the guest
 //!
 //! [qemu]
 //! path = "qemu-system-x86_64"
@@ -70,6 +71,10 @@ pub struct GuestConfig {
     /// tegmen-vmm with TCG's code cache, the backends, the monitor): with a
     /// container memory limit, the VM's host cgroup gets guest RAM plus this.
     pub host_overhead_mib: u32,
+    /// Lets `supervisor exec` run programs in the guest outside every
+    /// container (the agent refuses otherwise). Off by default: it is a way
+    /// into every sandbox booted with it.
+    pub debug_console: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -100,6 +105,7 @@ impl Default for GuestConfig {
             kernel_params: String::new(),
             boot_timeout_secs: 60,
             host_overhead_mib: 256,
+            debug_console: false,
         }
     }
 }

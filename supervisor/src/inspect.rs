@@ -118,6 +118,9 @@ pub struct GuestInfo {
     pub memory_total_bytes: u64,
     pub cpus: u32,
     pub agent_version: String,
+    pub memory_available_bytes: u64,
+    /// The 1, 5 and 15 minute load averages (empty if the guest has none).
+    pub load_average: Vec<f64>,
     /// `source on target type fstype (options)`, as mount(8) prints them.
     pub mounts: Vec<String>,
 }
@@ -131,9 +134,11 @@ pub struct ContainerInfo {
     /// Its processes' pids in the guest.
     pub guest_pids: Vec<i32>,
     pub memory_usage_bytes: u64,
-    pub memory_limit_bytes: u64,
+    /// The cgroup's limits in the guest; `None`: none set.
+    pub memory_limit_bytes: Option<u64>,
     pub cpu_usage_usec: u64,
     pub pids_current: u64,
+    pub pids_limit: Option<u64>,
     /// What the agent said instead, if it did not answer for this one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -154,7 +159,7 @@ pub struct Inspection {
     pub container_details: Vec<ContainerInfo>,
 }
 
-fn state_of(config: &Config, id: &str) -> Result<SandboxState> {
+pub(crate) fn state_of(config: &Config, id: &str) -> Result<SandboxState> {
     sandbox::validate_id(id)?;
     let dir = Layout::new(config, id).dir;
     if !dir.exists() {
@@ -179,9 +184,10 @@ pub fn inspect(config: &Config, id: &str, timeout: Duration) -> Result<Inspectio
             created: c.created,
             guest_pids: Vec::new(),
             memory_usage_bytes: 0,
-            memory_limit_bytes: 0,
+            memory_limit_bytes: None,
             cpu_usage_usec: 0,
             pids_current: 0,
+            pids_limit: None,
             error: None,
         })
         .collect();
@@ -215,9 +221,11 @@ fn ask_guest(config: &Config, id: &str, timeout: Duration, containers: &mut [Con
         }
         if let Ok(s) = agent.stats_container(&c.id) {
             c.memory_usage_bytes = s.memory_usage;
-            c.memory_limit_bytes = s.memory_limit;
+            let limit = |v: u64| (v != u64::MAX && v != 0).then_some(v);
+            c.memory_limit_bytes = limit(s.memory_limit);
             c.cpu_usage_usec = s.cpu_usage_usec;
             c.pids_current = s.pids_current;
+            c.pids_limit = limit(s.pids_limit);
         }
     }
     Ok(GuestInfo {
@@ -225,6 +233,8 @@ fn ask_guest(config: &Config, id: &str, timeout: Duration, containers: &mut [Con
         memory_total_bytes: d.memory_total_bytes,
         cpus: d.cpus,
         agent_version: d.agent_version.clone(),
+        memory_available_bytes: d.memory_available_bytes,
+        load_average: d.load_average.iter().copied().take(3).collect(),
         mounts: d
             .mounts
             .iter()
@@ -236,6 +246,65 @@ fn ask_guest(config: &Config, id: &str, timeout: Duration, containers: &mut [Con
 /// A label value as the Prometheus text format wants it.
 fn label(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Most bytes read from one counters socket, and most counters taken.
+const MAX_STATS_BYTES: u64 = 64 * 1024;
+const MAX_COUNTERS: usize = 256;
+
+/// The counters of a backend's line: names of `a-z 0-9 _`, whole numbers.
+fn parse_counters(line: &str) -> Vec<(String, u64)> {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+        return Vec::new();
+    };
+    let Some(obj) = v.get("counters").and_then(|c| c.as_object()) else {
+        return Vec::new();
+    };
+    obj.iter()
+        .filter(|(k, _)| {
+            !k.is_empty()
+                && k.len() <= 64
+                && k.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        })
+        .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+        .take(MAX_COUNTERS)
+        .collect()
+}
+
+/// (device, counter, value) of every device backend of the sandbox in
+/// `dir` that serves counters (`<device>.stats` sockets), each asked with
+/// `timeout`; a backend that does not answer is left out.
+pub fn device_counters(dir: &std::path::Path, timeout: Duration) -> Vec<(String, String, u64)> {
+    let suffix = crate::hypervisor::STATS_SUFFIX;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut sockets: Vec<(String, std::path::PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.strip_suffix(suffix)?.to_string();
+            Some((name, e.path()))
+        })
+        .collect();
+    sockets.sort();
+    let mut out = Vec::new();
+    for (device, path) in sockets {
+        let Ok(conn) = tegmen_vmm::unix_path::connect(&path) else {
+            continue;
+        };
+        let _ = conn.set_read_timeout(Some(timeout));
+        let mut text = String::new();
+        if conn.take(MAX_STATS_BYTES).read_to_string(&mut text).is_err() {
+            continue;
+        }
+        out.extend(
+            parse_counters(text.trim_end())
+                .into_iter()
+                .map(|(k, v)| (device.clone(), k, v)),
+        );
+    }
+    out
 }
 
 /// One metric family of the text exposition format.
@@ -335,6 +404,11 @@ pub fn metrics(config: &Config, ids: &[String], timeout: Duration) -> Result<Str
         "OOM kills in a container's cgroup.",
         "counter",
     );
+    let mut dev = fam(
+        "tegmen_device_events_total",
+        "A device backend's counter: packets, bytes, requests, and what it refused from the guest.",
+        "counter",
+    );
     for s in chosen {
         let st = &s.state;
         let sb = format!("sandbox=\"{}\"", label(&st.id));
@@ -358,6 +432,10 @@ pub fn metrics(config: &Config, ids: &[String], timeout: Duration) -> Result<Str
             let l = format!("{sb},process=\"{}\",pid=\"{}\"", label(&p.name), p.pid);
             proc_rss.samples.push((l.clone(), (p.rss_kib * 1024) as f64));
             proc_cpu.samples.push((l, p.cpu_ms as f64 / 1000.0));
+        }
+        for (device, counter, v) in device_counters(&Layout::new(config, &st.id).dir, timeout) {
+            let l = format!("{sb},device=\"{}\",counter=\"{}\"", label(&device), label(&counter));
+            dev.samples.push((l, v as f64));
         }
         if !s.vm_alive {
             guest_up.samples.push((sb.clone(), 0.0));
@@ -384,7 +462,7 @@ pub fn metrics(config: &Config, ids: &[String], timeout: Duration) -> Result<Str
     let mut text = String::new();
     for f in [
         info, up, uptime, boot, vm_mem, vcpus, rss, proc_rss, proc_cpu, guest_up, guest_mem, c_mem, c_cpu, c_pids,
-        c_oom,
+        c_oom, dev,
     ] {
         text.push_str(&format!("# HELP {} {}\n# TYPE {} {}\n", f.name, f.help, f.name, f.kind));
         for (labels, v) in f.samples {
@@ -539,6 +617,64 @@ fn event_line(sandbox: &str, e: &tegmen_agent_api::agent::Event) -> Option<Event
 /// monitors' events are not taken), until the VM is gone.
 pub fn events(config: &Config, id: &str, out: &mut dyn Write) -> Result<()> {
     state_of(config, id)?;
+    watch_events(config, id, &mut |line| {
+        if writeln!(out, "{line}").is_err() {
+            return false;
+        }
+        let _ = out.flush();
+        true
+    })
+}
+
+/// How often `events` without an id looks for new sandboxes.
+const EVENTS_SCAN: Duration = Duration::from_secs(1);
+
+/// `events` of every sandbox: those running now and those that start
+/// later, merged as they come, until the reader goes away.
+pub fn events_all(config: &Config, out: &mut dyn Write) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let watched = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::<String>::new()));
+    loop {
+        for state in sandbox::list(config) {
+            if state.status != sandbox::Status::Running || !sandbox::vm_process_alive(&state) {
+                continue;
+            }
+            if !watched
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(state.id.clone())
+            {
+                continue;
+            }
+            let (config, tx, watched) = (config.clone(), tx.clone(), watched.clone());
+            std::thread::spawn(move || {
+                let id = state.id;
+                if let Err(e) = watch_events(&config, &id, &mut |line| tx.send(line).is_ok()) {
+                    let line = serde_json::json!({"type": "error", "sandbox": id, "error": e.to_string()});
+                    let _ = tx.send(line.to_string());
+                }
+                watched.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            });
+        }
+        let deadline = std::time::Instant::now() + EVENTS_SCAN;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if writeln!(out, "{line}").is_err() {
+                        return Ok(());
+                    }
+                    let _ = out.flush();
+                }
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// Watches sandbox `id`'s agent and hands each event, as a JSON line, to
+/// `emit` (which says whether to go on), until the VM is gone.
+fn watch_events(config: &Config, id: &str, emit: &mut dyn FnMut(String) -> bool) -> Result<()> {
     let layout = Layout::new(config, id);
     let watcher = format!("supervisor-{}", std::process::id());
     let agent = AgentClient::connect(
@@ -549,19 +685,16 @@ pub fn events(config: &Config, id: &str, out: &mut dyn Write) -> Result<()> {
     )?;
     // The first call registers the watcher: events from here on.
     agent.watch_event(&watcher, Duration::ZERO)?;
-    if writeln!(out, "{}", serde_json::json!({"type": "watching", "sandbox": id})).is_err() {
+    if !emit(serde_json::json!({"type": "watching", "sandbox": id}).to_string()) {
         return Ok(());
     }
-    let _ = out.flush();
     loop {
         match agent.watch_event(&watcher, Duration::from_secs(2)) {
             Ok(Some(e)) => {
                 if let Some(line) = event_line(id, &e) {
-                    let text = serde_json::to_string(&line).expect("an event serializes");
-                    if writeln!(out, "{text}").is_err() {
+                    if !emit(serde_json::to_string(&line).expect("an event serializes")) {
                         return Ok(());
                     }
-                    let _ = out.flush();
                 }
             }
             Ok(None) => {}
@@ -628,6 +761,81 @@ pub fn console(config: &Config, id: &str, follow: bool, out: &mut dyn Write) -> 
     }
 }
 
+/// How `supervisor exec` ends when the debug process did not run: the
+/// supervisor's own failure (the debug console off, the agent away), a
+/// program that could not be started, one that was not found — the codes
+/// docker and podman give for the same failures.
+pub const EXEC_FAILED: i32 = 125;
+pub const EXEC_CANNOT_RUN: i32 = 126;
+pub const EXEC_NOT_FOUND: i32 = 127;
+
+/// The outcome of `supervisor exec`: the process's exit status, or why it
+/// did not run (with the status to exit with).
+pub enum DebugExit {
+    Exited(i32),
+    Failed { code: i32, message: String },
+}
+
+/// `supervisor exec ID -- ARGS`: runs `args` in sandbox `id`'s guest
+/// outside every container through the agent's debug console, with this
+/// process's stdio (a terminal in raw mode with `terminal`), until it
+/// exits.
+pub fn exec_debug(config: &Config, id: &str, args: &[String], env: &[String], terminal: bool) -> Result<DebugExit> {
+    let state = state_of(config, id)?;
+    let failed = |code, message: String| Ok(DebugExit::Failed { code, message });
+    if !sandbox::vm_process_alive(&state) {
+        return failed(EXEC_FAILED, format!("sandbox {id}: the VM is gone"));
+    }
+    let agent = match agent_of(config, id, Duration::from_secs(5)) {
+        Ok(a) => a,
+        Err(e) => return failed(EXEC_FAILED, format!("sandbox {id}: {e}")),
+    };
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let exec_id = format!("supervisor-{}-{nanos}", std::process::id());
+    let (rows, cols) = if terminal {
+        crate::runtime::console::window_size(0).unwrap_or((0, 0))
+    } else {
+        (0, 0)
+    };
+    let req = tegmen_agent_api::agent::ExecDebugRequest {
+        exec_id: exec_id.clone(),
+        args: args.to_vec(),
+        env: env.to_vec(),
+        terminal,
+        stdin: true,
+        rows: rows.into(),
+        cols: cols.into(),
+        ..Default::default()
+    };
+    if let Err(e) = agent.exec_debug(&req) {
+        let code = match &e {
+            Error::AgentStatus { code, .. } if code == "NOT_FOUND" => EXEC_NOT_FOUND,
+            Error::AgentStatus { code, .. } if code == "FAILED_PRECONDITION" || code == "ALREADY_EXISTS" => EXEC_FAILED,
+            Error::AgentStatus { .. } => EXEC_CANNOT_RUN,
+            _ => EXEC_FAILED,
+        };
+        let message = match e {
+            Error::AgentStatus { message, .. } => message,
+            other => other.to_string(),
+        };
+        return failed(code, format!("sandbox {id}: {message}"));
+    }
+    drop(agent);
+    let target = crate::runtime::monitor::Target {
+        sandbox: id.to_string(),
+        container: tegmen_agent_api::DEBUG_CONTAINER.to_string(),
+        exec_id,
+    };
+    match crate::runtime::monitor::attach(config, &target, terminal) {
+        Ok(Some(code)) => Ok(DebugExit::Exited(code)),
+        Ok(None) => failed(
+            EXEC_FAILED,
+            format!("sandbox {id}: the VM went away before the process exited"),
+        ),
+        Err(e) => failed(EXEC_FAILED, format!("sandbox {id}: {e}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -649,6 +857,19 @@ mod tests {
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
         let t = UNIX_EPOCH + Duration::new(1_764_680_000, 5);
         assert_eq!(rfc3339(t), "2025-12-02T12:53:20.000000005Z");
+    }
+
+    #[test]
+    fn backend_counters_are_bounded_and_checked() {
+        let got = parse_counters(
+            r#"{"device":"vsock","counters":{"tx_packets":3,"Bad-Name":1,"neg":-1,"f":1.5,"rx_bytes":10}}"#,
+        );
+        assert_eq!(got, [("rx_bytes".to_string(), 10), ("tx_packets".to_string(), 3)]);
+        assert!(parse_counters("not json").is_empty());
+        assert!(parse_counters(r#"{"counters":[1,2]}"#).is_empty());
+        let many: serde_json::Map<String, serde_json::Value> = (0..1000).map(|i| (format!("c{i}"), 1.into())).collect();
+        let line = serde_json::json!({"counters": many}).to_string();
+        assert_eq!(parse_counters(&line).len(), MAX_COUNTERS);
     }
 
     #[test]

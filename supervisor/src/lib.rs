@@ -19,6 +19,7 @@ pub mod guest_image;
 pub mod host;
 pub mod hypervisor;
 pub mod inspect;
+pub mod logs;
 pub mod netns;
 pub mod portforward;
 pub mod process;

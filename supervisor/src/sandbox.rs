@@ -104,6 +104,19 @@ impl ContainerEntry {
     }
 }
 
+/// The guest's kernel parameters beyond the backend's own: the
+/// configuration's, and the debug console's word when it is on.
+fn guest_kernel_params(config: &Config) -> String {
+    let mut params = config.guest.kernel_params.trim().to_string();
+    if config.guest.debug_console {
+        if !params.is_empty() {
+            params.push(' ');
+        }
+        params.push_str(tegmen_agent_api::DEBUG_CONSOLE_PARAM);
+    }
+    params
+}
+
 /// What `state.json` records.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SandboxState {
@@ -122,6 +135,9 @@ pub struct SandboxState {
     pub vcpus: u32,
     /// Milliseconds from starting the VM to the agent's first answer.
     pub boot_to_agent_ms: Option<u64>,
+    /// Booted with the debug console on (`supervisor exec` works).
+    #[serde(default)]
+    pub debug_console: bool,
     /// The containers in the guest, in the order they were added.
     #[serde(default)]
     pub containers: Vec<ContainerEntry>,
@@ -341,6 +357,7 @@ impl Sandbox {
             memory_mib: config.guest.memory_mib,
             vcpus: config.guest.vcpus,
             boot_to_agent_ms: None,
+            debug_console: config.guest.debug_console,
             containers: Vec::new(),
             shares_made: 0,
             retired_shares: Vec::new(),
@@ -457,7 +474,7 @@ impl Sandbox {
             initramfs: image.initramfs.clone(),
             memory_mib: config.guest.memory_mib,
             vcpus: config.guest.vcpus,
-            kernel_params: config.guest.kernel_params.clone(),
+            kernel_params: guest_kernel_params(config),
             run_dir: layout.dir.clone(),
             vsock_socket: layout.vsock_socket(),
             shared_dir: shared,
@@ -984,6 +1001,7 @@ mod tests {
             memory_mib: 256,
             vcpus: 1,
             boot_to_agent_ms: None,
+            debug_console: false,
             face: Face::Tegmen,
             containers: Vec::new(),
             shares_made: 0,

@@ -108,6 +108,33 @@ fn vm_rss_kib(pid: i32) -> u64 {
         .unwrap()
 }
 
+/// `supervisor logs ID`: the backends' lines, in time order, as text and
+/// as JSON lines.
+fn check_logs(cli: &Cli, id: &str) {
+    let (code, text, err) = cli.out(&["logs", id]);
+    assert_eq!(code, 0, "{err}");
+    let sources: std::collections::HashSet<&str> = text.lines().filter_map(|l| l.split_whitespace().nth(1)).collect();
+    assert!(
+        sources.contains("vsock-backend") && sources.contains("fs-backend"),
+        "{sources:?}:\n{text}"
+    );
+    let times: Vec<&str> = text.lines().map(|l| l.split(' ').next().unwrap()).collect();
+    assert!(
+        times.iter().all(|t| t.len() == 27 && t.ends_with('Z')) && times.windows(2).all(|w| w[0] <= w[1]),
+        "fixed-width times in order:\n{text}"
+    );
+    assert!(text.contains("INFO "), "levels kept:\n{text}");
+    let (code, json, _) = cli.out(&["logs", "--json", id]);
+    assert_eq!(code, 0);
+    let lines: Vec<serde_json::Value> = json.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), text.lines().count());
+    assert!(lines
+        .iter()
+        .all(|l| l["time"].is_string() && l["source"].is_string() && l["line"].is_string()));
+    let (code, _, err) = cli.out(&["logs", "nope"]);
+    assert_eq!(code, 3, "{err}");
+}
+
 /// `supervisor metrics` text, read by a Prometheus parser, against /proc
 /// and the guest.
 fn check_metrics(_cli: &Cli, text: &str, qemu: i32) {
@@ -154,6 +181,19 @@ fn check_metrics(_cli: &Cli, text: &str, qemu: i32) {
         find("tegmen_host_process_cpu_seconds_total", &[("process", "qemu")]),
         Value::Counter(v) if v > 0.0
     ));
+    // The device backends' own counters: the agent's connections went over
+    // vsock, the guest's mount over virtio-fs; nothing refused.
+    let counter = |device: &str, name: &str| match find(
+        "tegmen_device_events_total",
+        &[("sandbox", "c1"), ("device", device), ("counter", name)],
+    ) {
+        Value::Counter(v) => v,
+        other => panic!("{device} {name} is not a counter: {other:?}"),
+    };
+    assert!(counter("vsock", "tx_packets") > 0.0 && counter("vsock", "host_connects") > 0.0);
+    assert_eq!(counter("vsock", "tx_malformed"), 0.0);
+    assert!(counter("fs", "replies") > 0.0);
+    assert_eq!(counter("fs", "malformed_chains"), 0.0);
 }
 
 /// list and inspect of a running sandbox, as text and JSON; the console,
@@ -249,6 +289,18 @@ fn list_inspect_and_console() {
 
     check_metrics(&cli, &cli.out(&["metrics"]).1, qemu);
     check_metrics(&cli, &cli.out(&["metrics", "c1"]).1, qemu);
+    check_logs(&cli, "c1");
+    // No debug console unless the configuration asks for one: the agent
+    // refuses, and the error says how to turn it on.
+    let (code, out, err) = cli.out(&["exec", "c1", "--", "uname", "-r"]);
+    assert_eq!((code, out.as_str()), (125, ""), "{err}");
+    assert!(
+        err.contains("sandbox c1") && err.contains("debug console is off") && err.contains("debug_console = true"),
+        "{err}"
+    );
+    let (code, text, _) = cli.out(&["inspect", "c1"]);
+    assert_eq!(code, 0);
+    assert!(text.contains("debug        console off"), "{text}");
     // Served over HTTP on loopback; nowhere else.
     let (code, _, err) = cli.out(&["metrics", "--listen", "0.0.0.0:9109"]);
     assert_eq!(code, 1, "{err}");
@@ -320,6 +372,13 @@ fn list_inspect_and_console() {
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
     };
     assert_eq!(event("watching")["type"], "watching");
+    // ... and of every sandbox, with no id.
+    let mut all_events = cli.supervisor(&["events"]).stdout(Stdio::piped()).spawn().unwrap();
+    let all_lines = lines_of(all_events.stdout.take().unwrap());
+    let first = all_lines
+        .recv_timeout(Duration::from_secs(30))
+        .expect("events: a watching line");
+    assert!(first.contains("\"watching\"") && first.contains("\"c1\""), "{first}");
     let status = cli
         .tegmen(&["exec", "c1", "sh", "-c", "exit 3"])
         .stdout(Stdio::null())
@@ -337,6 +396,13 @@ fn list_inspect_and_console() {
         !e["exec_id"].as_str().unwrap().is_empty() && e["time"].as_str().unwrap().ends_with('Z'),
         "{e}"
     );
+    let line = all_lines
+        .recv_timeout(Duration::from_secs(30))
+        .expect("events: the exec's exit");
+    let all_e: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(all_e, e, "the same event, seen by a watcher of every sandbox");
+    let _ = all_events.kill();
+    let _ = all_events.wait();
     std::thread::sleep(Duration::from_millis(500));
     let status = cli.tegmen(&["kill", "c1", "KILL"]).status().unwrap();
     assert!(status.success());
@@ -423,4 +489,192 @@ fn inspect_faults() {
         assert!(status.success());
     }
     cli.root.assert_nothing_left();
+}
+
+/// Every command against a pod of two containers in one VM (the shim,
+/// under containerd), booted with the debug console on: list, inspect, ps
+/// and metrics see both containers; `exec` runs programs in the guest
+/// outside both (uname -r is the guest kernel's release; exit codes,
+/// stdin, a missing program); events and logs of the pod.
+#[test]
+fn a_pod_of_two_containers_from_the_supervisor() {
+    use tegmen_tests::clients::{assert_pods_gone, shim_pids, Containerd, IMAGE};
+    const RUNTIME: &str = "io.containerd.tegmen.v2";
+    let root = TestRoot::new("sv-pod");
+    let state = root.root().join("state");
+    let config = root.root().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "root = \"{}\"\n[guest]\nboot_timeout_secs = 180\ndebug_console = true\n",
+            state.display()
+        ),
+    )
+    .unwrap();
+    let before = shim_pids();
+    let c = Containerd::start("sv-pod");
+    let pod = "svpod";
+    let run = |id: &str, kind: &str, script: &str| {
+        c.ok(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            "--runtime-config-path",
+            config.to_str().unwrap(),
+            "--annotation",
+            &format!("io.kubernetes.cri.sandbox-id={pod}"),
+            "--annotation",
+            &format!("io.kubernetes.cri.container-type={kind}"),
+            IMAGE,
+            id,
+            "sh",
+            "-c",
+            script,
+        ]);
+    };
+    run(pod, "sandbox", "exec sleep 301");
+    run("app1", "container", "exec sleep 302");
+    let supervisor = |args: &[&str]| {
+        let mut cmd = Command::new(workspace_binary("supervisor"));
+        cmd.arg("--root").arg(&state).args(args).stdin(Stdio::null());
+        cmd
+    };
+    let out = |args: &[&str]| tegmen_tests::clients::text(&supervisor(args).output().unwrap());
+    let json = |args: &[&str]| -> serde_json::Value {
+        let (code, text, err) = out(args);
+        assert_eq!(code, 0, "supervisor {args:?}: {err}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: {e}: {text}"))
+    };
+
+    let list = json(&["list", "--json"]);
+    let s = &list.as_array().unwrap()[0];
+    assert_eq!(
+        (&s["id"], &s["face"], s["debug_console"].as_bool()),
+        (&pod.into(), &"shim".into(), Some(true)),
+        "{s}"
+    );
+    let ids: Vec<&str> = s["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [pod, "app1"], "{s}");
+
+    let i = json(&["inspect", "--json", pod]);
+    let details = i["container_details"].as_array().unwrap();
+    assert_eq!(details.len(), 2, "{i}");
+    for d in details {
+        assert!(!d["guest_pids"].as_array().unwrap().is_empty(), "{d}");
+        assert!(d["pids_current"].as_u64().unwrap() >= 1, "{d}");
+    }
+    let release = i["guest"]["kernel_release"].as_str().unwrap().to_string();
+    assert_eq!(i["guest"]["load_average"].as_array().map(|l| l.len()), Some(3), "{i}");
+    assert!(i["guest"]["memory_available_bytes"].as_u64().unwrap() > 0, "{i}");
+
+    let ps = json(&["ps", "--json", pod]);
+    let of = |cmd: &str| -> String {
+        ps.as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["command"] == cmd)
+            .unwrap_or_else(|| panic!("no {cmd} in {ps}"))["container"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        (of("sleep 301"), of("sleep 302")),
+        (pod.to_string(), "app1".to_string())
+    );
+
+    let (code, metrics, _) = out(&["metrics", pod]);
+    assert_eq!(code, 0);
+    for container in [pod, "app1"] {
+        assert!(
+            metrics.contains(&format!(
+                "tegmen_container_pids{{sandbox=\"{pod}\",container=\"{container}\"}} 1"
+            )),
+            "{container}:\n{metrics}"
+        );
+    }
+
+    // The debug console: programs in the guest, outside both containers.
+    let (code, text, err) = out(&["exec", pod, "--", "uname", "-r"]);
+    assert_eq!((code, text.trim()), (0, release.as_str()), "{err}");
+    let (code, text, _) = out(&[
+        "exec",
+        pod,
+        "--",
+        "sh",
+        "-c",
+        "ls /run/tegmen/shared >/dev/null && echo $HOME; exit 7",
+    ]);
+    assert_eq!((code, text.as_str()), (7, "/root\n"));
+    // The guest's own root sees every container's process.
+    let (code, text, _) = out(&[
+        "exec",
+        "-e",
+        "WANT=sleep 30",
+        pod,
+        "--",
+        "sh",
+        "-c",
+        "ps -o args | grep -c \"^$WANT\"",
+    ]);
+    assert_eq!((code, text.trim()), (0, "2"), "both containers' sleeps: {text}");
+    let mut cat = supervisor(&["exec", pod, "--", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = cat.stdin.take().unwrap();
+        stdin.write_all(b"through the debug console\n").unwrap();
+    }
+    let o = cat.wait_with_output().unwrap();
+    assert_eq!(
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).as_ref()),
+        (Some(0), "through the debug console\n")
+    );
+    let (code, _, err) = out(&["exec", pod, "--", "no-such-program"]);
+    assert_eq!(code, 127, "{err}");
+    assert!(err.contains("no-such-program") && err.contains("not found"), "{err}");
+    let (code, _, err) = out(&["exec", "nope", "--", "true"]);
+    assert_eq!(code, 3, "{err}");
+
+    // Events of the pod: the app's end.
+    let mut events = supervisor(&["events", pod]).stdout(Stdio::piped()).spawn().unwrap();
+    let lines = lines_of(events.stdout.take().unwrap());
+    let next = || -> serde_json::Value {
+        let line = lines.recv_timeout(Duration::from_secs(30)).expect("an event line");
+        serde_json::from_str(&line).unwrap()
+    };
+    assert_eq!(next()["type"], "watching");
+    c.ok(&["tasks", "kill", "-s", "KILL", "app1"]);
+    let e = next();
+    assert_eq!(
+        (&e["type"], &e["container"], &e["exit_code"]),
+        (&"exit".into(), &"app1".into(), &137.into()),
+        "{e}"
+    );
+    let (code, logs, err) = out(&["logs", pod]);
+    assert_eq!(code, 0, "{err}");
+    assert!(logs.contains("fs-backend") && logs.contains("vsock-backend"), "{logs}");
+
+    c.wait_stopped("app1");
+    c.ok(&["tasks", "delete", "app1"]);
+    c.ok(&["containers", "delete", "app1"]);
+    c.ok(&["tasks", "kill", "-s", "KILL", pod]);
+    c.wait_stopped(pod);
+    c.ok(&["tasks", "delete", pod]);
+    c.ok(&["containers", "delete", pod]);
+    assert_eq!(
+        wait_child(&mut events, Duration::from_secs(20)),
+        Some(0),
+        "events ends with the VM"
+    );
+    assert_pods_gone(&state, &before);
 }

@@ -12,9 +12,12 @@ pub mod unix_path;
 pub mod vhost_user;
 
 /// The log set-up of Tegmen's VMM processes (`tegmen-vmm` and the
-/// vhost-user backends): `RUST_LOG`, `info` by default, to stderr.
+/// vhost-user backends): `RUST_LOG`, `info` by default, to stderr, each line
+/// with its UTC time in microseconds (`supervisor logs` merges the logs of a
+/// sandbox by it).
 pub fn init_logging() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
+        .format_timestamp_micros()
         .init();
 }

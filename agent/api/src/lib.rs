@@ -35,4 +35,11 @@ pub const GUEST_SHARED_DIR: &str = "/run/tegmen/shared";
 /// supervisor before boot and read back by the agent through virtio-fs.
 pub const SANDBOX_ID_FILE: &str = "sandbox-id";
 
+/// The container id the debug console's processes go by (`ExecDebug`): `@`
+/// cannot occur in a container id.
+pub const DEBUG_CONTAINER: &str = "@debug";
+
+/// The kernel command-line word that turns the debug console on.
+pub const DEBUG_CONSOLE_PARAM: &str = "tegmen.debug_console=1";
+
 pub mod stream;

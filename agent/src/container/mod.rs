@@ -20,6 +20,7 @@
 //! the maps.
 
 mod cgroup;
+mod debug;
 mod devdir;
 mod error;
 mod helper;
@@ -41,6 +42,8 @@ use libcontainer::error::LibcontainerError;
 use libcontainer::syscall::syscall::SyscallType;
 use oci_spec::runtime::LinuxResources;
 
+#[allow(unused_imports)] // DebugCommand: for the service, not the container tests
+pub use debug::{DebugCommand, DEBUG_CONTAINER};
 pub use error::ContainerError;
 use error::Failure;
 
@@ -207,7 +210,9 @@ impl Process {
 
     /// "the init of container X" / "exec E of container X", for messages.
     fn describe(&self, id: &str) -> String {
-        if self.exec_id.is_empty() {
+        if id == DEBUG_CONTAINER {
+            format!("debug exec {}", self.exec_id)
+        } else if self.exec_id.is_empty() {
             format!("the init of container {id}")
         } else {
             format!("exec {} of container {id}", self.exec_id)
@@ -268,6 +273,8 @@ pub struct ContainerManager {
     containers: Mutex<HashMap<String, Arc<Container>>>,
     /// Live processes by pid, for the reaper.
     by_pid: Mutex<HashMap<i32, (String, Arc<Process>)>>,
+    /// The debug console's processes by exec id ([`debug`]).
+    debug: Mutex<HashMap<String, Arc<Process>>>,
     events: Mutex<Sender<Event>>,
     oom: cgroup::OomWatcher,
     /// Numbers the files of execs.
@@ -321,6 +328,7 @@ impl ContainerManager {
             bundles,
             containers: Mutex::new(HashMap::new()),
             by_pid: Mutex::new(HashMap::new()),
+            debug: Mutex::new(HashMap::new()),
             oom: cgroup::OomWatcher::new(events.clone())?,
             events: Mutex::new(events),
             seq: AtomicU64::new(1),
@@ -336,7 +344,11 @@ impl ContainerManager {
     }
 
     /// The init (`exec_id` None or "") or an exec of the container.
+    /// [`DEBUG_CONTAINER`] names the debug console's processes.
     fn process(&self, id: &str, exec_id: Option<&str>) -> Result<Arc<Process>, ContainerError> {
+        if id == DEBUG_CONTAINER {
+            return self.debug_process(exec_id);
+        }
         let ctr = self.get(id)?;
         let st = lock(&ctr.state);
         match exec_id.filter(|e| !e.is_empty()) {
@@ -678,8 +690,17 @@ impl ContainerManager {
         if !(1..=libc::SIGRTMAX()).contains(&signal) {
             return Err(ContainerError::InvalidArgument(format!("invalid signal {signal}")));
         }
-        let ctr = self.get(id)?;
+        if all && id == DEBUG_CONTAINER {
+            // A debug process leads a session of its own: all of it.
+            let proc = self.debug_process(exec_id)?;
+            if proc.exit().is_none() {
+                // SAFETY: kill(2) with a process group and a signal number.
+                unsafe { libc::kill(-proc.pid, signal) };
+            }
+            return Ok(());
+        }
         if all {
+            let ctr = self.get(id)?;
             let (status, dir) = {
                 let st = lock(&ctr.state);
                 (st.status(), st.cgroup_dir.clone())
@@ -963,6 +984,9 @@ impl ContainerManager {
     /// process): its record and whatever stdio the transport did not take.
     /// The exec id can be used again afterwards.
     pub fn remove_exec(&self, id: &str, exec_id: &str) -> Result<(), ContainerError> {
+        if id == DEBUG_CONTAINER {
+            return self.remove_debug(exec_id);
+        }
         let ctr = self.get(id)?;
         let mut st = lock(&ctr.state);
         let Some(proc) = st.execs.get(exec_id) else {
@@ -1003,6 +1027,15 @@ impl ContainerManager {
         };
         *lock(&proc.exit) = Some(info);
         proc.exited.notify_all();
+        if id == DEBUG_CONTAINER {
+            // The operator's own process: on the console, not an event of
+            // any container.
+            log::info!(
+                "debug console: exec {} (pid {pid}) exited with status {exit_code}",
+                proc.exec_id
+            );
+            return;
+        }
         if proc.exec_id.is_empty() {
             // On the console, for operators (`supervisor console`).
             log::info!("container {id}: init (pid {pid}) exited with status {exit_code}");

@@ -76,15 +76,42 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         timeout: u64,
     },
-    /// The agent's events of a sandbox (exits, OOM kills) as JSON lines as
-    /// they happen, until its VM is gone
-    Events { id: String },
+    /// The agent's events (exits, OOM kills) as JSON lines as they happen:
+    /// of one sandbox until its VM is gone, or of every sandbox (those
+    /// that start later too) until interrupted
+    Events { id: Option<String> },
     /// Print the guest's serial console log
     Console {
         id: String,
         /// Go on printing what the guest writes until the VM is gone
         #[arg(short, long)]
         follow: bool,
+    },
+    /// Run a program in the guest outside every container, as root, through
+    /// the agent's debug console (on only in sandboxes created with
+    /// `debug_console = true` under [guest]); exits with its status
+    Exec {
+        id: String,
+        /// KEY=VALUE in the program's environment (repeatable)
+        #[arg(short, long)]
+        env: Vec<String>,
+        /// A terminal even when stdin is not one
+        #[arg(short = 't', long, conflicts_with = "no_tty")]
+        tty: bool,
+        /// No terminal even when stdin is one
+        #[arg(short = 'T', long)]
+        no_tty: bool,
+        /// The program and its arguments (after `--`)
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// The host-side logs of a sandbox (QEMU or the builtin monitor, the
+    /// vhost-user backends) merged in time order
+    Logs {
+        id: String,
+        /// JSON lines (time, source, line) instead of text
+        #[arg(long)]
+        json: bool,
     },
     /// Remove sandboxes whose owning process is gone
     Cleanup,
@@ -96,7 +123,7 @@ const EXIT_NO_SANDBOX: u8 = 3;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("supervisor: error: {e:#}");
             let missing = e
@@ -132,6 +159,7 @@ fn print_inspection(i: &inspect::Inspection) {
         s.memory_mib, s.vcpus
     );
     println!("host rss     {} KiB", i.summary.host_rss_kib);
+    println!("debug        console {}", if s.debug_console { "on" } else { "off" });
     println!("host processes:");
     println!(
         "  {:>8}  {:<22} {:>10} {:>10}  ALIVE",
@@ -149,10 +177,16 @@ fn print_inspection(i: &inspect::Inspection) {
             println!("guest:");
             println!("  kernel     {}", g.kernel_release);
             println!(
-                "  memory     {} MiB, {} CPU(s), agent {}",
+                "  memory     {} MiB ({} MiB available), {} CPU(s), agent {}",
                 g.memory_total_bytes >> 20,
+                g.memory_available_bytes >> 20,
                 g.cpus,
                 g.agent_version
+            );
+            let load: Vec<String> = g.load_average.iter().map(|l| format!("{l:.2}")).collect();
+            println!(
+                "  load       {}",
+                if load.is_empty() { "-".into() } else { load.join(" ") }
             );
             println!("  mounts:");
             for m in &g.mounts {
@@ -164,9 +198,10 @@ fn print_inspection(i: &inspect::Inspection) {
     }
     println!("containers:");
     println!(
-        "  {:<32} {:>10} {:>12} {:>12}  GUEST PIDS",
-        "ID", "PIDS", "MEMORY KiB", "CPU ms"
+        "  {:<32} {:>12} {:>22} {:>12}  GUEST PIDS",
+        "ID", "PIDS/LIMIT", "MEMORY/LIMIT KiB", "CPU ms"
     );
+    let limit = |l: Option<u64>, shift: u32| l.map_or("-".to_string(), |v| (v >> shift).to_string());
     for c in &i.container_details {
         let pids: Vec<String> = c.guest_pids.iter().map(|p| p.to_string()).collect();
         let pids = match &c.error {
@@ -174,24 +209,47 @@ fn print_inspection(i: &inspect::Inspection) {
             None => pids.join(","),
         };
         println!(
-            "  {:<32} {:>10} {:>12} {:>12}  {pids}",
+            "  {:<32} {:>12} {:>22} {:>12}  {pids}",
             c.id,
-            c.pids_current,
-            c.memory_usage_bytes >> 10,
+            format!("{}/{}", c.pids_current, limit(c.pids_limit, 0)),
+            format!("{}/{}", c.memory_usage_bytes >> 10, limit(c.memory_limit_bytes, 10)),
             c.cpu_usage_usec / 1000
         );
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// The exit status of the command (a debug process's own for `exec`).
+fn run(cli: Cli) -> Result<u8> {
     let mut config = Config::load(cli.config.as_deref())?;
     if let Some(root) = cli.root {
         config.root = root;
     }
     match cli.command {
-        Command::Check { boot } => check(&config, boot),
+        Command::Exec {
+            id,
+            env,
+            tty,
+            no_tty,
+            command,
+        } => {
+            let terminal = tty || (!no_tty && tegmen_supervisor::runtime::console::is_tty(0));
+            match inspect::exec_debug(&config, &id, &command, &env, terminal)? {
+                inspect::DebugExit::Exited(code) => Ok(code.clamp(0, 255) as u8),
+                inspect::DebugExit::Failed { code, message } => {
+                    eprintln!("supervisor: error: {message}");
+                    Ok(code as u8)
+                }
+            }
+        }
+        other => run_command(&config, other).map(|()| 0),
+    }
+}
+
+fn run_command(config: &Config, command: Command) -> Result<()> {
+    match command {
+        Command::Check { boot } => check(config, boot),
         Command::List { json } => {
-            let summaries = inspect::list(&config);
+            let summaries = inspect::list(config);
             if json {
                 println!("{}", serde_json::to_string_pretty(&summaries)?);
             } else {
@@ -230,7 +288,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Inspect { id, json, timeout } => {
-            let i = inspect::inspect(&config, &id, std::time::Duration::from_secs(timeout.max(1)))?;
+            let i = inspect::inspect(config, &id, std::time::Duration::from_secs(timeout.max(1)))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&i)?);
             } else {
@@ -239,7 +297,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Ps { id, json, timeout } => {
-            let procs = inspect::ps(&config, &id, std::time::Duration::from_secs(timeout.max(1)))?;
+            let procs = inspect::ps(config, &id, std::time::Duration::from_secs(timeout.max(1)))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&procs)?);
             } else {
@@ -267,21 +325,42 @@ fn run(cli: Cli) -> Result<()> {
         Command::Metrics { ids, listen, timeout } => {
             let timeout = std::time::Duration::from_secs(timeout.max(1));
             match listen {
-                Some(addr) => inspect::serve_metrics(&config, addr, timeout)?,
-                None => print!("{}", inspect::metrics(&config, &ids, timeout)?),
+                Some(addr) => inspect::serve_metrics(config, addr, timeout)?,
+                None => print!("{}", inspect::metrics(config, &ids, timeout)?),
             }
             Ok(())
         }
         Command::Events { id } => {
-            inspect::events(&config, &id, &mut std::io::stdout().lock())?;
+            let mut out = std::io::stdout().lock();
+            match id {
+                Some(id) => inspect::events(config, &id, &mut out)?,
+                None => inspect::events_all(config, &mut out)?,
+            }
             Ok(())
         }
         Command::Console { id, follow } => {
-            inspect::console(&config, &id, follow, &mut std::io::stdout().lock())?;
+            inspect::console(config, &id, follow, &mut std::io::stdout().lock())?;
+            Ok(())
+        }
+        Command::Exec { .. } => unreachable!("exec is run by `run`"),
+        Command::Logs { id, json } => {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            for l in tegmen_supervisor::logs::logs(config, &id)? {
+                let text = if json {
+                    serde_json::to_string(&l)?
+                } else {
+                    format!("{} {:<14} {}", l.time, l.source, l.line)
+                };
+                if writeln!(out, "{text}").is_err() {
+                    // The reader went away (a pager quit).
+                    break;
+                }
+            }
             Ok(())
         }
         Command::Cleanup => {
-            for id in sandbox::cleanup_stale(&config)? {
+            for id in sandbox::cleanup_stale(config)? {
                 println!("removed stale sandbox {id}");
             }
             Ok(())
@@ -337,6 +416,14 @@ fn check(config: &Config, boot: bool) -> Result<()> {
             ok = false;
         }
     }
+    println!(
+        "debug console: {}",
+        if config.guest.debug_console {
+            "on (supervisor exec may run programs in the guests of sandboxes created from now)"
+        } else {
+            "off (debug_console = true under [guest] lets supervisor exec into new sandboxes)"
+        }
+    );
     for helper in ["tegmen-vsock-backend", "tegmen-fs-backend", "tegmen-vmm"] {
         match hypervisor::helper_binary(helper) {
             Ok(p) => println!("{helper}: {}", p.display()),

@@ -14,6 +14,11 @@ use crate::host::{self, HwVirt};
 use crate::process::ProcessRecord;
 use crate::{Error, Result};
 
+/// A device backend's counters socket in the run directory is
+/// `<device><STATS_SUFFIX>` (`vsock`, `fs`, `net0`, ...): one JSON line per
+/// connection (`tegmen_vmm::vhost_user::stats`), read by `supervisor metrics`.
+pub const STATS_SUFFIX: &str = ".stats";
+
 /// Everything a backend needs to start one sandbox VM.
 #[derive(Debug, Clone)]
 pub struct VmSpec {

@@ -123,6 +123,8 @@ impl Qemu {
             .args(["-accel", accel, "-cpu", cpu])
             .args(["-m", &mem, "-smp", &spec.vcpus.to_string()])
             .args(["-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none"])
+            // Times on its messages, for `supervisor logs`.
+            .args(["-msg", "timestamp=on"])
             .args([
                 "-chardev",
                 &format!("file,id=console,path={}", spec.console_log.display()),
@@ -162,7 +164,9 @@ impl Hypervisor for Qemu {
         cmd.arg("--socket")
             .arg(&vsock_vhost)
             .arg("--uds-path")
-            .arg(&spec.vsock_socket);
+            .arg(&spec.vsock_socket)
+            .arg("--stats-socket")
+            .arg(spec.run_dir.join(format!("vsock{}", super::STATS_SUFFIX)));
         self.spawn("tegmen-vsock-backend", cmd, &vsock_log, spec, record)?;
 
         let fs_log = spec.run_dir.join("fs-backend.log");
@@ -170,7 +174,9 @@ impl Hypervisor for Qemu {
         cmd.arg("--socket")
             .arg(&fs_vhost)
             .arg("--shared-dir")
-            .arg(&spec.shared_dir);
+            .arg(&spec.shared_dir)
+            .arg("--stats-socket")
+            .arg(spec.run_dir.join(format!("fs{}", super::STATS_SUFFIX)));
         self.spawn("tegmen-fs-backend", cmd, &fs_log, spec, record)?;
 
         for (i, nic) in spec.nics.iter().enumerate() {
@@ -187,6 +193,8 @@ impl Hypervisor for Qemu {
             if let Some(ns) = &nic.netns {
                 cmd.arg("--netns").arg(ns);
             }
+            cmd.arg("--stats-socket")
+                .arg(spec.run_dir.join(format!("net{i}{}", super::STATS_SUFFIX)));
             self.spawn(&format!("tegmen-net-backend-{i}"), cmd, &log, spec, record)?;
         }
 

@@ -130,9 +130,86 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// The inverse of [`civil_from_days`] (Hinnant's days-from-civil).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = i64::from(if m > 2 { m - 3 } else { m + 9 });
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Reads a UTC time `YYYY-MM-DDTHH:MM:SS[.fraction]Z` at the start of
+/// `text`: (seconds since the epoch, nanoseconds, bytes used).
+pub fn parse_rfc3339_utc(text: &str) -> Option<(i64, u32, usize)> {
+    let b = text.as_bytes();
+    let num = |from: usize, len: usize| -> Option<u32> {
+        let part = text.get(from..from + len)?;
+        part.bytes().all(|c| c.is_ascii_digit()).then(|| part.parse().ok())?
+    };
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let (y, mo, d) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
+    let (h, mi, s) = (num(11, 2)?, num(14, 2)?, num(17, 2)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
+        return None;
+    }
+    let mut at = 19;
+    let mut nanos = 0u32;
+    if b.get(at) == Some(&b'.') {
+        at += 1;
+        let digits = b[at..].iter().take_while(|c| c.is_ascii_digit()).count();
+        if digits == 0 {
+            return None;
+        }
+        for (i, c) in b[at..at + digits].iter().enumerate() {
+            if i < 9 {
+                nanos += u32::from(c - b'0') * 10u32.pow(8 - i as u32);
+            }
+        }
+        at += digits;
+    }
+    if b.get(at) != Some(&b'Z') {
+        return None;
+    }
+    let days = days_from_civil(i64::from(y), mo, d);
+    let secs = days * 86_400 + i64::from(h) * 3600 + i64::from(mi) * 60 + i64::from(s);
+    Some((secs, nanos, at + 1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utc_times_are_read_back() {
+        for (secs, nanos) in [
+            (0, 0),
+            (1_700_000_000, 120_000_000),
+            (1_764_680_000, 5),
+            (951_782_400, 0),
+        ] {
+            let text = rfc3339(secs, nanos);
+            assert_eq!(parse_rfc3339_utc(&text), Some((secs, nanos, text.len())), "{text}");
+        }
+        assert_eq!(
+            parse_rfc3339_utc("2026-12-02T17:30:00.123456Z qemu: x"),
+            Some((1_796_232_600, 123_456_000, 27))
+        );
+        for bad in [
+            "",
+            "2026-12-02 17:30:00Z",
+            "2026-13-02T17:30:00Z",
+            "2026-12-02T17:30:00",
+            "2026-12-02T17:30:00.Z",
+            "x026-12-02T17:30:00Z",
+        ] {
+            assert_eq!(parse_rfc3339_utc(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn times_are_go_rfc3339nano() {

@@ -48,6 +48,7 @@ use std::time::{Duration, Instant};
 use tegmen_agent_api::stream::StreamKind;
 
 use super::{console, log, store, Error, Globals, Result};
+use crate::config::Config;
 
 /// Output copies may go on this long without progress after the process
 /// exited (a background child of an exec may hold its stdout).
@@ -217,7 +218,8 @@ pub fn run(globals: &Globals, args: &MonitorArgs, ready_fd: RawFd) -> i32 {
     // SAFETY: the ready descriptor was handed to us by `spawn` and nothing
     // else in this process owns it.
     let mut ready = unsafe { File::from_raw_fd(ready_fd) };
-    let streams = match open(globals, args) {
+    let target = Target::of(args);
+    let streams = match open(&globals.config, &target, args.terminal, args.console_socket.as_deref()) {
         Ok(s) => s,
         Err(e) => {
             log::error(&format!("monitor of {}: {e}", args.id));
@@ -227,7 +229,7 @@ pub fn run(globals: &Globals, args: &MonitorArgs, ready_fd: RawFd) -> i32 {
     };
     let _ = ready.write_all(b"OK\n");
     drop(ready);
-    let code = supervise(globals, args, streams);
+    let code = supervise(&globals.config, &target, streams);
     if args.exec_id.is_empty() {
         if let Some(code) = code {
             if let Err(e) = store::update(&globals.config, &args.id, |r| r.exit_code = Some(code)) {
@@ -238,10 +240,45 @@ pub fn run(globals: &Globals, args: &MonitorArgs, ready_fd: RawFd) -> i32 {
     code.unwrap_or(255)
 }
 
-fn open(globals: &Globals, args: &MonitorArgs) -> Result<Streams> {
-    let endpoint = super::stream_endpoint(&globals.config, &args.id);
-    let open = |kind| endpoint.open(&args.id, &args.exec_id, kind).map_err(Error::from);
-    if !args.terminal {
+/// The process whose stdio is carried: the sandbox whose agent serves it,
+/// and the process as that agent names it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub sandbox: String,
+    pub container: String,
+    /// Empty for the container's init.
+    pub exec_id: String,
+}
+
+impl Target {
+    /// A `tegmen` container's process: its sandbox has the container's id.
+    fn of(args: &MonitorArgs) -> Target {
+        Target {
+            sandbox: args.id.clone(),
+            container: args.id.clone(),
+            exec_id: args.exec_id.clone(),
+        }
+    }
+}
+
+/// Carries `target`'s stdio on this process's own stdin/stdout/stderr (or,
+/// with `terminal`, its terminal in raw mode), forwards signals, and
+/// returns the exit status once the process has exited and its output is
+/// drained (`None`: its VM went away first). For `supervisor exec`.
+pub fn attach(config: &Config, target: &Target, terminal: bool) -> Result<Option<i32>> {
+    block_forwarded_signals();
+    let streams = open(config, target, terminal, None)?;
+    Ok(supervise(config, target, streams))
+}
+
+fn open(config: &Config, target: &Target, terminal: bool, console_socket: Option<&std::path::Path>) -> Result<Streams> {
+    let endpoint = super::stream_endpoint(config, &target.sandbox);
+    let open = |kind| {
+        endpoint
+            .open(&target.container, &target.exec_id, kind)
+            .map_err(Error::from)
+    };
+    if !terminal {
         return Ok(Streams::Pipes {
             stdout: open(StreamKind::Stdout)?,
             stderr: open(StreamKind::Stderr)?,
@@ -249,7 +286,7 @@ fn open(globals: &Globals, args: &MonitorArgs) -> Result<Streams> {
         });
     }
     let stream = open(StreamKind::Tty)?;
-    if let Some(path) = &args.console_socket {
+    if let Some(path) = console_socket {
         let (master, slave) = console::open_pty()?;
         console::send_console(path, &master)?;
         drop(master);
@@ -326,12 +363,13 @@ fn copy(mut from: impl Read, mut to: Option<impl Write>, progress: Option<&Progr
 
 /// Copies, forwards signals and waits; the exit status, `None` when the
 /// VM went away first.
-fn supervise(globals: &Globals, args: &MonitorArgs, streams: Streams) -> Option<i32> {
+fn supervise(config: &Config, target: &Target, streams: Streams) -> Option<i32> {
     // Agent connections are opened when needed and not kept: an idle ttrpc
     // client polls its socket every 10 ms, which adds up over many
     // containers.
-    let config = globals.config.clone();
-    let connect = move |id: &str| super::connect_agent(&config, id);
+    let (config, sandbox) = (config.clone(), target.sandbox.clone());
+    let connect = move || super::connect_agent(&config, &sandbox);
+    let (id, exec) = (target.container.as_str(), target.exec_id.as_str());
     let progress = Arc::new(Progress {
         start: Instant::now(),
         last_ms: AtomicU64::new(0),
@@ -366,13 +404,13 @@ fn supervise(globals: &Globals, args: &MonitorArgs, streams: Streams) -> Option<
             let out = dup_file(host_out);
             outputs.push(std::thread::spawn(move || copy(stream, out, Some(&p))));
             // Window sizes: polled.
-            let (connect, id, exec) = (connect.clone(), args.id.clone(), args.exec_id.clone());
+            let (connect, id, exec) = (connect.clone(), id.to_string(), exec.to_string());
             std::thread::spawn(move || {
                 let mut last = None;
                 loop {
                     let size = console::window_size(host_in);
                     if size.is_some() && size != last {
-                        if let (Some((rows, cols)), Ok(a)) = (size, connect(&id)) {
+                        if let (Some((rows, cols)), Ok(a)) = (size, connect()) {
                             if a.resize_tty(&id, &exec, rows.into(), cols.into()).is_ok() {
                                 last = size;
                             }
@@ -389,19 +427,19 @@ fn supervise(globals: &Globals, args: &MonitorArgs, streams: Streams) -> Option<
         }
     }
     {
-        let (connect, id, exec) = (connect.clone(), args.id.clone(), args.exec_id.clone());
+        let (connect, id, exec) = (connect.clone(), id.to_string(), exec.to_string());
         spawn_signal_thread(move |sig| {
             if sig == libc::SIGWINCH {
                 // The size poll picks the new size up.
                 return;
             }
             log::debug(&format!("monitor of {id}: forwarding signal {sig}"));
-            if let Ok(a) = connect(&id) {
+            if let Ok(a) = connect() {
                 let _ = a.signal_process(&id, &exec, sig as u32, false);
             }
         });
     }
-    if args.exec_id.is_empty() {
+    if exec.is_empty() {
         // The init's output ends when it has exited: its PID namespace goes
         // with it, and every copy of its stdio is closed. (An exec's
         // background children may keep its stdio open past its exit, so an
@@ -410,11 +448,11 @@ fn supervise(globals: &Globals, args: &MonitorArgs, streams: Streams) -> Option<
             let _ = h.join();
         }
     }
-    let waited = connect(&args.id).and_then(|a| Ok(a.wait_process(&args.id, &args.exec_id)?));
+    let waited = connect().and_then(|a| Ok(a.wait_process(id, exec)?));
     let code = match waited {
         Ok(r) => Some(r.exit_code),
         Err(e) => {
-            log::warn(&format!("monitor of {}: {e}", args.id));
+            log::warn(&format!("monitor of {id}: {e}"));
             None
         }
     };
@@ -426,10 +464,10 @@ fn supervise(globals: &Globals, args: &MonitorArgs, streams: Streams) -> Option<
         }
     }
     RAW.with(|r| drop(r.borrow_mut().take()));
-    if !args.exec_id.is_empty() && code.is_some() {
+    if !exec.is_empty() && code.is_some() {
         // The exec is over and its output drained: the agent may forget it.
-        if let Err(e) = connect(&args.id).and_then(|a| Ok(a.remove_process(&args.id, &args.exec_id)?)) {
-            log::debug(&format!("monitor of {} exec {}: {e}", args.id, args.exec_id));
+        if let Err(e) = connect().and_then(|a| Ok(a.remove_process(id, exec)?)) {
+            log::debug(&format!("monitor of {id} exec {exec}: {e}"));
         }
     }
     code

@@ -61,6 +61,10 @@ struct Args {
     /// Number of request queues (besides the hiprio queue).
     #[arg(long, default_value_t = 1, value_name = "N")]
     num_request_queues: u16,
+    /// Serve the device's counters as one JSON line per connection on
+    /// this Unix socket (`supervisor metrics` reads it).
+    #[arg(long, value_name = "PATH")]
+    stats_socket: Option<PathBuf>,
 }
 
 /// The socket file, kept removable after the process has pivoted away from
@@ -216,6 +220,11 @@ fn run(args: Args) -> Result<()> {
 
     let (listener, socket) = bind_socket(&args.socket)?;
     let socket = Arc::new(socket);
+    // Bound here, by path, before the sandbox hides the directory.
+    let stats = match &args.stats_socket {
+        Some(p) => Some(bind_socket(p)?),
+        None => None,
+    };
     if let Ok(sock_dir) = std::fs::canonicalize(args.socket.parent().unwrap_or(Path::new("."))) {
         if sock_dir.starts_with(&shared_dir) {
             warn!(
@@ -243,6 +252,12 @@ fn run(args: Args) -> Result<()> {
         };
         spawn_signal_thread(socket.clone())?;
         let backend = Arc::new(FsBackend::with_thread_pool(device, args.thread_pool_size)?);
+        if let Some((stats_listener, _)) = &stats {
+            let (b, l) = (backend.clone(), stats_listener.try_clone()?);
+            tegmen_vmm::vhost_user::stats::spawn(l, "fs", move || {
+                tegmen_vmm::vhost_user::stats::counters_of(&b.stats())
+            })?;
+        }
         info!(
             "serving {} as tag {:?} on {} ({} request queue(s), cache {}, sandbox {})",
             shared_dir.display(),
@@ -260,6 +275,9 @@ fn run(args: Args) -> Result<()> {
         Ok(())
     })();
     socket.remove();
+    if let Some((_, file)) = &stats {
+        file.remove();
+    }
     result
 }
 

@@ -39,6 +39,10 @@ struct Args {
     /// The link's MTU.
     #[arg(long, default_value_t = 1500)]
     mtu: u16,
+    /// Serve the device's counters as one JSON line per connection on
+    /// this Unix socket (`supervisor metrics` reads it).
+    #[arg(long, value_name = "PATH")]
+    stats_socket: Option<PathBuf>,
 }
 
 fn run(args: &Args) -> Result<(), String> {
@@ -55,7 +59,7 @@ fn run(args: &Args) -> Result<(), String> {
             mtu: args.mtu,
         },
     );
-    serve(device, &args.socket).map_err(|e| e.to_string())?;
+    serve(device, &args.socket, args.stats_socket.as_deref()).map_err(|e| e.to_string())?;
     log::info!("front-end disconnected; exiting");
     Ok(())
 }

@@ -38,6 +38,10 @@ struct Args {
     /// The guest's CID.
     #[arg(long, value_name = "CID", default_value_t = DEFAULT_GUEST_CID)]
     guest_cid: u64,
+    /// Serve the device's counters as one JSON line per connection on
+    /// this Unix socket (`supervisor metrics` reads it).
+    #[arg(long, value_name = "PATH")]
+    stats_socket: Option<PathBuf>,
 }
 
 /// Socket files to remove if a signal ends us early, as C strings so the
@@ -96,7 +100,7 @@ fn run(args: &Args) -> Result<(), String> {
     // socket; this covers SIGINT/SIGTERM/SIGHUP.
     install_cleanup(&[&args.socket, &args.uds_path]);
 
-    serve(device, &args.socket).map_err(|e| e.to_string())?;
+    serve(device, &args.socket, args.stats_socket.as_deref()).map_err(|e| e.to_string())?;
     log::info!("front-end disconnected; exiting");
     Ok(())
 }

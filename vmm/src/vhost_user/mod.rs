@@ -4,6 +4,7 @@
 pub mod fs;
 pub mod net;
 mod relay;
+pub mod stats;
 pub mod vsock;
 
 use std::io;

@@ -156,7 +156,13 @@ pub enum VhostUserNetError {
 
 /// Serves `device` on the vhost-user socket `socket` until the front-end
 /// disconnects; the socket file is removed before returning.
-pub fn serve<T: FrameIo + Sync + 'static>(device: NetDevice<T>, socket: &Path) -> Result<(), VhostUserNetError> {
+/// With `stats`, the device's counters are served there too
+/// ([`super::stats`]).
+pub fn serve<T: FrameIo + Sync + 'static>(
+    device: NetDevice<T>,
+    socket: &Path,
+    stats: Option<&Path>,
+) -> Result<(), VhostUserNetError> {
     let err = |msg: String| VhostUserNetError::Serve {
         path: socket.display().to_string(),
         msg,
@@ -165,6 +171,13 @@ pub fn serve<T: FrameIo + Sync + 'static>(device: NetDevice<T>, socket: &Path) -
     let listener = crate::unix_path::bind(socket).map_err(|e| err(format!("binding: {e}")))?;
     let tap_fd = device.io().as_raw_fd();
     let backend = Arc::new(RwLock::new(VhostUserNetBackend::new(device)));
+    if let Some(path) = stats {
+        let b = backend.clone();
+        super::stats::bind_and_spawn(path, "net", move || {
+            let counters = b.read().unwrap_or_else(|e| e.into_inner()).device().counters().clone();
+            super::stats::counters_of(&counters)
+        });
+    }
     let mut daemon = VhostUserDaemon::new(
         "tegmen-net".to_string(),
         backend,
@@ -197,6 +210,9 @@ pub fn serve<T: FrameIo + Sync + 'static>(device: NetDevice<T>, socket: &Path) -
         handler.send_exit_event();
     }
     let _ = std::fs::remove_file(socket);
+    if let Some(path) = stats {
+        let _ = std::fs::remove_file(path);
+    }
     use vhost::vhost_user::Error as VuError;
     use vhost_user_backend::Error as DaemonError;
     match result {

@@ -177,7 +177,10 @@ impl VhostUserBackendMut for VhostUserVsockBackend {
 /// Serve `device` on the vhost-user socket `socket` (a stale socket file
 /// there is replaced) until the front-end disconnects. The socket file is
 /// removed before returning.
-pub fn serve(device: VsockDevice, socket: &Path) -> Result<(), VhostUserVsockError> {
+///
+/// With `stats`, the device's counters are served there too
+/// ([`super::stats`]).
+pub fn serve(device: VsockDevice, socket: &Path, stats: Option<&Path>) -> Result<(), VhostUserVsockError> {
     remove_stale_socket(socket)?;
     let listener = crate::unix_path::bind(socket).map_err(|e| VhostUserVsockError::Serve {
         path: socket.to_path_buf(),
@@ -186,6 +189,13 @@ pub fn serve(device: VsockDevice, socket: &Path) -> Result<(), VhostUserVsockErr
 
     let device_fd = device.as_raw_fd();
     let backend = Arc::new(RwLock::new(VhostUserVsockBackend::new(device)));
+    if let Some(path) = stats {
+        let b = backend.clone();
+        super::stats::bind_and_spawn(path, "vsock", move || {
+            let counters = b.read().unwrap_or_else(|e| e.into_inner()).device().counters().clone();
+            super::stats::counters_of(&counters)
+        });
+    }
     let mut daemon = VhostUserDaemon::new(
         "tegmen-vsock".to_string(),
         backend.clone(),
@@ -206,6 +216,9 @@ pub fn serve(device: VsockDevice, socket: &Path) -> Result<(), VhostUserVsockErr
         handler.send_exit_event();
     }
     let _ = std::fs::remove_file(socket);
+    if let Some(path) = stats {
+        let _ = std::fs::remove_file(path);
+    }
     use vhost::vhost_user::Error as VuError;
     use vhost_user_backend::Error as DaemonError;
     match result {

@@ -24,7 +24,7 @@ pub struct FsCounters {
 }
 
 /// A snapshot of [`FsCounters`].
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct FsStats {
     /// Descriptor chains taken from any queue.
     pub chains: u64,

@@ -27,7 +27,7 @@ pub struct NetConfig {
 }
 
 /// What the device saw; malformed input is counted, not logged per frame.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct NetCounters {
     pub tx_frames: u64,
     pub tx_bytes: u64,

@@ -7,7 +7,7 @@
 //! counters are plain integers because one thread owns the device.
 
 /// Counters of one vsock device. All only ever increase.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct VsockCounters {
     /// Packets taken from the transmit queue and accepted.
     pub tx_packets: u64,
