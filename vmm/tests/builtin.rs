@@ -393,6 +393,43 @@ fn the_vmm_process_runs_a_guest_with_its_devices() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!uds.exists());
+
+    // --stats-dir: each inline device's counters on `<device>.stats` while
+    // the VM runs (bound before the pivot), one JSON line per connection.
+    let spin = tiny_guest(dir.path(), "spin", "spin:\n    jmp spin\n");
+    let mut vmm = Command::new(env!("CARGO_BIN_EXE_tegmen-vmm"))
+        .arg("--kernel")
+        .arg(&spin)
+        .args(["--memory-mib", "32", "--timeout-secs", "30"])
+        .arg("--vsock-uds")
+        .arg(&uds)
+        .arg("--shared-dir")
+        .arg(&share)
+        .arg("--stats-dir")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let read = |name: &str| -> Option<serde_json::Value> {
+        let mut text = String::new();
+        let mut conn = std::os::unix::net::UnixStream::connect(dir.path().join(name)).ok()?;
+        std::io::Read::read_to_string(&mut conn, &mut text).ok()?;
+        serde_json::from_str(&text).ok()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (vsock, fs) = loop {
+        if let (Some(v), Some(f)) = (read("vsock.stats"), read("fs.stats")) {
+            break (v, f);
+        }
+        assert!(std::time::Instant::now() < deadline, "no counters served");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = vmm.kill();
+    let _ = vmm.wait();
+    assert_eq!((&vsock["device"], &fs["device"]), (&"vsock".into(), &"fs".into()));
+    assert_eq!(vsock["counters"]["tx_packets"], 0, "{vsock}");
+    assert_eq!(fs["counters"]["chains"], 0, "{fs}");
 }
 
 /// A 64-bit ELF without a PVH note boots through the 64-bit Linux boot

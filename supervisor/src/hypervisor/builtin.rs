@@ -45,7 +45,9 @@ impl Builtin {
             .arg(&spec.vsock_socket)
             .arg("--shared-dir")
             .arg(&spec.shared_dir)
-            .args(["--fs-tag", tegmen_agent_api::SHARED_FS_TAG]);
+            .args(["--fs-tag", tegmen_agent_api::SHARED_FS_TAG])
+            .arg("--stats-dir")
+            .arg(&spec.run_dir);
         if let Some(ns) = spec.nics.first().and_then(|n| n.netns.as_ref()) {
             cmd.arg("--netns").arg(ns);
         }
@@ -192,6 +194,7 @@ mod tests {
         assert_eq!(value("--vsock-uds"), spec.vsock_socket);
         assert_eq!(value("--shared-dir"), spec.shared_dir);
         assert_eq!(value("--fs-tag"), PathBuf::from("tegmen"));
+        assert_eq!(value("--stats-dir"), spec.run_dir);
         let cmdline = value("--cmdline").to_string_lossy().into_owned();
         assert!(
             cmdline.contains("reboot=k") && cmdline.ends_with("loglevel=3"),

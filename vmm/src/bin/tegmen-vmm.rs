@@ -28,6 +28,7 @@ use tegmen_vmm::devices::fs::sandbox::{self, SandboxMode};
 use tegmen_vmm::devices::fs::{FsConfig, FsDevice};
 use tegmen_vmm::devices::net::{enter_netns, NetConfig, NetDevice, NicArg, Tap};
 use tegmen_vmm::devices::vsock::{VsockConfig, VsockDevice, DEFAULT_GUEST_CID};
+use tegmen_vmm::vhost_user::stats;
 
 #[derive(Debug, Parser)]
 #[command(about = "Tegmen's builtin KVM monitor: one VM, devices inline")]
@@ -70,11 +71,20 @@ struct Args {
     /// runs; `none`: stay in the host's file system (tests, debugging).
     #[arg(long, default_value = "chroot")]
     sandbox: SandboxMode,
+    /// Serve each device's counters on `DIR/<device>.stats` (vsock, fs,
+    /// net0, ...): one JSON line per connection, for `supervisor metrics`.
+    #[arg(long, value_name = "DIR")]
+    stats_dir: Option<PathBuf>,
 }
+
+/// A device's counters, as `--stats-dir` serves them.
+type Counters = Box<dyn Fn() -> serde_json::Value + Send>;
+/// The devices, and the counters of each by name.
+type Devices = (Vec<Box<dyn VirtioDevice>>, Vec<(String, Counters)>);
 
 /// The devices, with paths as the process will see them: relative to the
 /// sandbox directory (the working directory then) when it pivots there.
-fn devices(args: &Args, jail: Option<&std::path::Path>) -> Result<Vec<Box<dyn VirtioDevice>>, String> {
+fn devices(args: &Args, jail: Option<&std::path::Path>) -> Result<Devices, String> {
     let inside = |p: &PathBuf| -> Result<PathBuf, String> {
         let Some(j) = jail else {
             return Ok(p.clone());
@@ -92,26 +102,33 @@ fn devices(args: &Args, jail: Option<&std::path::Path>) -> Result<Vec<Box<dyn Vi
             .map_err(|_| format!("{} is not below the sandbox directory {}", p.display(), j.display()))
     };
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    // Each device's counters, served once the process is in its sandbox.
+    let mut counters: Vec<(String, Counters)> = Vec::new();
+    let mut stats = |name: &str, snapshot: Counters| counters.push((name.to_string(), snapshot));
     if let Some(uds) = &args.vsock_uds {
         let config = VsockConfig::new(inside(uds)?).with_guest_cid(args.guest_cid);
-        let device = VsockDevice::new(config).map_err(|e| format!("vsock {}: {e}", uds.display()))?;
-        devices.push(Box::new(InlineVsock::new(device)));
+        let device = InlineVsock::new(VsockDevice::new(config).map_err(|e| format!("vsock {}: {e}", uds.display()))?);
+        stats("vsock", Box::new(device.counters()));
+        devices.push(Box::new(device));
     }
     if let Some(dir) = &args.shared_dir {
         let mut config = FsConfig::new(inside(dir)?);
         config.tag = args.fs_tag.clone();
-        let device = FsDevice::new(config).map_err(|e| format!("virtio-fs {}: {e}", dir.display()))?;
-        devices.push(Box::new(InlineFs::new(device)));
+        let device = InlineFs::new(FsDevice::new(config).map_err(|e| format!("virtio-fs {}: {e}", dir.display()))?);
+        stats("fs", Box::new(device.counters()));
+        devices.push(Box::new(device));
     }
-    for nic in &args.net {
+    for (i, nic) in args.net.iter().enumerate() {
         let tap = Tap::open(&nic.tap).map_err(|e| format!("--net tap {}: {e}", nic.tap))?;
         let config = NetConfig {
             mac: nic.mac,
             mtu: nic.mtu,
         };
-        devices.push(Box::new(InlineNet::new(NetDevice::new(tap, config))));
+        let device = InlineNet::new(NetDevice::new(tap, config));
+        stats(&format!("net{i}"), Box::new(device.counters()));
+        devices.push(Box::new(device));
     }
-    Ok(devices)
+    Ok((devices, counters))
 }
 
 /// Makes the VM: kernel, console and KVM first, then (sandboxed) the
@@ -140,12 +157,31 @@ fn make_vm(args: &Args, config: &VmConfig) -> Result<Vm, String> {
             Some(dir)
         }
     };
-    for device in devices(args, jail.as_deref())? {
+    let (devices, counters) = devices(args, jail.as_deref())?;
+    for device in devices {
         vm.attach(device).map_err(|e| e.to_string())?;
+    }
+    // Bound by the host's paths before the pivot; served by threads,
+    // which may only start once the process is in its sandbox.
+    let mut listeners = Vec::new();
+    if let Some(dir) = &args.stats_dir {
+        for (name, snapshot) in counters {
+            let path = dir.join(format!("{name}.stats"));
+            let _ = tegmen_vmm::devices::vsock::remove_stale_socket(&path);
+            match tegmen_vmm::unix_path::bind(&path) {
+                Ok(l) => listeners.push((name, l, snapshot)),
+                Err(e) => log::warn!("{name}: counters not served on {}: {e}", path.display()),
+            }
+        }
     }
     if let Some(dir) = &jail {
         sandbox::enter_chroot(dir).map_err(|e| format!("sandbox: {e}"))?;
         log::info!("sandboxed: {} is now /", dir.display());
+    }
+    for (name, listener, snapshot) in listeners {
+        if let Err(e) = stats::spawn(listener, &name, snapshot) {
+            log::warn!("{name}: counters not served: {e}");
+        }
     }
     Ok(vm)
 }

@@ -32,6 +32,12 @@ impl InlineFs {
             worker: None,
         }
     }
+
+    /// Takes snapshots of the device's counters (`tegmen-vmm --stats-dir`).
+    pub fn counters(&self) -> impl Fn() -> serde_json::Value + Send + 'static {
+        let device = self.device.clone();
+        move || crate::vhost_user::stats::counters_of(&device.stats())
+    }
 }
 
 impl VirtioDevice for InlineFs {

@@ -35,6 +35,18 @@ impl<T: FrameIo + 'static> InlineNet<T> {
     fn lock(&self) -> std::sync::MutexGuard<'_, NetDevice<T>> {
         self.device.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Takes snapshots of the device's counters (`tegmen-vmm --stats-dir`).
+    pub fn counters(&self) -> impl Fn() -> serde_json::Value + Send + 'static
+    where
+        T: Send,
+    {
+        let device = self.device.clone();
+        move || {
+            let c = device.lock().unwrap_or_else(|p| p.into_inner()).counters().clone();
+            crate::vhost_user::stats::counters_of(&c)
+        }
+    }
 }
 
 impl<T: FrameIo + 'static> VirtioDevice for InlineNet<T> {

@@ -32,6 +32,15 @@ impl InlineVsock {
             worker: None,
         }
     }
+
+    /// Takes snapshots of the device's counters (`tegmen-vmm --stats-dir`).
+    pub fn counters(&self) -> impl Fn() -> serde_json::Value + Send + 'static {
+        let device = self.device.clone();
+        move || {
+            let c = device.lock().unwrap_or_else(|p| p.into_inner()).counters().clone();
+            crate::vhost_user::stats::counters_of(&c)
+        }
+    }
 }
 
 impl VirtioDevice for InlineVsock {

@@ -16,9 +16,10 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// `listener` from a thread of its own, for the life of the process.
 pub fn spawn(
     listener: UnixListener,
-    device: &'static str,
+    device: &str,
     snapshot: impl Fn() -> serde_json::Value + Send + 'static,
 ) -> std::io::Result<()> {
+    let device = device.to_string();
     std::thread::Builder::new()
         .name(format!("{device}-stats"))
         .spawn(move || {
@@ -37,11 +38,7 @@ pub fn spawn(
 
 /// Binds `path` (replacing a stale socket) and serves there; a failure is
 /// logged and the backend goes on without it.
-pub fn bind_and_spawn(
-    path: &std::path::Path,
-    device: &'static str,
-    snapshot: impl Fn() -> serde_json::Value + Send + 'static,
-) {
+pub fn bind_and_spawn(path: &std::path::Path, device: &str, snapshot: impl Fn() -> serde_json::Value + Send + 'static) {
     let _ = crate::devices::vsock::remove_stale_socket(path);
     let served = crate::unix_path::bind(path).and_then(|l| spawn(l, device, snapshot));
     if let Err(e) = served {
