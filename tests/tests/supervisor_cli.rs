@@ -639,6 +639,15 @@ fn a_pod_of_two_containers_from_the_supervisor() {
         (o.status.code(), String::from_utf8_lossy(&o.stdout).as_ref()),
         (Some(0), "through the debug console\n")
     );
+    // With a terminal: a pty in the guest, the caller's size passed on.
+    let line = format!(
+        "stty rows 31 cols 97; {} --root {} exec {pod} -- sh -c 'tty; stty size; exit 5'",
+        workspace_binary("supervisor").display(),
+        state.display()
+    );
+    let (code, text) = tegmen_tests::clients::run_in_terminal(&line, Duration::from_secs(60));
+    assert_eq!(code, Some(5), "{text}");
+    assert!(text.contains("/dev/pts/") && text.contains("31 97"), "{text}");
     let (code, _, err) = out(&["exec", pod, "--", "no-such-program"]);
     assert_eq!(code, 127, "{err}");
     assert!(err.contains("no-such-program") && err.contains("not found"), "{err}");
