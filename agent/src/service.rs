@@ -254,6 +254,15 @@ impl Agent for AgentService {
         Ok(resp)
     }
 
+    fn container_state(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<ContainerStateResponse> {
+        let st = self.containers.state(&req.container_id).map_err(container_status)?;
+        let mut resp = ContainerStateResponse::new();
+        resp.status = st.status.to_string();
+        resp.pid = st.pid;
+        resp.exec_ids = st.exec_ids;
+        Ok(resp)
+    }
+
     fn stats_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<ContainerStats> {
         let s = self.containers.stats(&req.container_id).map_err(container_status)?;
         let mut r = ContainerStats::new();

@@ -231,15 +231,6 @@ impl AgentClient {
             .stub
             .list_processes(self.ctx(), &req)
             .map_err(|e| rpc_error("ListProcesses", e))?;
-        let cut = |s: &mut String, max: usize| {
-            if s.len() > max {
-                let mut at = max;
-                while !s.is_char_boundary(at) {
-                    at -= 1;
-                }
-                s.truncate(at);
-            }
-        };
         Ok(resp
             .processes
             .into_iter()
@@ -250,6 +241,23 @@ impl AgentClient {
                 p
             })
             .collect())
+    }
+
+    /// The container's status, init pid and execs, as the agent has them;
+    /// at most [`MAX_PROCESS_DETAILS`] exec ids are kept.
+    pub fn container_state(&self, id: &str) -> Result<ContainerStateResponse> {
+        let req = ContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        let mut r = self
+            .stub
+            .container_state(self.ctx(), &req)
+            .map_err(|e| rpc_error("ContainerState", e))?;
+        r.exec_ids.truncate(MAX_PROCESS_DETAILS);
+        r.exec_ids.iter_mut().for_each(|e| cut(e, MAX_COMMAND));
+        cut(&mut r.status, 32);
+        Ok(r)
     }
 
     pub fn stats_container(&self, id: &str) -> Result<ContainerStats> {
@@ -446,6 +454,18 @@ pub const FORWARD_VERDICT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Most listening ports a guest may report (as many as the agent sends).
 pub const MAX_LISTENING_PORTS: usize = 1024;
+
+/// Cuts the guest's text `s` to at most `max` bytes, on a character
+/// boundary.
+fn cut(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut at = max;
+        while !s.is_char_boundary(at) {
+            at -= 1;
+        }
+        s.truncate(at);
+    }
+}
 
 fn rpc_error(method: &str, e: ttrpc::Error) -> Error {
     match e {

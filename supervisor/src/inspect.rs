@@ -131,6 +131,13 @@ pub struct ContainerInfo {
     pub id: String,
     pub bundle: Option<String>,
     pub created: u64,
+    /// As the agent has it: creating, created, running, paused, stopped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// Its init's pid in the guest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_pid: Option<i32>,
+    pub exec_ids: Vec<String>,
     /// Its processes' pids in the guest.
     pub guest_pids: Vec<i32>,
     pub memory_usage_bytes: u64,
@@ -182,6 +189,9 @@ pub fn inspect(config: &Config, id: &str, timeout: Duration) -> Result<Inspectio
             id: c.id.clone(),
             bundle: c.bundle.as_ref().map(|b| b.display().to_string()),
             created: c.created,
+            status: None,
+            init_pid: None,
+            exec_ids: Vec::new(),
             guest_pids: Vec::new(),
             memory_usage_bytes: 0,
             memory_limit_bytes: None,
@@ -215,6 +225,11 @@ fn ask_guest(config: &Config, id: &str, timeout: Duration, containers: &mut [Con
     let agent = agent_of(config, id, timeout)?;
     let d = agent.guest_details()?;
     for c in containers.iter_mut() {
+        if let Ok(st) = agent.container_state(&c.id) {
+            c.status = Some(st.status);
+            c.init_pid = Some(st.pid);
+            c.exec_ids = st.exec_ids;
+        }
         match agent.list_processes(&c.id) {
             Ok(pids) => c.guest_pids = pids,
             Err(e) => c.error = Some(e.to_string()),

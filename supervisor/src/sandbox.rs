@@ -104,6 +104,18 @@ impl ContainerEntry {
     }
 }
 
+/// The configuration a sandbox's VM was booted with.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BootRecord {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    /// Beyond the backend's own (console, reboot, panic).
+    pub kernel_params: String,
+    /// `kvm` or `tcg`.
+    pub accel: String,
+    pub boot_timeout_secs: u64,
+}
+
 /// The guest's kernel parameters beyond the backend's own: the
 /// configuration's, and the debug console's word when it is on.
 fn guest_kernel_params(config: &Config) -> String {
@@ -138,6 +150,9 @@ pub struct SandboxState {
     /// Booted with the debug console on (`supervisor exec` works).
     #[serde(default)]
     pub debug_console: bool,
+    /// What the VM was booted with (`supervisor inspect`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootRecord>,
     /// The containers in the guest, in the order they were added.
     #[serde(default)]
     pub containers: Vec<ContainerEntry>,
@@ -358,6 +373,7 @@ impl Sandbox {
             vcpus: config.guest.vcpus,
             boot_to_agent_ms: None,
             debug_console: config.guest.debug_console,
+            boot: None,
             containers: Vec::new(),
             shares_made: 0,
             retired_shares: Vec::new(),
@@ -483,6 +499,17 @@ impl Sandbox {
             cgroup: self.state.host_cgroup.clone(),
             nics: self.nics.clone(),
         };
+        self.state.boot = Some(BootRecord {
+            kernel: spec.kernel.clone(),
+            initramfs: spec.initramfs.clone(),
+            kernel_params: spec.kernel_params.clone(),
+            accel: match accel {
+                hypervisor::Accel::Kvm => "kvm",
+                hypervisor::Accel::Tcg => "tcg",
+            }
+            .into(),
+            boot_timeout_secs: config.guest.boot_timeout_secs,
+        });
         let started = Instant::now();
         let state_path = layout.state();
         let state = &mut self.state;
@@ -1002,6 +1029,7 @@ mod tests {
             vcpus: 1,
             boot_to_agent_ms: None,
             debug_console: false,
+            boot: None,
             face: Face::Tegmen,
             containers: Vec::new(),
             shares_made: 0,

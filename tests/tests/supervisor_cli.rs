@@ -566,10 +566,27 @@ fn a_pod_of_two_containers_from_the_supervisor() {
     let details = i["container_details"].as_array().unwrap();
     assert_eq!(details.len(), 2, "{i}");
     for d in details {
+        assert_eq!(d["status"], "running", "{d}");
+        assert!(d["init_pid"].as_i64().unwrap() > 1, "{d}");
         assert!(!d["guest_pids"].as_array().unwrap().is_empty(), "{d}");
         assert!(d["pids_current"].as_u64().unwrap() >= 1, "{d}");
     }
     let release = i["guest"]["kernel_release"].as_str().unwrap().to_string();
+    // The configuration it was booted with.
+    let boot = &i["boot"];
+    assert!(
+        std::path::Path::new(boot["kernel"].as_str().unwrap()).is_file(),
+        "{boot}"
+    );
+    assert!(
+        boot["kernel_params"]
+            .as_str()
+            .unwrap()
+            .contains("tegmen.debug_console=1"),
+        "{boot}"
+    );
+    assert!(["tcg", "kvm"].contains(&boot["accel"].as_str().unwrap()), "{boot}");
+    assert_eq!(boot["boot_timeout_secs"], 180, "{boot}");
     assert_eq!(i["guest"]["load_average"].as_array().map(|l| l.len()), Some(3), "{i}");
     assert!(i["guest"]["memory_available_bytes"].as_u64().unwrap() > 0, "{i}");
 

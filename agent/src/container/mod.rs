@@ -1050,7 +1050,6 @@ impl ContainerManager {
     }
 
     /// A snapshot of the container's state.
-    #[allow(dead_code)] // for the service layer, not wired yet
     pub fn state(&self, id: &str) -> Result<ContainerState, ContainerError> {
         let ctr = self.get(id)?;
         let st = lock(&ctr.state);

@@ -159,6 +159,16 @@ fn print_inspection(i: &inspect::Inspection) {
         s.memory_mib, s.vcpus
     );
     println!("host rss     {} KiB", i.summary.host_rss_kib);
+    if let Some(b) = &s.boot {
+        println!("kernel       {} ({})", b.kernel.display(), b.accel);
+        println!("initramfs    {}", b.initramfs.display());
+        let params = if b.kernel_params.is_empty() {
+            "-"
+        } else {
+            &b.kernel_params
+        };
+        println!("parameters   {params}");
+    }
     println!("debug        console {}", if s.debug_console { "on" } else { "off" });
     println!("host processes:");
     println!(
@@ -198,8 +208,8 @@ fn print_inspection(i: &inspect::Inspection) {
     }
     println!("containers:");
     println!(
-        "  {:<32} {:>12} {:>22} {:>12}  GUEST PIDS",
-        "ID", "PIDS/LIMIT", "MEMORY/LIMIT KiB", "CPU ms"
+        "  {:<32} {:<8} {:>12} {:>22} {:>12}  GUEST PIDS",
+        "ID", "STATUS", "PIDS/LIMIT", "MEMORY/LIMIT KiB", "CPU ms"
     );
     let limit = |l: Option<u64>, shift: u32| l.map_or("-".to_string(), |v| (v >> shift).to_string());
     for c in &i.container_details {
@@ -209,8 +219,9 @@ fn print_inspection(i: &inspect::Inspection) {
             None => pids.join(","),
         };
         println!(
-            "  {:<32} {:>12} {:>22} {:>12}  {pids}",
+            "  {:<32} {:<8} {:>12} {:>22} {:>12}  {pids}",
             c.id,
+            c.status.as_deref().unwrap_or("-"),
             format!("{}/{}", c.pids_current, limit(c.pids_limit, 0)),
             format!("{}/{}", c.memory_usage_bytes >> 10, limit(c.memory_limit_bytes, 10)),
             c.cpu_usage_usec / 1000
