@@ -308,11 +308,27 @@ pub fn device_counters(dir: &std::path::Path, timeout: Duration) -> Vec<(String,
         let Ok(conn) = tegmen_vmm::unix_path::connect(&path) else {
             continue;
         };
-        let _ = conn.set_read_timeout(Some(timeout));
-        let mut text = String::new();
-        if conn.take(MAX_STATS_BYTES).read_to_string(&mut text).is_err() {
+        // One bound for the whole reply, however slowly it trickles.
+        let deadline = std::time::Instant::now() + timeout;
+        let mut bytes = Vec::new();
+        let mut conn = conn.take(MAX_STATS_BYTES);
+        let mut buf = [0u8; 4096];
+        let complete = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() || conn.get_ref().set_read_timeout(Some(left)).is_err() {
+                break false;
+            }
+            match conn.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(n) => bytes.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break false,
+            }
+        };
+        if !complete {
             continue;
         }
+        let text = String::from_utf8_lossy(&bytes);
         out.extend(
             parse_counters(text.trim_end())
                 .into_iter()
@@ -796,8 +812,17 @@ pub enum DebugExit {
 /// process's stdio (a terminal in raw mode with `terminal`), until it
 /// exits.
 pub fn exec_debug(config: &Config, id: &str, args: &[String], env: &[String], terminal: bool) -> Result<DebugExit> {
+    // Before any connection (whose threads would otherwise take them):
+    // the signals go to the debug process once it runs.
+    crate::runtime::monitor::block_forwarded_signals();
     let state = state_of(config, id)?;
     let failed = |code, message: String| Ok(DebugExit::Failed { code, message });
+    if let Some(bad) = env
+        .iter()
+        .find(|e| !matches!(e.split_once('='), Some((k, _)) if !k.is_empty()))
+    {
+        return failed(EXEC_FAILED, format!("--env {bad:?}: not KEY=VALUE"));
+    }
     if !sandbox::vm_process_alive(&state) {
         return failed(EXEC_FAILED, format!("sandbox {id}: the VM is gone"));
     }
@@ -847,7 +872,17 @@ pub fn exec_debug(config: &Config, id: &str, args: &[String], env: &[String], te
             EXEC_FAILED,
             format!("sandbox {id}: the VM went away before the process exited"),
         ),
-        Err(e) => failed(EXEC_FAILED, format!("sandbox {id}: {e}")),
+        Err(e) => {
+            // It runs, but its stdio could not be carried: end it and let
+            // the agent forget it.
+            if let Ok(agent) = agent_of(config, id, Duration::from_secs(5)) {
+                let dbg = tegmen_agent_api::DEBUG_CONTAINER;
+                let _ = agent.signal_process(dbg, &target.exec_id, libc::SIGKILL as u32, true);
+                let _ = agent.wait_process(dbg, &target.exec_id);
+                let _ = agent.remove_process(dbg, &target.exec_id);
+            }
+            failed(EXEC_FAILED, format!("sandbox {id}: {e}"))
+        }
     }
 }
 

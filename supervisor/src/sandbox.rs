@@ -119,7 +119,15 @@ pub struct BootRecord {
 /// The guest's kernel parameters beyond the backend's own: the
 /// configuration's, and the debug console's word when it is on.
 fn guest_kernel_params(config: &Config) -> String {
-    let mut params = config.guest.kernel_params.trim().to_string();
+    // The debug console is `debug_console`'s alone: the word is not taken
+    // from `kernel_params` (the state would say it is off).
+    let mut params = config
+        .guest
+        .kernel_params
+        .split_whitespace()
+        .filter(|w| *w != tegmen_agent_api::DEBUG_CONSOLE_PARAM)
+        .collect::<Vec<_>>()
+        .join(" ");
     if config.guest.debug_console {
         if !params.is_empty() {
             params.push(' ');

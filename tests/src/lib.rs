@@ -5,6 +5,7 @@
 pub mod clients;
 pub mod cri;
 pub mod image;
+pub mod nested;
 pub mod netns;
 
 use std::path::{Path, PathBuf};

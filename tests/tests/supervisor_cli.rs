@@ -668,6 +668,9 @@ fn a_pod_of_two_containers_from_the_supervisor() {
     let (code, _, err) = out(&["exec", pod, "--", "no-such-program"]);
     assert_eq!(code, 127, "{err}");
     assert!(err.contains("no-such-program") && err.contains("not found"), "{err}");
+    let (code, _, err) = out(&["exec", "-e", "NOEQUALS", pod, "--", "true"]);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("NOEQUALS"), "{err}");
     let (code, _, err) = out(&["exec", "nope", "--", "true"]);
     assert_eq!(code, 3, "{err}");
 

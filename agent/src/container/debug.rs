@@ -9,7 +9,7 @@
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 pub use tegmen_agent_api::DEBUG_CONTAINER;
 
@@ -29,6 +29,20 @@ pub struct DebugCommand<'a> {
     pub terminal: bool,
     /// The terminal's first size; (0, 0) leaves it.
     pub size: (u16, u16),
+}
+
+/// Serialises `exec_debug` from its checks to the record of the new
+/// process (like a container's operation lock: taken before FORK_LOCK).
+static SPAWN: Mutex<()> = Mutex::new(());
+
+/// Sets FD_CLOEXEC: no program the agent starts inherits the descriptor.
+fn set_cloexec(fd: &OwnedFd) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_SETFD on a descriptor we own.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -91,7 +105,9 @@ impl ContainerManager {
             ));
         }
         let exec_id = cmd.exec_id;
-        if exec_id.is_empty() || exec_id.len() > 128 || !exec_id.bytes().all(|b| b.is_ascii_graphic()) {
+        // `-` stands for "no exec id" in stream headers.
+        if exec_id.is_empty() || exec_id == "-" || exec_id.len() > 128 || !exec_id.bytes().all(|b| b.is_ascii_graphic())
+        {
             return Err(ContainerError::InvalidArgument(format!(
                 "debug exec: invalid exec id {exec_id:?}"
             )));
@@ -113,8 +129,14 @@ impl ContainerManager {
                 "debug exec: \"{program}\": executable file not found in $PATH"
             )));
         };
+        let _spawn = lock(&SPAWN);
         {
-            let table = lock(&self.debug);
+            let mut table = lock(&self.debug);
+            if table.len() >= MAX_DEBUG_PROCESSES {
+                // Room first from those that exited and were never removed
+                // (their client went away).
+                table.retain(|_, p| p.exit().is_none());
+            }
             if table.contains_key(exec_id) {
                 return Err(ContainerError::AlreadyExists(format!(
                     "debug exec {exec_id} already exists"
@@ -142,6 +164,8 @@ impl ContainerManager {
         let err = |what: &str, e: std::io::Error| ContainerError::io(format!("debug exec: {what}"), e);
         if cmd.terminal {
             let pty = nix::pty::openpty(None, None).map_err(|e| err("openpty", e.into()))?;
+            set_cloexec(&pty.master).map_err(|e| err("openpty", e))?;
+            set_cloexec(&pty.slave).map_err(|e| err("openpty", e))?;
             if cmd.size.0 > 0 && cmd.size.1 > 0 {
                 let _ = stdio::set_window_size(&pty.master, cmd.size.0, cmd.size.1);
             }

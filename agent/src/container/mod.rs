@@ -153,7 +153,7 @@ impl std::fmt::Display for Status {
 
 /// A snapshot of one container (runc's `state`).
 #[derive(Debug, Clone)]
-#[allow(dead_code)] // for the service layer's state/list calls, not wired yet
+#[allow(dead_code)] // bundle and cgroup: for a list call, not wired yet
 pub struct ContainerState {
     pub id: String,
     /// The init's pid; 0 while it is being created.
@@ -693,6 +693,9 @@ impl ContainerManager {
         if all && id == DEBUG_CONTAINER {
             // A debug process leads a session of its own: all of it.
             let proc = self.debug_process(exec_id)?;
+            // With FORK_LOCK the leader cannot be reaped (and its pid
+            // reused) between the look and the kill.
+            let _fork = fork_lock_shared();
             if proc.exit().is_none() {
                 // SAFETY: kill(2) with a process group and a signal number.
                 unsafe { libc::kill(-proc.pid, signal) };

@@ -221,10 +221,14 @@ fn run(args: Args) -> Result<()> {
     let (listener, socket) = bind_socket(&args.socket)?;
     let socket = Arc::new(socket);
     // Bound here, by path, before the sandbox hides the directory.
-    let stats = match &args.stats_socket {
-        Some(p) => Some(bind_socket(p)?),
-        None => None,
-    };
+    // Without it the device still works: a warning, not a failure.
+    let stats = args.stats_socket.as_ref().and_then(|p| match bind_socket(p) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!("counters not served on {}: {e:#}", p.display());
+            None
+        }
+    });
     if let Ok(sock_dir) = std::fs::canonicalize(args.socket.parent().unwrap_or(Path::new("."))) {
         if sock_dir.starts_with(&shared_dir) {
             warn!(

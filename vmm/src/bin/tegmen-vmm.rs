@@ -214,7 +214,18 @@ fn main() -> ExitCode {
     let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
     let (reason, clean) = match &out.reason {
         StopReason::Reset => ("reset".to_string(), true),
-        StopReason::Shutdown { .. } => ("shutdown".to_string(), true),
+        StopReason::Shutdown { vcpu, rip } => {
+            // A triple fault, with reboot=k: the guest did not ask for it.
+            let at = if *rip == 0xfff0 {
+                "RIP 0xfff0, the reset vector: on AMD, KVM resets the vCPU before it reports a triple fault, \
+                 so where it happened is lost"
+                    .to_string()
+            } else {
+                format!("RIP {rip:#x}")
+            };
+            log::warn!("vCPU {vcpu}: shutdown (a triple fault or a KVM system event) at {at}");
+            ("shutdown".to_string(), true)
+        }
         StopReason::Stopped => ("stopped by the host".to_string(), true),
         other => (format!("{other:?}"), false),
     };

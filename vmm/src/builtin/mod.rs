@@ -125,7 +125,9 @@ pub enum StopReason {
     /// The guest asked for a reset through the i8042 controller (Linux's
     /// `reboot=k`, and what a guest's `reboot` or power-off comes to here).
     Reset,
-    /// A triple fault or an explicit KVM shutdown/reset event.
+    /// A triple fault or an explicit KVM shutdown/reset event. On AMD, KVM
+    /// resets the vCPU before it reports a triple fault, so `rip` is then
+    /// the reset vector, 0xfff0, not where the fault happened.
     Shutdown { vcpu: u8, rip: u64 },
     /// A vCPU exit the monitor does not handle.
     Unhandled { vcpu: u8, reason: String, rip: u64 },

@@ -1,0 +1,190 @@
+//! A nested L1 "node" for the tests that need a KVM that runs Linux: this
+//! host has no vmx/svm, but QEMU's TCG emulates AMD SVM with nested
+//! paging, so a Linux L1 booted under `qemu-system-x86_64 -accel tcg -cpu
+//! max` has a real `/dev/kvm` and `svm` in its /proc/cpuinfo, and
+//! `hypervisor = "auto"` picks the builtin monitor there.
+//!
+//! L1 is the guest image's own vmlinux (it has KVM and KVM_AMD built in)
+//! with a busybox initramfs made here. The host's whole file system is
+//! shared into it over virtio-fs — Tegmen's own `tegmen-fs-backend` over
+//! vhost-user — and L1's init runs the scenario chrooted into that share,
+//! with L1's own /proc, /sys, /dev, cgroup v2 and tmpfs on /run, /tmp and
+//! /var/tmp over the host's: the host's binaries, libraries and guest
+//! image are at their usual paths, and nothing the scenario makes in those
+//! directories reaches the host.
+//!
+//! Results come back through the share: the scenario's output goes to
+//! `output.log` and its exit status to `exit` in the run's directory (below
+//! `target/`), both read by the host once L1 has powered off. The L1
+//! console is kept beside them (`console.log`) and shown on failure.
+//!
+//! Boot parameters, from `../shared/ENVIRONMENT.md`'s experiment: one L1
+//! vCPU and `kvm_amd.vgif=0` (L1 froze now and then otherwise, and L2
+//! triple-faulted at random with two L1 vCPUs), and `tsc_early_khz=<the
+//! host's TSC rate> tsc=reliable` (TCG's TSC is the host's; without it L1
+//! sometimes fails to calibrate it, and then its KVM never enters a guest).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{busybox_initramfs, wait_child, workspace_binary};
+
+/// What a scenario in L1 gave.
+#[derive(Debug)]
+pub struct L1Run {
+    /// The scenario's exit status; `None` if L1 never reported one (it hung,
+    /// crashed, or did not boot).
+    pub exit: Option<i32>,
+    /// The scenario's stdout and stderr.
+    pub output: String,
+    /// L1's serial console.
+    pub console: String,
+    /// From starting QEMU to its exit.
+    pub took: Duration,
+}
+
+impl L1Run {
+    /// Everything, for an assertion message.
+    pub fn report(&self) -> String {
+        format!(
+            "L1 scenario exit {:?} after {:.1} s\n--- output ---\n{}\n--- L1 console ---\n{}",
+            self.exit,
+            self.took.as_secs_f64(),
+            self.output,
+            self.console
+        )
+    }
+}
+
+/// The host's TSC rate in kHz, rounded to a MHz as the kernel would print
+/// it: timed against the monotonic clock.
+pub fn host_tsc_khz() -> u64 {
+    // SAFETY: rdtsc reads the time-stamp counter; it has no side effects.
+    let tsc = || unsafe { core::arch::x86_64::_rdtsc() };
+    let (t0, c0) = (Instant::now(), tsc());
+    std::thread::sleep(Duration::from_millis(200));
+    let (t1, c1) = (Instant::now(), tsc());
+    let khz = (c1 - c0) as f64 / (t1 - t0).as_secs_f64() / 1000.0;
+    ((khz / 1000.0).round() as u64) * 1000
+}
+
+/// L1's /init: the kernel file systems, the host's share, the chroot, the
+/// scenario, the results, power off.
+fn l1_init(run_dir: &Path) -> String {
+    let dir = run_dir.display();
+    format!(
+        r#"/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+echo "tegmen-l1: up $(cut -d' ' -f1 /proc/uptime) s, svm: $(grep -c -w svm /proc/cpuinfo), kvm: $(ls /dev/kvm 2>&1)"
+mkdir -p /host
+if ! mount -t virtiofs host /host; then echo "tegmen-l1: cannot mount the host's share"; reboot -f; fi
+h=/host
+mount -t proc proc $h/proc
+mount -t sysfs sys $h/sys
+mount -t cgroup2 cgroup2 $h/sys/fs/cgroup
+mount -t devtmpfs dev $h/dev
+mkdir -p $h/dev/pts $h/dev/shm
+mount -t devpts -o newinstance,ptmxmode=0666 devpts $h/dev/pts
+mount -t tmpfs shm $h/dev/shm
+for d in run tmp var/tmp; do mount -t tmpfs -o mode=1777 tmp $h/$d; done
+hostname tegmen-l1
+chroot $h /bin/sh -c 'cd {dir} && sh ./scenario.sh > ./output.log 2>&1; echo $? > ./exit'
+echo "tegmen-l1: scenario exit $(cat $h{dir}/exit 2>/dev/null), up $(cut -d' ' -f1 /proc/uptime) s"
+sync
+reboot -f
+"#
+    )
+}
+
+/// Boots L1, runs the shell `script` there (as root, in the host's file
+/// system with L1's kernel; `set -e` is not implied) and returns what it
+/// gave; gives up after `timeout`. The run's files are in
+/// `target/l1/<name>`, kept for a look after a failure.
+pub fn run_in_l1(name: &str, script: &str, timeout: Duration) -> L1Run {
+    let qemu = "qemu-system-x86_64";
+    let image = tegmen_supervisor::guest_image::GuestImage::resolve(&tegmen_supervisor::config::Config::default())
+        .expect("the guest image: run guest-image/build.sh");
+    let kernel = image.kernel;
+    // Below target/: on the host's file system, not on a tmpfs of L1;
+    // with symlinks resolved, as L1 sees the host's tree as it is.
+    let base = workspace_binary("supervisor").parent().unwrap().join("l1");
+    std::fs::create_dir_all(&base).unwrap();
+    let dir = base.canonicalize().unwrap().join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("scenario.sh"), script).unwrap();
+    let initrd = dir.join("l1-initramfs.cpio");
+    std::fs::write(&initrd, busybox_initramfs(&l1_init(&dir))).unwrap();
+
+    // The host's root, over Tegmen's virtio-fs backend (not confined: it
+    // serves `/` itself).
+    let fs_socket = dir.join("fs.sock");
+    let mut backend = Command::new(workspace_binary("tegmen-fs-backend"))
+        .arg("--socket")
+        .arg(&fs_socket)
+        .args(["--shared-dir", "/", "--tag", "host", "--sandbox", "none"])
+        .args(["--thread-pool-size", "2"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("fs-backend.log")).unwrap())
+        .spawn()
+        .expect("starting tegmen-fs-backend");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !fs_socket.exists() {
+        assert!(Instant::now() < deadline, "tegmen-fs-backend made no socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let append = format!(
+        "console=ttyS0 reboot=t panic=-1 tsc_early_khz={} tsc=reliable kvm_amd.vgif=0",
+        host_tsc_khz()
+    );
+    let mem = "3072M";
+    let console = dir.join("console.log");
+    let t0 = Instant::now();
+    let mut vm: Child = Command::new(qemu)
+        .current_dir(&dir)
+        .args(["-M", "microvm,x-option-roms=off,rtc=off,acpi=off,memory-backend=mem"])
+        .args(["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")])
+        .args(["-accel", "tcg", "-cpu", "max", "-m", mem, "-smp", "1"])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none"])
+        .args(["-chardev", &format!("file,id=console,path={}", console.display())])
+        .args(["-serial", "chardev:console"])
+        .args(["-chardev", "socket,id=fs,path=fs.sock"])
+        .args(["-device", "vhost-user-fs-device,chardev=fs,tag=host"])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", &append, "-no-reboot"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("qemu.log")).unwrap())
+        .spawn()
+        .expect("starting qemu-system-x86_64");
+    let status = wait_child(&mut vm, timeout);
+    if status.is_none() {
+        let _ = vm.kill();
+        let _ = vm.wait();
+    }
+    let took = t0.elapsed();
+    // The backend ends when QEMU disconnects; end it anyway.
+    if wait_child(&mut backend, Duration::from_secs(5)).is_none() {
+        let _ = backend.kill();
+        let _ = backend.wait();
+    }
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    let mut console_text = read("console.log");
+    if status.is_none() {
+        console_text.push_str(&format!("\n[L1 killed after {timeout:?}]\n"));
+    }
+    L1Run {
+        exit: read("exit").trim().parse().ok(),
+        output: read("output.log"),
+        console: console_text,
+        took,
+    }
+}
