@@ -74,7 +74,8 @@ pub fn host_tsc_khz() -> u64 {
 fn l1_init(run_dir: &Path) -> String {
     let dir = run_dir.display();
     format!(
-        r#"/bin/busybox --install -s /bin
+        r#"/bin/busybox mkdir -p /proc /sys /tmp
+/bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys

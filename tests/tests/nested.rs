@@ -50,3 +50,52 @@ test -z "$(ls /run/tegmen/sandboxes 2>/dev/null)"
     }
     eprintln!("{}", run.output);
 }
+
+/// Containers on the builtin monitor in L1, through `tegmen` (auto picks
+/// the builtin monitor): an exit code and output of `run`, then a detached
+/// container with an exec and its exit code, SIGTERM ending it, and delete;
+/// nothing of them is left in L1.
+#[test]
+fn tegmen_runs_containers_on_the_builtin_monitor_in_l1() {
+    let bundle = workspace_binary("supervisor")
+        .canonicalize()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("l1")
+        .join("containers-bundle");
+    let _ = std::fs::remove_dir_all(&bundle);
+    tegmen_tests::busybox_rootfs(&bundle.join("rootfs"));
+    let spec = tegmen_tests::runc_like_spec(&["sh", "-c", "echo hello from L2; exit 7"], false);
+    std::fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
+    let detached = tegmen_tests::runc_like_spec(&["sh", "-c", "trap 'exit 3' TERM; while :; do sleep 1; done"], false);
+    std::fs::write(bundle.join("detached.json"), detached.to_string()).unwrap();
+    let script = format!(
+        r#"set -x
+B={bin}
+T="$B/tegmen --root /run/tegmen"
+cd {bundle}
+out=$($T run c1 < /dev/null); rc=$?
+echo "run: rc=$rc out=$out"
+[ "$rc" = 7 ] && [ "$out" = "hello from L2" ] || exit 10
+cp detached.json config.json
+$T run -d c2 < /dev/null > /dev/null 2> /tmp/c2.err || {{ cat /tmp/c2.err; exit 12; }}
+grep '"hypervisor"' /run/tegmen/sandboxes/c2/state.json | grep -q builtin || {{ cat /run/tegmen/sandboxes/c2/state.json; exit 13; }}
+[ "$($T exec c2 echo exec-ok)" = exec-ok ] || exit 14
+$T exec c2 sh -c 'exit 5'; [ $? = 5 ] || exit 15
+$T kill c2 TERM || exit 16
+for i in $(seq 100); do $T state c2 | grep -q '"stopped"' && break; sleep 0.2; done
+$T state c2 | grep -q '"stopped"' || exit 17
+$T delete c2 || exit 18
+[ -z "$(ls /run/tegmen/sandboxes)" ] || exit 19
+pgrep -l tegmen-vmm && exit 20
+echo all-ok
+"#,
+        bin = bin_dir(),
+        bundle = bundle.display()
+    );
+    let run = run_in_l1("containers", &script, L1_TIMEOUT);
+    assert_eq!(run.exit, Some(0), "{}", run.report());
+    assert!(run.output.contains("all-ok"), "{}", run.report());
+    let _ = std::fs::remove_dir_all(&bundle);
+}
