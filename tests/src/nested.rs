@@ -91,7 +91,11 @@ mount -t devtmpfs dev $h/dev
 mkdir -p $h/dev/pts $h/dev/shm
 mount -t devpts -o newinstance,ptmxmode=0666 devpts $h/dev/pts
 mount -t tmpfs shm $h/dev/shm
-for d in run tmp var/tmp; do mount -t tmpfs -o mode=1777 tmp $h/$d; done
+# (not over the directory of this run: a checkout may live in /var/tmp)
+for d in run tmp var/tmp; do
+    case {dir}/ in /$d/*) continue;; esac
+    mount -t tmpfs -o mode=1777 tmp $h/$d
+done
 hostname tegmen-l1
 chroot $h /bin/sh -c 'cd {dir} && sh ./scenario.sh > ./output.log 2>&1; echo $? > ./exit'
 echo "tegmen-l1: scenario exit $(cat $h{dir}/exit 2>/dev/null), up $(cut -d' ' -f1 /proc/uptime) s"
