@@ -31,6 +31,7 @@ impl TestRoot {
         };
         // Generous: several emulated guests may share two host cores.
         config.guest.boot_timeout_secs = 180;
+        config.hypervisor = hypervisor_for_tests();
         TestRoot { config }
     }
 
@@ -180,6 +181,46 @@ pub fn busybox_initramfs(script: &str) -> Vec<u8> {
         .file("bin/busybox", 0o755, &busybox)
         .file("init", 0o755, format!("#!/bin/busybox sh\n{script}\n").as_bytes())
         .finish()
+}
+
+/// The backend the tests' sandboxes use: `auto` unless
+/// `TEGMEN_TEST_HYPERVISOR` says `qemu` or `builtin` (the nested L1 runs
+/// the same scenarios once on each, on the same KVM).
+pub fn hypervisor_for_tests() -> tegmen_supervisor::config::HypervisorChoice {
+    use tegmen_supervisor::config::HypervisorChoice;
+    match std::env::var("TEGMEN_TEST_HYPERVISOR").as_deref() {
+        Err(_) | Ok("") | Ok("auto") => HypervisorChoice::Auto,
+        Ok("qemu") => HypervisorChoice::Qemu,
+        Ok("builtin") => HypervisorChoice::Builtin,
+        Ok(other) => panic!("TEGMEN_TEST_HYPERVISOR={other:?}: expected auto, qemu or builtin"),
+    }
+}
+
+/// An integration-test executable of this package (`containers`,
+/// `sandbox`, ...), as cargo built it in `deps/` beside this one: the
+/// newest `<name>-<hash>`.
+pub fn test_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    let prefix = format!("{name}-");
+    let newest = std::fs::read_dir(deps)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let f = e.file_name();
+            let f = f.to_string_lossy();
+            f.strip_prefix(&prefix)
+                .is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        })
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .max();
+    match newest {
+        Some((_, path)) => path,
+        None => panic!(
+            "no test executable {name}-<hash> in {}: `cargo test -p tegmen-tests` builds it",
+            deps.display()
+        ),
+    }
 }
 
 /// A binary of the workspace (`supervisor`, `tegmen-agent`, ...) built

@@ -99,3 +99,84 @@ echo all-ok
     assert!(run.output.contains("all-ok"), "{}", run.report());
     let _ = std::fs::remove_dir_all(&bundle);
 }
+
+/// Runs this package's test executable `name` inside L1 with `args` (a
+/// filter and flags) and `TEGMEN_TEST_HYPERVISOR=hypervisor`; returns the
+/// run and the number of tests that passed, having checked that none
+/// failed and none skipped.
+fn tests_in_l1(run_name: &str, name: &str, args: &str, hypervisor: &str) -> (tegmen_tests::nested::L1Run, usize) {
+    let exe = tegmen_tests::test_binary(name).canonicalize().unwrap();
+    let script = format!(
+        "export TEGMEN_TEST_HYPERVISOR={hypervisor} RUST_BACKTRACE=1\n{exe} {args} --test-threads=1 2>&1\n",
+        exe = exe.display()
+    );
+    let run = run_in_l1(run_name, &script, L1_TIMEOUT);
+    assert_eq!(run.exit, Some(0), "{}", run.report());
+    assert!(
+        !run.output.contains("skipped:"),
+        "a test skipped in L1:\n{}",
+        run.report()
+    );
+    let passed = run
+        .output
+        .lines()
+        .find_map(|l| l.strip_prefix("test result: ok. ")?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no test result line:\n{}", run.report()));
+    eprintln!("{}", run.output);
+    (run, passed)
+}
+
+/// The container scenarios of `containers.rs` (exit codes, pause, >100 MiB
+/// of stdout and stderr byte for byte, stdin, a terminal, exec, OOM and
+/// stats, spec and kernel fields, bad input), each in its own guest on the
+/// builtin monitor.
+#[test]
+fn the_container_scenarios_run_on_the_builtin_monitor_in_l1() {
+    let (run, passed) = tests_in_l1("containers-builtin", "containers", "::builtin", "builtin");
+    assert_eq!(passed, 10, "{}", run.report());
+}
+
+/// The same container scenarios on QEMU with `-accel kvm` in L1: both
+/// backends of the `Hypervisor` trait on the same KVM.
+#[test]
+fn the_container_scenarios_run_on_qemu_with_kvm_in_l1() {
+    let (run, passed) = tests_in_l1("containers-qemu", "containers", "::guest", "qemu");
+    assert_eq!(passed, 10, "{}", run.report());
+}
+
+/// Sandboxes on the builtin monitor in L1, and its faults: boots (one, four
+/// at once, a long socket path), an id in use, the kernel missing or not an
+/// ELF and a broken initramfs, memory too small for the initramfs, an agent
+/// that never answers, a guest that resets during boot, the monitor killed
+/// with SIGKILL mid-boot, a supervisor killed with SIGKILL; each leaves
+/// nothing behind in L1.
+#[test]
+fn sandboxes_and_their_faults_on_the_builtin_monitor_in_l1() {
+    let tests = [
+        "a_sandbox_boots_answers_and_shuts_down_cleanly",
+        "four_sandboxes_at_once_leave_nothing",
+        "socket_paths_longer_than_sun_path_work",
+        "an_id_in_use_is_refused_without_harming_the_first",
+        "missing_or_corrupt_kernel_and_initramfs_are_named",
+        "guest_memory_too_small_for_the_initramfs_is_named",
+        "an_agent_that_never_answers_times_out_with_the_console",
+        "a_guest_that_ends_during_boot_is_reported",
+        "the_monitor_killed_mid_boot_is_reported_and_cleaned",
+        "a_supervisor_killed_with_sigkill_is_cleaned_up_at_the_next_start",
+        "the_builtin_monitor_boots_the_guest",
+    ];
+    let args = format!("{} --exact", tests.join(" "));
+    let (run, passed) = tests_in_l1("sandbox-builtin", "sandbox", &args, "builtin");
+    assert_eq!(passed, tests.len(), "{}", run.report());
+}
+
+/// The builtin monitor's own tests with tiny hand-made guests
+/// (`vmm/tests/builtin.rs`: boot protocols, the serial port, a virtio-mmio
+/// device, faults and their RIP, an unhandled port and MMIO write, bad
+/// kernels and sizes, the process with its devices) on L1's KVM, which runs
+/// them as hardware would rather than instruction by instruction.
+#[test]
+fn the_monitors_tiny_guest_tests_pass_on_kvm_in_l1() {
+    let (run, passed) = tests_in_l1("vmm-builtin", "builtin", "", "builtin");
+    assert!(passed >= 10, "{}", run.report());
+}

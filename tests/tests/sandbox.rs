@@ -144,6 +144,30 @@ fn missing_or_corrupt_kernel_and_initramfs_are_named() {
     t.assert_nothing_left();
 }
 
+/// Guest memory too small for the initramfs: refused with an error naming
+/// the memory, nothing left.
+#[test]
+fn guest_memory_too_small_for_the_initramfs_is_named() {
+    let t = TestRoot::new("smallmem");
+    // A valid newc archive of 80 MiB (one file of zeros) for a 64 MiB guest.
+    let big = tegmen_tests::Cpio::default()
+        .file("padding", 0o644, &vec![0u8; 80 << 20])
+        .finish();
+    let initrd = t.root().join("big.cpio");
+    std::fs::write(&initrd, big).unwrap();
+    let mut c = t.config.clone();
+    c.guest.memory_mib = 64;
+    c.guest.initramfs = Some(initrd.clone());
+    let e = expect_error(&c, "smallmem");
+    eprintln!("{e}");
+    assert!(
+        e.contains("64 MiB of memory is too little") || e.contains("too large"),
+        "{e}"
+    );
+    std::fs::remove_file(initrd).unwrap();
+    t.assert_nothing_left();
+}
+
 #[test]
 fn qemu_missing_is_named() {
     let t = TestRoot::new("noqemu");
@@ -220,27 +244,34 @@ fn a_guest_that_ends_during_boot_is_reported() {
     t.assert_nothing_left();
 }
 
-/// Waits for the sandbox's state file to list a running QEMU, returns it.
-fn wait_for_qemu(config: &Config, id: &str) -> tegmen_supervisor::process::ProcessRecord {
+/// Waits for the sandbox's state file to list its running monitor (QEMU
+/// or `tegmen-vmm`), returns it.
+fn wait_for_monitor(config: &Config, id: &str) -> tegmen_supervisor::process::ProcessRecord {
     let dir = config.sandboxes_dir().join(id);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(state) = sandbox::read_state(&dir) {
-            if let Some(q) = state.processes.iter().find(|p| p.name == "qemu") {
+            if let Some(q) = state
+                .processes
+                .iter()
+                .find(|p| p.name == "qemu" || p.name == "tegmen-vmm")
+            {
                 return q.clone();
             }
         }
-        assert!(Instant::now() < deadline, "QEMU of {id} never appeared");
+        assert!(Instant::now() < deadline, "the monitor of {id} never appeared");
         std::thread::sleep(Duration::from_millis(5));
     }
 }
 
+/// The VM's monitor (QEMU or `tegmen-vmm`) killed with SIGKILL while the
+/// guest boots: the error says so, and nothing is left.
 #[test]
-fn qemu_killed_mid_boot_is_reported_and_cleaned() {
+fn the_monitor_killed_mid_boot_is_reported_and_cleaned() {
     let t = TestRoot::new("kill");
     let config = t.config.clone();
     let creator = std::thread::spawn(move || Sandbox::create(&config, "kill", &options()).map(|_| ()));
-    let qemu = wait_for_qemu(&t.config, "kill");
+    let qemu = wait_for_monitor(&t.config, "kill");
     std::thread::sleep(Duration::from_millis(300));
     qemu.kill();
     let e = creator.join().unwrap().expect_err("create must fail").to_string();
@@ -259,7 +290,7 @@ fn a_supervisor_killed_with_sigkill_is_cleaned_up_at_the_next_start() {
         .spawn()
         .unwrap();
     let id = format!("check-{}", child.id());
-    let qemu = wait_for_qemu(&t.config, &id);
+    let qemu = wait_for_monitor(&t.config, &id);
     child.kill().unwrap();
     child.wait().unwrap();
     // The VM outlives its killed supervisor ...

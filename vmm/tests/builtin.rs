@@ -160,6 +160,41 @@ fn a_fault_without_an_idt_stops_the_vm_with_the_exit_and_rip() {
     assert!(out.boot_mark.is_none());
 }
 
+/// A write to a port with no device is ignored (logged once), as on a
+/// real bus; a write to an MMIO address with no device stops the VM with
+/// the address and the RIP of the instruction, never a hang.
+#[test]
+fn an_unhandled_port_is_ignored_and_an_unhandled_mmio_write_stops_the_vm() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let body = format!(
+        "    mov $0x1234, %dx\n    mov $7, %al\n    out %al, %dx\n    in %dx, %al\n    cmp $0xff, %al\n    jne halt\n{}    movl $0x5a5a5a5a, 0xe0000000\n",
+        print("past the port\n")
+    );
+    let kernel = tiny_guest(dir.path(), "mmio", &body);
+    let entry = entry_point(&kernel);
+    let out = Vm::new(&config(dir.path(), kernel))
+        .unwrap()
+        .run(Some(Duration::from_secs(60)))
+        .unwrap();
+    let console = std::fs::read_to_string(dir.path().join("console.log")).unwrap();
+    assert_eq!(
+        console, "past the port\n",
+        "the port read gave all ones and the guest went on"
+    );
+    match out.reason {
+        StopReason::Unhandled { vcpu: 0, reason, rip } => {
+            assert_eq!(reason, "MMIO write of 4 bytes at 0xe0000000: no device there");
+            // The movl is the last instruction of the body, after the
+            // port accesses and the print.
+            assert!(rip > entry && rip < entry + 400, "RIP {rip:#x}, entry {entry:#x}");
+        }
+        other => panic!("expected an unhandled MMIO write, got {other:?}"),
+    }
+}
+
 /// The ELF entry point of a tiny guest.
 fn entry_point(elf: &Path) -> u64 {
     let data = std::fs::read(elf).unwrap();

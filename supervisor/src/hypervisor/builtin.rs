@@ -14,6 +14,8 @@ use crate::Result;
 pub struct Builtin {
     child: Option<Child>,
     exit: Option<String>,
+    /// `vmm.log`, where the monitor says why the VM stopped.
+    log: Option<std::path::PathBuf>,
 }
 
 impl Builtin {
@@ -21,6 +23,7 @@ impl Builtin {
         Builtin {
             child: None,
             exit: None,
+            log: None,
         }
     }
 
@@ -88,6 +91,7 @@ impl Hypervisor for Builtin {
         )?;
         let pid = child.id();
         self.child = Some(child);
+        self.log = Some(spec.run_dir.join("vmm.log"));
         // The monitor makes its taps once in the namespace: the caller
         // wires them next, so they must be there first.
         let taps: Vec<&str> = spec.nics.iter().map(|n| n.tap.as_str()).collect();
@@ -112,7 +116,15 @@ impl Hypervisor for Builtin {
     fn exited(&mut self) -> Option<String> {
         if self.exit.is_none() {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                self.exit = Some(format!("tegmen-vmm {status}"));
+                let why = self
+                    .log
+                    .as_deref()
+                    .and_then(|p| std::fs::read_to_string(p).ok())
+                    .and_then(|log| stop_reason(&log));
+                self.exit = Some(match why {
+                    Some(why) => format!("tegmen-vmm {status}: {why}"),
+                    None => format!("tegmen-vmm {status}"),
+                });
             }
         }
         self.exit.clone()
@@ -139,6 +151,20 @@ impl Drop for Builtin {
     }
 }
 
+/// Why the monitor's VM stopped, from the JSON line it prints last
+/// (`{"reason": ..., "boot_mark_ms": ...}`), or, for a VM that never ran,
+/// its last error line.
+fn stop_reason(log: &str) -> Option<String> {
+    let json = log.lines().rev().filter(|l| l.starts_with('{')).find_map(|l| {
+        let v: serde_json::Value = serde_json::from_str(l).ok()?;
+        Some(v.get("reason")?.as_str()?.to_string())
+    });
+    json.or_else(|| {
+        let line = log.lines().rev().find(|l| l.contains(" ERROR] "))?;
+        Some(line.split_once(" ERROR] ")?.1.to_string())
+    })
+}
+
 /// Whether every link in `names` is in process `pid`'s network namespace
 /// (`/proc/<pid>/net/dev` lists that namespace's).
 fn has_links(pid: u32, names: &[&str]) -> bool {
@@ -161,6 +187,22 @@ mod tests {
     use super::*;
     use crate::hypervisor::Accel;
     use std::path::{Path, PathBuf};
+
+    #[test]
+    fn the_reason_the_vm_stopped_is_read_from_the_log() {
+        let log = "[WARN] port write of 1 bytes at 0x80\n{\"reason\":\"unhandled exit on vCPU 0 at RIP 0x401000: MMIO write of 4 bytes at 0xe0000000: no device there\",\"boot_mark_ms\":null}\n[ERROR] the VM stopped\n";
+        assert_eq!(
+            stop_reason(log).as_deref(),
+            Some("unhandled exit on vCPU 0 at RIP 0x401000: MMIO write of 4 bytes at 0xe0000000: no device there")
+        );
+        assert_eq!(stop_reason("no json here\n{\"reason\": 3}\n"), None);
+        let never_ran = "[2026-12-03T06:00:00.000001Z INFO ] loading\n[2026-12-03T06:00:00.000002Z ERROR] 64 MiB of memory is too little\n";
+        assert_eq!(
+            stop_reason(never_ran).as_deref(),
+            Some("64 MiB of memory is too little")
+        );
+        assert_eq!(stop_reason(""), None);
+    }
 
     #[test]
     fn the_vmm_gets_the_guest_and_the_sandbox_paths() {

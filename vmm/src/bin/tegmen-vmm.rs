@@ -227,7 +227,11 @@ fn main() -> ExitCode {
             ("shutdown".to_string(), true)
         }
         StopReason::Stopped => ("stopped by the host".to_string(), true),
-        other => (format!("{other:?}"), false),
+        StopReason::Unhandled { vcpu, reason, rip } => (
+            format!("unhandled exit on vCPU {vcpu} at RIP {rip:#x}: {reason}"),
+            false,
+        ),
+        StopReason::Failed { vcpu, error } => (format!("vCPU {vcpu} failed: {error}"), false),
     };
     println!(
         "{}",

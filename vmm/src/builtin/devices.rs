@@ -42,7 +42,14 @@ type Console = Box<dyn Write + Send>;
 
 pub struct PioDevices {
     serial: Mutex<Serial<IrqTrigger, vm_superio::serial::NoEvents, Console>>,
+    /// Ports with no device that the guest touched, each logged once (at
+    /// most [`MAX_LOGGED_PORTS`] of them).
+    unhandled: Mutex<std::collections::BTreeSet<u16>>,
 }
+
+/// How many distinct unhandled ports are logged: a guest cannot fill the
+/// log by walking all 65536.
+pub const MAX_LOGGED_PORTS: usize = 32;
 
 impl PioDevices {
     /// The serial port writes to `console` (appended), or nowhere.
@@ -62,6 +69,7 @@ impl PioDevices {
             .map_err(|e| Error::Device(format!("serial irqfd on IRQ {SERIAL_IRQ}: {e}")))?;
         Ok(PioDevices {
             serial: Mutex::new(Serial::new(IrqTrigger(irq), out)),
+            unhandled: Mutex::new(Default::default()),
         })
     }
 
@@ -79,7 +87,18 @@ impl PioDevices {
             }
             I8042_COMMAND if value == I8042_RESET => PioAction::Reset,
             BOOT_MARK_PORT => PioAction::BootMark,
-            _ => PioAction::None,
+            I8042_DATA | I8042_COMMAND => PioAction::None,
+            _ => {
+                self.note_unhandled(port, "write", data.len());
+                PioAction::None
+            }
+        }
+    }
+
+    fn note_unhandled(&self, port: u16, what: &str, len: usize) {
+        let mut seen = self.unhandled.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() < MAX_LOGGED_PORTS && seen.insert(port) {
+            log::warn!("port {what} of {len} bytes at {port:#x}: no device there (ignored; logged once per port)");
         }
     }
 
@@ -96,7 +115,10 @@ impl PioDevices {
             // The i8042 has no data and is never busy.
             I8042_DATA | I8042_COMMAND => data.fill(0),
             // Nothing there.
-            _ => data.fill(0xff),
+            _ => {
+                self.note_unhandled(port, "read", data.len());
+                data.fill(0xff)
+            }
         }
     }
 }

@@ -72,17 +72,29 @@ impl MmioBus {
         self.devices.get(index).map(|d| (d, rel % layout::MMIO_DEVICE_SIZE))
     }
 
-    fn read(&self, addr: u64, data: &mut [u8]) {
+    /// False where no device is at `addr` (the guest reads all ones, as on
+    /// a real bus).
+    fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
-            Some((d, off)) => d.lock().unwrap_or_else(|p| p.into_inner()).read(off, data),
-            // Nothing there: all ones, as on a real bus.
-            None => data.fill(0xff),
+            Some((d, off)) => {
+                d.lock().unwrap_or_else(|p| p.into_inner()).read(off, data);
+                true
+            }
+            None => {
+                data.fill(0xff);
+                false
+            }
         }
     }
 
-    fn write(&self, addr: u64, data: &[u8]) {
-        if let Some((d, off)) = self.find(addr) {
-            d.lock().unwrap_or_else(|p| p.into_inner()).write(off, data);
+    /// False where no device is at `addr`.
+    fn write(&self, addr: u64, data: &[u8]) -> bool {
+        match self.find(addr) {
+            Some((d, off)) => {
+                d.lock().unwrap_or_else(|p| p.into_inner()).write(off, data);
+                true
+            }
+            None => false,
         }
     }
 }
@@ -398,6 +410,7 @@ fn rip(vcpu: &VcpuFd) -> u64 {
 }
 
 fn vcpu_loop(mut vcpu: VcpuFd, id: u8, shared: &Shared, pio: &PioDevices, mmio: &MmioBus) {
+    let mut read_logged = false;
     while !shared.stop.load(Ordering::SeqCst) {
         let _ = shared.first_entry.set(shared.started.elapsed());
         let exit = match vcpu.run() {
@@ -427,13 +440,21 @@ fn vcpu_loop(mut vcpu: VcpuFd, id: u8, shared: &Shared, pio: &PioDevices, mmio: 
                 None
             }
             VcpuExit::MmioRead(addr, data) => {
-                mmio.read(addr, data);
+                let len = data.len();
+                if !mmio.read(addr, data) && !read_logged {
+                    // Reads are harmless: logged once, answered with all ones.
+                    read_logged = true;
+                    log::warn!(
+                        "vCPU {id}: MMIO read of {len} bytes at {addr:#x}: no device there (all ones; logged once)"
+                    );
+                }
                 None
             }
-            VcpuExit::MmioWrite(addr, data) => {
-                mmio.write(addr, data);
-                None
-            }
+            // Guest RAM and the in-kernel APIC never exit; a write anywhere
+            // else but a device is a broken or hostile guest, stopped here
+            // rather than left to spin on a device that is not there.
+            VcpuExit::MmioWrite(addr, data) => (!mmio.write(addr, data))
+                .then(|| format!("MMIO write of {} bytes at {addr:#x}: no device there", data.len())),
             VcpuExit::Shutdown => {
                 let rip = rip(&vcpu);
                 shared.stop(StopReason::Shutdown { vcpu: id, rip });
