@@ -174,9 +174,15 @@ fn sandboxes_and_their_faults_on_the_builtin_monitor_in_l1() {
 /// (`vmm/tests/builtin.rs`: boot protocols, the serial port, a virtio-mmio
 /// device, faults and their RIP, an unhandled port and MMIO write, bad
 /// kernels and sizes, the process with its devices) on L1's KVM, which runs
-/// them as hardware would rather than instruction by instruction.
+/// them as hardware would rather than instruction by instruction. All but
+/// the NIC test: L1's kernel (the guest image's) has no tun driver.
 #[test]
 fn the_monitors_tiny_guest_tests_pass_on_kvm_in_l1() {
-    let (run, passed) = tests_in_l1("vmm-builtin", "builtin", "", "builtin");
-    assert!(passed >= 10, "{}", run.report());
+    let (run, passed) = tests_in_l1(
+        "vmm-builtin",
+        "builtin",
+        "--skip the_vmm_process_hosts_a_nic_on_a_tap_in_a_namespace",
+        "builtin",
+    );
+    assert!(passed >= 9, "{}", run.report());
 }
