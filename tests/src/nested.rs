@@ -110,6 +110,12 @@ reboot -f
 /// gave; gives up after `timeout`. The run's files are in
 /// `target/l1/<name>`, kept for a look after a failure.
 pub fn run_in_l1(name: &str, script: &str, timeout: Duration) -> L1Run {
+    run_in_l1_with(name, script, timeout, 1)
+}
+
+/// [`run_in_l1`] with `vcpus` L1 vCPUs (the suite uses one: with two, L2
+/// triple-faults now and then, which `make bench` measures).
+pub fn run_in_l1_with(name: &str, script: &str, timeout: Duration, vcpus: u32) -> L1Run {
     let qemu = "qemu-system-x86_64";
     let image = tegmen_supervisor::guest_image::GuestImage::resolve(&tegmen_supervisor::config::Config::default())
         .expect("the guest image: run guest-image/build.sh");
@@ -154,7 +160,7 @@ pub fn run_in_l1(name: &str, script: &str, timeout: Duration) -> L1Run {
         .current_dir(&dir)
         .args(["-M", "microvm,x-option-roms=off,rtc=off,acpi=off,memory-backend=mem"])
         .args(["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")])
-        .args(["-accel", "tcg", "-cpu", "max", "-m", mem, "-smp", "1"])
+        .args(["-accel", "tcg", "-cpu", "max", "-m", mem, "-smp", &vcpus.to_string()])
         .args(["-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none"])
         .args(["-chardev", &format!("file,id=console,path={}", console.display())])
         .args(["-serial", "chardev:console"])

@@ -5,6 +5,12 @@
 //!   tegmen-bench stdout-throughput MIB        stdout of a container in a guest
 //!   tegmen-bench cri RUNS                     pods through containerd's CRI plugin,
 //!                                             the tegmen handler next to runc's
+//!   tegmen-bench l1 RUNS SMP_BOOTS            inside a nested L1 (one L1 boot per
+//!                                             part): the builtin monitor next to
+//!                                             QEMU with KVM, and the failure rate of
+//!                                             2-vCPU guests with 2 L1 vCPUs
+//!   tegmen-bench l1-inside HV RUNS BUNDLE     (run by `l1` inside L1)
+//!   tegmen-bench l1-smp HV BOOTS              (run by `l1` inside L1)
 //!
 //! Prints one JSON object on stdout.
 
@@ -183,6 +189,167 @@ fn cri_bench(runs: usize) -> serde_json::Value {
     serde_json::Value::Object(result)
 }
 
+/// The KiB of `field` (`RssAnon:`, `VmRSS:`, ...) in /proc/PID/status.
+fn status_kib(pid: i32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn l1_root(name: &str, hypervisor: &str) -> TestRoot {
+    let mut root = TestRoot::new(name);
+    root.config.hypervisor = match hypervisor {
+        "builtin" => tegmen_supervisor::config::HypervisorChoice::Builtin,
+        "qemu" => tegmen_supervisor::config::HypervisorChoice::Qemu,
+        other => panic!("hypervisor {other:?}: builtin or qemu"),
+    };
+    root
+}
+
+/// Inside L1, on backend `hypervisor`: boot to agent ready `runs` times,
+/// the host memory of the VM's processes beyond guest RAM (RssAnon +
+/// RssFile; guest RAM is a memfd, RssShmem) and in all, and `tegmen run`
+/// of the hello container in `bundle` `runs` times.
+fn l1_inside(hypervisor: &str, runs: usize, bundle: &std::path::Path) -> serde_json::Value {
+    let root = l1_root(&format!("l1-{hypervisor}"), hypervisor);
+    let options = SandboxOptions {
+        owned_by_current_process: true,
+        ..Default::default()
+    };
+    let (mut boots, mut marks) = (Vec::new(), Vec::new());
+    let (mut beyond, mut total) = (0, 0);
+    for i in 0..runs {
+        let id = format!("b{i}");
+        let t = Instant::now();
+        let sb = Sandbox::create(&root.config, &id, &options).unwrap_or_else(|e| panic!("boot {id}: {e}"));
+        boots.push(t.elapsed().as_secs_f64());
+        let state = tegmen_supervisor::sandbox::read_state(sb.dir()).unwrap();
+        if let Some(ms) = state.boot_to_agent_ms {
+            marks.push(ms as f64 / 1000.0);
+        }
+        if i == 0 {
+            // Idle a moment so that boot-time allocations settle.
+            std::thread::sleep(std::time::Duration::from_secs(2));
+            for p in &state.processes {
+                beyond += status_kib(p.pid, "RssAnon:") + status_kib(p.pid, "RssFile:");
+                total += status_kib(p.pid, "VmRSS:");
+            }
+        }
+        sb.shutdown().expect("shutdown");
+    }
+    let config = root.root().join("tegmen.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "root = \"{}\"\nhypervisor = \"{hypervisor}\"\n[guest]\nboot_timeout_secs = 180\n",
+            root.root().join("tegmen").display()
+        ),
+    )
+    .unwrap();
+    let tegmen = tegmen_tests::workspace_binary("tegmen");
+    let mut run = Vec::new();
+    for i in 0..runs {
+        let t = Instant::now();
+        let out = std::process::Command::new(&tegmen)
+            .arg("--config")
+            .arg(&config)
+            .arg("--root")
+            .arg(root.root().join("runc-root"))
+            .args(["run", &format!("hello{i}")])
+            .current_dir(bundle)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.trim() == "hello",
+            "tegmen run on {hypervisor}: {} {stdout} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        run.push(secs);
+    }
+    serde_json::json!({
+        "hypervisor": hypervisor,
+        "boot_seconds": boots,
+        "boot_to_agent_seconds": marks,
+        "rss_beyond_guest_kib": beyond,
+        "rss_kib": total,
+        "tegmen_run_seconds": run,
+    })
+}
+
+/// Inside L1: `boots` boots of a 2-vCPU guest on `hypervisor`; how many
+/// failed, and the first failure.
+fn l1_smp(hypervisor: &str, boots: usize) -> serde_json::Value {
+    let mut root = l1_root(&format!("smp-{hypervisor}"), hypervisor);
+    root.config.guest.vcpus = 2;
+    root.config.guest.boot_timeout_secs = 60;
+    let options = SandboxOptions {
+        owned_by_current_process: true,
+        ..Default::default()
+    };
+    let (mut failed, mut first) = (0, None);
+    for i in 0..boots {
+        match Sandbox::create(&root.config, &format!("s{i}"), &options) {
+            Ok(sb) => {
+                if let Err(e) = sb.agent().check() {
+                    failed += 1;
+                    first.get_or_insert(format!("check: {e}"));
+                }
+                let _ = sb.shutdown();
+            }
+            Err(e) => {
+                failed += 1;
+                let e = e.to_string();
+                first.get_or_insert(e.lines().next().unwrap_or_default().to_string());
+            }
+        }
+    }
+    serde_json::json!({ "hypervisor": hypervisor, "boots": boots, "failed": failed, "first_failure": first })
+}
+
+/// Boots L1 for each part and collects what the parts inside printed.
+fn l1_bench(runs: usize, smp_boots: usize) -> serde_json::Value {
+    use tegmen_tests::nested::run_in_l1_with;
+    let me = std::env::current_exe().unwrap().canonicalize().unwrap();
+    let bundle = me.parent().unwrap().join("l1").join("bench-bundle");
+    let _ = std::fs::remove_dir_all(&bundle);
+    busybox_rootfs(&bundle.join("rootfs"));
+    std::fs::write(
+        bundle.join("config.json"),
+        runc_like_spec(&["echo", "hello"], false).to_string(),
+    )
+    .unwrap();
+    let collect = |name: &str, script: String, vcpus: u32| -> Vec<serde_json::Value> {
+        let run = run_in_l1_with(name, &script, std::time::Duration::from_secs(3000), vcpus);
+        assert_eq!(run.exit, Some(0), "{}", run.report());
+        run.output
+            .lines()
+            .filter_map(|l| l.strip_prefix("L1BENCH "))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let me = me.display();
+    let b = bundle.display();
+    let single = collect(
+        "bench",
+        format!("set -e\nfor hv in builtin qemu; do echo \"L1BENCH $({me} l1-inside $hv {runs} {b})\"; done\n"),
+        1,
+    );
+    let smp = collect(
+        "bench-smp",
+        format!("set -e\nfor hv in builtin qemu; do echo \"L1BENCH $({me} l1-smp $hv {smp_boots})\"; done\n"),
+        2,
+    );
+    let _ = std::fs::remove_dir_all(&bundle);
+    serde_json::json!({ "single": single, "smp": smp })
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -223,8 +390,15 @@ fn main() {
             println!("{}", serde_json::json!({ "bytes": bytes, "seconds": secs }));
         }
         ["cri", runs] => println!("{}", cri_bench(runs.parse().unwrap())),
+        ["l1", runs, smp] => println!("{}", l1_bench(runs.parse().unwrap(), smp.parse().unwrap())),
+        ["l1-inside", hv, runs, bundle] => {
+            println!("{}", l1_inside(hv, runs.parse().unwrap(), std::path::Path::new(bundle)))
+        }
+        ["l1-smp", hv, boots] => println!("{}", l1_smp(hv, boots.parse().unwrap())),
         _ => {
-            eprintln!("usage: tegmen-bench agent-true host|guest RUNS | stdout-throughput MIB | cri RUNS");
+            eprintln!(
+                "usage: tegmen-bench agent-true host|guest RUNS | stdout-throughput MIB | cri RUNS | l1 RUNS SMP_BOOTS"
+            );
             std::process::exit(2);
         }
     }
