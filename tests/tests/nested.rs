@@ -11,6 +11,11 @@ use tegmen_tests::workspace_binary;
 /// How long one L1 run may take (it boots in ~3 s; the guest inside in ~4 s).
 const L1_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// How long a whole test executable may take in L1: the container suite
+/// takes ~7.5 min there on 2 idle cores, and more on a busier CI machine
+/// (600 s once cut QEMU's run short in its large-output scenario).
+const L1_SUITE_TIMEOUT: Duration = Duration::from_secs(1800);
+
 fn bin_dir() -> String {
     workspace_binary("supervisor")
         .canonicalize()
@@ -110,7 +115,7 @@ fn tests_in_l1(run_name: &str, name: &str, args: &str, hypervisor: &str) -> (teg
         "export TEGMEN_TEST_HYPERVISOR={hypervisor} RUST_BACKTRACE=1\n{exe} {args} --test-threads=1 2>&1\n",
         exe = exe.display()
     );
-    let run = run_in_l1(run_name, &script, L1_TIMEOUT);
+    let run = run_in_l1(run_name, &script, L1_SUITE_TIMEOUT);
     assert_eq!(run.exit, Some(0), "{}", run.report());
     assert!(
         !run.output.contains("skipped:"),
