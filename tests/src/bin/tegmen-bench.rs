@@ -98,13 +98,18 @@ fn shim_rss_kib(binary: &str, before: &[i32]) -> u64 {
     total
 }
 
-fn vm_rss_kib(pid: i32) -> u64 {
+/// The KiB of `field` (`RssAnon:`, `VmRSS:`, ...) in /proc/PID/status.
+fn status_kib(pid: i32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+fn vm_rss_kib(pid: i32) -> u64 {
+    status_kib(pid, "VmRSS:")
 }
 
 fn all_pids() -> Vec<i32> {
@@ -187,16 +192,6 @@ fn cri_bench(runs: usize) -> serde_json::Value {
         }
     });
     serde_json::Value::Object(result)
-}
-
-/// The KiB of `field` (`RssAnon:`, `VmRSS:`, ...) in /proc/PID/status.
-fn status_kib(pid: i32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 fn l1_root(name: &str, hypervisor: &str) -> TestRoot {
