@@ -337,7 +337,9 @@ fn exec(g: Target) {
     let agent = g.agent();
     g.create(
         "main",
-        &spec(&["sh", "-c", "echo ready > /tmp/mark; sleep 1000"]),
+        // Written aside and renamed: a `cat` between the shell's O_TRUNC
+        // open and its write would read an empty file and exit 0.
+        &spec(&["sh", "-c", "echo ready > /tmp/mark.new; mv /tmp/mark.new /tmp/mark; sleep 1000"]),
         false,
     );
     agent.start_container("main").unwrap();
