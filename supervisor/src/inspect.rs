@@ -886,6 +886,22 @@ pub fn exec_debug(config: &Config, id: &str, args: &[String], env: &[String], te
     }
 }
 
+/// The confinement of each live host process of sandbox `id` (the monitor,
+/// the device backends), read from `/proc` (`supervisor check ID`); a
+/// process that cannot be read is skipped with its error.
+pub fn confinement(
+    config: &Config,
+    id: &str,
+) -> Result<Vec<std::result::Result<crate::confinement::Confinement, String>>> {
+    let state = state_of(config, id)?;
+    Ok(state
+        .processes
+        .iter()
+        .filter(|p| p.is_alive())
+        .map(|p| crate::confinement::read(&p.name, p.pid).map_err(|e| format!("{} (pid {}): {e}", p.name, p.pid)))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,7 @@
 pub mod agent_client;
 pub mod cgroup;
 pub mod config;
+pub mod confinement;
 pub mod container;
 pub mod error;
 pub mod guest_image;

@@ -11,7 +11,9 @@
 //! with L1's own /proc, /sys, /dev, cgroup v2 and tmpfs on /run, /tmp and
 //! /var/tmp over the host's: the host's binaries, libraries and guest
 //! image are at their usual paths, and nothing the scenario makes in those
-//! directories reaches the host.
+//! directories reaches the host. The share is moved over L1's root first,
+//! so that the monitors' `pivot_root` works there as on a host booted from
+//! a disk (from an initramfs root it is refused).
 //!
 //! Results come back through the share: the scenario's output goes to
 //! `output.log` and its exit status to `exit` in the run's directory (below
@@ -70,9 +72,14 @@ pub fn host_tsc_khz() -> u64 {
 }
 
 /// L1's /init: the kernel file systems, the host's share, the chroot, the
-/// scenario, the results, power off.
-fn l1_init(run_dir: &Path) -> String {
+/// scenario, the results, power off. A heartbeat on L1's console every 30 s
+/// tells an L1 that froze from a scenario that hangs; if the scenario still
+/// runs after `diagnose_after`, its processes (state, kernel wait channel)
+/// and the tails of the logs below /run and /tmp (the sandboxes' consoles
+/// and monitors) are appended to its output before the host gives up.
+fn l1_init(run_dir: &Path, diagnose_after: Duration) -> String {
     let dir = run_dir.display();
+    let diag = diagnose_after.as_secs();
     format!(
         r#"/bin/busybox mkdir -p /proc /sys /tmp
 /bin/busybox --install -s /bin
@@ -97,13 +104,47 @@ for d in run tmp var/tmp; do
     mount -t tmpfs -o mode=1777 tmp $h/$d
 done
 hostname tegmen-l1
-chroot $h /bin/sh -c 'cd {dir} && sh ./scenario.sh > ./output.log 2>&1; echo $? > ./exit'
-echo "tegmen-l1: scenario exit $(cat $h{dir}/exit 2>/dev/null), up $(cut -d' ' -f1 /proc/uptime) s"
-sync
+# The share becomes / (as switch_root does it, but keeping this initramfs
+# for the end): a root that is a mount over the initramfs, not the
+# initramfs itself, from which the monitors can pivot_root into their jail.
+# This shell keeps the initramfs as its own root.
+cd $h
+mount --move . /
+while sleep 30; do echo "tegmen-l1: alive, up $(cut -d' ' -f1 /proc/uptime) s, load $(cut -d' ' -f1-3 /proc/loadavg)" > /dev/console; done &
+chroot . /bin/sh -c 'cd {dir} && sh ./diagnose.sh {diag} & cd {dir} && sh ./scenario.sh > ./output.log 2>&1; echo $? > ./exit; echo "tegmen-l1: scenario exit $(cat ./exit), up $(cut -d" " -f1 /proc/uptime) s"; sync'
 reboot -f
 "#
     )
 }
+
+/// Run in L1 beside the scenario, in the run's directory: after `$1`
+/// seconds, or whenever the host creates `diagnose-now` there (for a look
+/// at a run by hand), if the scenario has not written `exit`, what L1 is
+/// doing goes to the end of `output.log`.
+const DIAGNOSE: &str = r#"start=$(cut -d. -f1 /proc/uptime)
+while [ ! -e ./exit ]; do
+    sleep 5
+    now=$(cut -d. -f1 /proc/uptime)
+    if [ -e ./diagnose-now ]; then
+        rm -f ./diagnose-now
+    elif [ $((now - start)) -lt "$1" ] || [ -n "$done" ]; then
+        continue
+    else
+        done=1
+    fi
+    [ -e ./exit ] && break
+    {
+    echo "=== tegmen-l1: the scenario still runs after $((now - start)) s; what L1 is doing:"
+    ps -eo pid,ppid,stat,time,wchan:24,args 2>/dev/null || ps
+    for f in $(find /run /tmp -name '*.log' -size +0 2>/dev/null); do
+        echo "--- $f (last 40 lines)"
+        tail -n 40 "$f"
+    done
+    echo "=== tegmen-l1: end of diagnosis"
+    } >> ./output.log 2>&1
+    sync
+done
+"#;
 
 /// Boots L1, runs the shell `script` there (as root, in the host's file
 /// system with L1's kernel; `set -e` is not implied) and returns what it
@@ -128,8 +169,11 @@ pub fn run_in_l1_with(name: &str, script: &str, timeout: Duration, vcpus: u32) -
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("scenario.sh"), script).unwrap();
+    std::fs::write(dir.join("diagnose.sh"), DIAGNOSE).unwrap();
     let initrd = dir.join("l1-initramfs.cpio");
-    std::fs::write(&initrd, busybox_initramfs(&l1_init(&dir))).unwrap();
+    // Time for the diagnosis to be written before the host gives up.
+    let diagnose_after = timeout.saturating_sub(Duration::from_secs(90)).max(timeout / 2);
+    std::fs::write(&initrd, busybox_initramfs(&l1_init(&dir, diagnose_after))).unwrap();
 
     // The host's root, over Tegmen's virtio-fs backend (not confined: it
     // serves `/` itself).

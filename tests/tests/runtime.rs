@@ -651,7 +651,8 @@ fn default_root() {
     assert!(tegmen_tests::mounts_below(&dir).is_empty());
 }
 
-/// The VM's QEMU SIGKILLed: stopped, and delete leaves nothing.
+/// The VM's monitor process (QEMU, or `tegmen-vmm` on the builtin
+/// backend) SIGKILLed mid-container: stopped, and delete leaves nothing.
 #[test]
 fn killed_vm() {
     let rt = Rt::new("rt-vm");
@@ -659,18 +660,18 @@ fn killed_vm() {
     rt.ok_detached(&["run", "-d", "--bundle", Rt::b(&bundle), "vm"]);
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(rt.root.config.sandboxes_dir().join("vm/state.json")).unwrap()).unwrap();
-    let qemu = state["processes"]
+    let monitor = state["processes"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|p| p["name"] == "qemu")
-        .expect("qemu recorded")["pid"]
-        .as_i64()
-        .unwrap() as i32;
+        .find(|p| p["name"] == "qemu" || p["name"] == "tegmen-vmm")
+        .unwrap_or_else(|| panic!("no monitor recorded: {state}"));
+    eprintln!("killed_vm: SIGKILL to {} {}", monitor["name"], monitor["pid"]);
+    let monitor = monitor["pid"].as_i64().unwrap() as i32;
     let cgroups = tegmen_tests::host_cgroup::recorded(&rt.root.config.sandboxes_dir().join("vm"));
     assert!(!cgroups.is_empty() && cgroups.iter().all(|d| d.exists()), "{cgroups:?}");
-    // SAFETY: kill sends a signal to a QEMU this test started.
-    unsafe { libc::kill(qemu, libc::SIGKILL) };
+    // SAFETY: kill sends a signal to a monitor this test started.
+    unsafe { libc::kill(monitor, libc::SIGKILL) };
     rt.wait_status("vm", "stopped");
     rt.ok(&["delete", "vm"]);
     rt.root.assert_nothing_left();

@@ -2,8 +2,8 @@
 //! containers, each in its VM): `list`, `inspect` and `ps` as text and
 //! JSON, `metrics` (also over HTTP) read by a Prometheus parser, the
 //! numbers checked against `/proc`; `console` and `console
-//! --follow`; `events`; and
-//! its faults: an unknown id, a VM that died, an agent that does not
+//! --follow`; `events`; `check ID` (the confinement of the host
+//! processes); and its faults: an unknown id, a VM that died, an agent that does not
 //! answer.
 
 use std::io::Read;
@@ -133,6 +133,60 @@ fn check_logs(cli: &Cli, id: &str) {
         .all(|l| l["time"].is_string() && l["source"].is_string() && l["line"].is_string()));
     let (code, _, err) = cli.out(&["logs", "nope"]);
     assert_eq!(code, 3, "{err}");
+}
+
+/// `supervisor check ID`: every live host process of the sandbox, each as
+/// `/proc` has it (seccomp mode, effective capabilities, uid), and which of
+/// its namespaces are its own; as JSON and as text.
+fn check_confinement(cli: &Cli, id: &str, qemu: i32) {
+    let report = cli.json(&["check", id, "--json"]);
+    let report = report.as_array().unwrap();
+    assert!(report.len() >= 3, "QEMU and two backends at least: {report:?}");
+    let field = |pid: i64, name: &str| -> String {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| Some(l.strip_prefix(name)?.strip_prefix(':')?.trim().to_string()))
+            .unwrap()
+    };
+    for p in report {
+        let pid = p["pid"].as_i64().unwrap_or_else(|| panic!("{p}"));
+        let mode = match field(pid, "Seccomp").as_str() {
+            "0" => "disabled",
+            "1" => "strict",
+            _ => "filter",
+        };
+        assert_eq!(p["seccomp"], mode, "{p}");
+        assert_eq!(
+            p["cap_effective"].as_u64().unwrap(),
+            u64::from_str_radix(&field(pid, "CapEff"), 16).unwrap(),
+            "{p}"
+        );
+        let uid: u64 = field(pid, "Uid").split_whitespace().next().unwrap().parse().unwrap();
+        assert_eq!(p["uid"][0].as_u64().unwrap(), uid, "{p}");
+        let own = |ns: &str| {
+            std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap()
+                != std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap()
+        };
+        for ns in ["mnt", "net", "pid", "uts", "ipc"] {
+            let listed = p["own_namespaces"].as_array().unwrap().iter().any(|n| n == ns);
+            assert_eq!(listed, own(ns), "{ns} of {p}");
+        }
+    }
+    assert!(
+        report.iter().any(|p| p["pid"] == qemu && p["name"] == "qemu"),
+        "{report:?}"
+    );
+    let (code, text, err) = cli.out(&["check", id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(text.contains(&format!("qemu (pid {qemu}):")), "{text}");
+    assert!(
+        text.contains("seccomp: ") && text.contains("capabilities: effective "),
+        "{text}"
+    );
+    let (code, _, err) = cli.out(&["check", "no-such-sandbox"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("no-such-sandbox"), "{err}");
 }
 
 /// `supervisor metrics` text, read by a Prometheus parser, against /proc
@@ -290,6 +344,7 @@ fn list_inspect_and_console() {
     check_metrics(&cli, &cli.out(&["metrics"]).1, qemu);
     check_metrics(&cli, &cli.out(&["metrics", "c1"]).1, qemu);
     check_logs(&cli, "c1");
+    check_confinement(&cli, "c1", qemu);
     // No debug console unless the configuration asks for one: the agent
     // refuses, and the error says how to turn it on.
     let (code, out, err) = cli.out(&["exec", "c1", "--", "uname", "-r"]);

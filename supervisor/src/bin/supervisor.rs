@@ -31,11 +31,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Print what this host offers; with --boot, boot a throwaway sandbox
+    /// Print what this host offers; with --boot, boot a throwaway sandbox;
+    /// with a sandbox id, the confinement of its host processes (uid,
+    /// no_new_privs, seccomp, capabilities, namespaces)
     Check {
         /// Boot a sandbox, print its GuestDetails and boot time, shut it down
-        #[arg(long)]
+        #[arg(long, conflicts_with = "id")]
         boot: bool,
+        /// A running sandbox whose host processes to report
+        id: Option<String>,
+        /// With an id: print JSON instead of text
+        #[arg(long, requires = "id")]
+        json: bool,
     },
     /// List sandboxes: face, status, VM size, host RSS, uptime, containers
     List {
@@ -258,7 +265,8 @@ fn run(cli: Cli) -> Result<u8> {
 
 fn run_command(config: &Config, command: Command) -> Result<()> {
     match command {
-        Command::Check { boot } => check(config, boot),
+        Command::Check { id: Some(id), json, .. } => check_confinement(config, &id, json),
+        Command::Check { boot, .. } => check(config, boot),
         Command::List { json } => {
             let summaries = inspect::list(config);
             if json {
@@ -377,6 +385,32 @@ fn run_command(config: &Config, command: Command) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn check_confinement(config: &Config, id: &str, json: bool) -> Result<()> {
+    let processes = inspect::confinement(config, id)?;
+    if processes.is_empty() {
+        bail!("sandbox {id} has no live host processes (its VM is gone)");
+    }
+    if json {
+        let v: Vec<serde_json::Value> = processes
+            .iter()
+            .map(|p| match p {
+                Ok(c) => serde_json::to_value(c).unwrap_or_default(),
+                Err(e) => serde_json::json!({ "error": e }),
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let known = tegmen_supervisor::confinement::known_caps();
+    for p in &processes {
+        match p {
+            Ok(c) => println!("{}", c.describe(known)),
+            Err(e) => println!("{e}"),
+        }
+    }
+    Ok(())
 }
 
 fn check(config: &Config, boot: bool) -> Result<()> {

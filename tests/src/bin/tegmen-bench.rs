@@ -333,12 +333,12 @@ fn l1_bench(runs: usize, smp_boots: usize) -> serde_json::Value {
     let b = bundle.display();
     let single = collect(
         "bench",
-        format!("set -e\nfor hv in builtin qemu; do echo \"L1BENCH $({me} l1-inside $hv {runs} {b})\"; done\n"),
+        format!("set -e\nfor hv in builtin qemu; do r=$({me} l1-inside $hv {runs} {b}); echo \"L1BENCH $r\"; done\n"),
         1,
     );
     let smp = collect(
         "bench-smp",
-        format!("set -e\nfor hv in builtin qemu; do echo \"L1BENCH $({me} l1-smp $hv {smp_boots})\"; done\n"),
+        format!("set -e\nfor hv in builtin qemu; do r=$({me} l1-smp $hv {smp_boots}); echo \"L1BENCH $r\"; done\n"),
         2,
     );
     let _ = std::fs::remove_dir_all(&bundle);

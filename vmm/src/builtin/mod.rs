@@ -430,7 +430,13 @@ fn vcpu_loop(mut vcpu: VcpuFd, id: u8, shared: &Shared, pio: &PioDevices, mmio: 
                     devices::PioAction::None => {}
                     devices::PioAction::Reset => shared.stop(StopReason::Reset),
                     devices::PioAction::BootMark => {
-                        let _ = shared.boot_mark.set(shared.started.elapsed());
+                        let at = shared.started.elapsed();
+                        if shared.boot_mark.set(at).is_ok() {
+                            log::info!(
+                                "boot mark: the guest's agent is up {} ms after the start",
+                                at.as_millis()
+                            );
+                        }
                     }
                 }
                 None
