@@ -278,9 +278,8 @@ fn large_output(g: Target) {
     // `seq 1 13000000` writes 105.9 MB (> 100 MiB); stdout first, then
     // stderr, so the host must drain both at once; the process exits right
     // after writing.
-    // `TEGMEN_TEST_LARGE_OUTPUT_LINES` makes it smaller where a slow path
-    // would take too long at full size (QEMU's vhost-user vsock in the
-    // nested L1 moves well under 0.4 MB/s).
+    // `TEGMEN_TEST_LARGE_OUTPUT_LINES` makes it smaller where the full size
+    // would take too long (the nested L1, where it took 5 to 25+ minutes).
     let smaller = std::env::var("TEGMEN_TEST_LARGE_OUTPUT_LINES").ok().map(|v| {
         v.parse::<u64>()
             .expect("TEGMEN_TEST_LARGE_OUTPUT_LINES: a number of lines")
