@@ -62,6 +62,18 @@ pub const NAMESPACES: [&str; 7] = ["mnt", "ipc", "uts", "net", "pid", "user", "c
 pub struct Confinement {
     pub name: String,
     pub pid: i32,
+    /// What `/proc/PID/status` says (its fields at the top level in JSON).
+    #[serde(flatten)]
+    pub status: StatusFields,
+    /// The namespaces in which the process is not where the reader is.
+    pub own_namespaces: Vec<String>,
+    /// The namespaces it shares with the reader.
+    pub shared_namespaces: Vec<String>,
+}
+
+/// The fields of `/proc/PID/status` this module reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StatusFields {
     /// Real and effective uid.
     pub uid: (u32, u32),
     /// Real and effective gid.
@@ -70,24 +82,6 @@ pub struct Confinement {
     /// `disabled`, `strict` or `filter`.
     pub seccomp: String,
     /// Filters installed (None where the kernel does not say).
-    pub seccomp_filters: Option<u32>,
-    pub cap_effective: u64,
-    pub cap_permitted: u64,
-    pub cap_bounding: u64,
-    pub cap_ambient: u64,
-    /// The namespaces in which the process is not where the reader is.
-    pub own_namespaces: Vec<String>,
-    /// The namespaces it shares with the reader.
-    pub shared_namespaces: Vec<String>,
-}
-
-/// The fields of `/proc/PID/status` this module reads.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct StatusFields {
-    pub uid: (u32, u32),
-    pub gid: (u32, u32),
-    pub no_new_privs: bool,
-    pub seccomp: String,
     pub seccomp_filters: Option<u32>,
     pub cap_effective: u64,
     pub cap_permitted: u64,
@@ -182,15 +176,7 @@ pub fn read_at(proc_root: &Path, name: &str, pid: i32, reference: &str) -> Resul
     Ok(Confinement {
         name: name.into(),
         pid,
-        uid: s.uid,
-        gid: s.gid,
-        no_new_privs: s.no_new_privs,
-        seccomp: s.seccomp,
-        seccomp_filters: s.seccomp_filters,
-        cap_effective: s.cap_effective,
-        cap_permitted: s.cap_permitted,
-        cap_bounding: s.cap_bounding,
-        cap_ambient: s.cap_ambient,
+        status: s,
         own_namespaces: own,
         shared_namespaces: shared,
     })
@@ -204,7 +190,8 @@ pub fn read(name: &str, pid: i32) -> Result<Confinement, String> {
 impl Confinement {
     /// Lines for `supervisor check ID`; `known` as in [`describe_caps`].
     pub fn describe(&self, known: u64) -> String {
-        let seccomp = match (self.seccomp.as_str(), self.seccomp_filters) {
+        let s = &self.status;
+        let seccomp = match (s.seccomp.as_str(), s.seccomp_filters) {
             ("filter", Some(n)) => format!("filter ({n} installed)"),
             (mode, _) => mode.to_string(),
         };
@@ -215,15 +202,15 @@ impl Confinement {
              namespaces: own {}; shared with this host {}",
             self.name,
             self.pid,
-            self.uid.0,
-            self.uid.1,
-            self.gid.0,
-            self.gid.1,
-            if self.no_new_privs { "yes" } else { "no" },
-            describe_caps(self.cap_effective, known),
-            describe_caps(self.cap_permitted, known),
-            describe_caps(self.cap_bounding, known),
-            describe_caps(self.cap_ambient, known),
+            s.uid.0,
+            s.uid.1,
+            s.gid.0,
+            s.gid.1,
+            if s.no_new_privs { "yes" } else { "no" },
+            describe_caps(s.cap_effective, known),
+            describe_caps(s.cap_permitted, known),
+            describe_caps(s.cap_bounding, known),
+            describe_caps(s.cap_ambient, known),
             list(&self.own_namespaces),
             list(&self.shared_namespaces),
         )
@@ -306,7 +293,7 @@ mod tests {
             .unwrap()
             .parse()
             .unwrap();
-        assert_eq!(me.uid.0, uid);
+        assert_eq!(me.status.uid.0, uid);
         assert!(me.own_namespaces.is_empty(), "{me:?}");
         assert!(me.shared_namespaces.contains(&"mnt".to_string()), "{me:?}");
         let text = me.describe(known_caps());
