@@ -36,6 +36,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
 
+use super::{run_daemon, WorkerFailures};
 use crate::devices::fs::{FsDevice, FsStats, MAX_QUEUE_SIZE};
 
 /// Guest memory as the vhost-user library hands it over.
@@ -126,6 +127,7 @@ pub struct FsBackend {
     device: Arc<FsDevice>,
     mem: RwLock<Option<GuestMem>>,
     pool: Option<Pool>,
+    failures: WorkerFailures,
 }
 
 impl FsBackend {
@@ -136,6 +138,7 @@ impl FsBackend {
             device: Arc::new(device),
             mem: RwLock::new(None),
             pool: None,
+            failures: WorkerFailures::default(),
         }
     }
 
@@ -290,7 +293,7 @@ impl VhostUserBackend for FsBackend {
         };
         let mem = mem.memory();
         match &self.pool {
-            None => self.process_inline(vring, &mem),
+            None => self.failures.check("virtio-fs", self.process_inline(vring, &mem)),
             Some(pool) => {
                 self.process_pooled(pool, vring, mem.into_inner());
                 Ok(())
@@ -302,9 +305,6 @@ impl VhostUserBackend for FsBackend {
 /// Serve one vhost-user front end that connects to `listener`, until it
 /// disconnects. A disconnect is the normal end and returns `Ok`.
 pub fn serve(backend: Arc<FsBackend>, listener: &mut Listener) -> Result<(), FsBackendError> {
-    use vhost::vhost_user::Error as VuError;
-    use vhost_user_backend::Error as DaemonError;
-
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let mut daemon = VhostUserDaemon::new("tegmen-fs".to_string(), backend.clone(), mem)
         .map_err(|e| FsBackendError::NewDaemon(e.to_string()))?;
@@ -312,16 +312,9 @@ pub fn serve(backend: Arc<FsBackend>, listener: &mut Listener) -> Result<(), FsB
         .start(listener)
         .map_err(|e| FsBackendError::Accept(e.to_string()))?;
     info!("vhost-user front end connected");
-    let result = daemon.wait();
-    for handler in daemon.get_epoll_handlers() {
-        handler.send_exit_event();
-    }
+    let result = run_daemon(daemon, &backend.failures).into_result();
     info!("virtio-fs stats at exit: {:?}", backend.stats());
-    match result {
-        Ok(()) => Ok(()),
-        Err(DaemonError::HandleRequest(VuError::Disconnected | VuError::PartialMessage)) => Ok(()),
-        Err(e) => Err(FsBackendError::Serve(e.to_string())),
-    }
+    result.map_err(FsBackendError::Serve)
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use super::with_queue;
+use super::{run_daemon, with_queue, WorkerFailures};
 use crate::devices::net::{FrameIo, NetDevice, NUM_QUEUES, QUEUE_SIZE, RXQ_INDEX, TXQ_INDEX};
 
 /// Epoll token of the tap in the daemon's worker: `0..NUM_QUEUES` are the
@@ -39,11 +39,16 @@ const TXQ_EVENT: u16 = TXQ_INDEX as u16;
 pub struct VhostUserNetBackend<T: FrameIo> {
     device: NetDevice<T>,
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+    failures: WorkerFailures,
 }
 
 impl<T: FrameIo> VhostUserNetBackend<T> {
     pub fn new(device: NetDevice<T>) -> Self {
-        VhostUserNetBackend { device, mem: None }
+        VhostUserNetBackend {
+            device,
+            mem: None,
+            failures: WorkerFailures::default(),
+        }
     }
 
     pub fn device(&self) -> &NetDevice<T> {
@@ -110,6 +115,13 @@ impl<T: FrameIo + Sync> VhostUserBackendMut for VhostUserNetBackend<T> {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> io::Result<()> {
+        let result = self.handle(device_event, vrings);
+        self.failures.check("net", result)
+    }
+}
+
+impl<T: FrameIo + Sync> VhostUserNetBackend<T> {
+    fn handle(&mut self, device_event: u16, vrings: &[VringRwLock]) -> io::Result<()> {
         if !matches!(device_event, RXQ_EVENT | TXQ_EVENT | TAP_EVENT) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -171,6 +183,7 @@ pub fn serve<T: FrameIo + Sync + 'static>(
     let listener = crate::unix_path::bind(socket).map_err(|e| err(format!("binding: {e}")))?;
     let tap_fd = device.io().as_raw_fd();
     let backend = Arc::new(RwLock::new(VhostUserNetBackend::new(device)));
+    let failures = backend.read().unwrap_or_else(|e| e.into_inner()).failures.clone();
     if let Some(path) = stats {
         let b = backend.clone();
         super::stats::bind_and_spawn(path, "net", move || {
@@ -204,21 +217,16 @@ pub fn serve<T: FrameIo + Sync + 'static>(
     let mut inner_listener = vhost::vhost_user::Listener::from(inner_listener);
     let started = daemon.start(&mut inner_listener);
     let _ = std::fs::remove_file(&inner);
-    let relay = started.and_then(|()| super::relay::spawn(front, back).map_err(vhost_user_backend::Error::StartDaemon));
-    let result = relay.and_then(|_| daemon.wait());
-    for handler in daemon.get_epoll_handlers() {
-        handler.send_exit_event();
-    }
+    let result =
+        match started.and_then(|()| super::relay::spawn(front, back).map_err(vhost_user_backend::Error::StartDaemon)) {
+            Ok(_) => run_daemon(daemon, &failures).into_result(),
+            Err(e) => Err(e.to_string()),
+        };
     let _ = std::fs::remove_file(socket);
     if let Some(path) = stats {
         let _ = std::fs::remove_file(path);
     }
-    use vhost::vhost_user::Error as VuError;
-    use vhost_user_backend::Error as DaemonError;
-    match result {
-        Ok(()) | Err(DaemonError::HandleRequest(VuError::Disconnected | VuError::PartialMessage)) => Ok(()),
-        Err(e) => Err(err(e.to_string())),
-    }
+    result.map_err(err)
 }
 
 #[cfg(test)]

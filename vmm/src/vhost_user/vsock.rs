@@ -26,7 +26,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use super::with_queue;
+use super::{run_daemon, with_queue, WorkerFailures};
 use crate::devices::vsock::defs::{EVQ_INDEX, NUM_QUEUES, QUEUE_SIZE, RXQ_INDEX, TXQ_INDEX};
 use crate::devices::vsock::{remove_stale_socket, VsockDevice};
 
@@ -69,6 +69,7 @@ pub struct VhostUserVsockBackend {
     device: VsockDevice,
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
     event_idx: bool,
+    failures: WorkerFailures,
 }
 
 impl VhostUserVsockBackend {
@@ -78,6 +79,7 @@ impl VhostUserVsockBackend {
             device,
             mem: None,
             event_idx: false,
+            failures: WorkerFailures::default(),
         }
     }
 
@@ -138,6 +140,13 @@ impl VhostUserBackendMut for VhostUserVsockBackend {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> io::Result<()> {
+        let result = self.handle(device_event, vrings);
+        self.failures.check("vsock", result)
+    }
+}
+
+impl VhostUserVsockBackend {
+    fn handle(&mut self, device_event: u16, vrings: &[VringRwLock]) -> io::Result<()> {
         if device_event == BACKEND_EVENT {
             // Always drain host events, even before the guest is up: the fd
             // is level-triggered and would otherwise keep firing.
@@ -211,24 +220,19 @@ pub fn serve(device: VsockDevice, socket: &Path, stats: Option<&Path>) -> Result
 
     log::info!("vsock: waiting for the front-end on {}", socket.display());
     let mut listener = vhost::vhost_user::Listener::from(listener);
-    let result = daemon.start(&mut listener).and_then(|()| daemon.wait());
-    for handler in daemon.get_epoll_handlers() {
-        handler.send_exit_event();
-    }
+    let failures = backend.read().unwrap_or_else(|e| e.into_inner()).failures.clone();
+    let result = match daemon.start(&mut listener) {
+        Ok(()) => run_daemon(daemon, &failures).into_result(),
+        Err(e) => Err(e.to_string()),
+    };
     let _ = std::fs::remove_file(socket);
     if let Some(path) = stats {
         let _ = std::fs::remove_file(path);
     }
-    use vhost::vhost_user::Error as VuError;
-    use vhost_user_backend::Error as DaemonError;
-    match result {
-        // A front-end that goes away is the normal end.
-        Ok(()) | Err(DaemonError::HandleRequest(VuError::Disconnected | VuError::PartialMessage)) => Ok(()),
-        Err(e) => Err(VhostUserVsockError::Serve {
-            path: socket.to_path_buf(),
-            msg: e.to_string(),
-        }),
-    }
+    result.map_err(|msg| VhostUserVsockError::Serve {
+        path: socket.to_path_buf(),
+        msg,
+    })
 }
 
 #[cfg(test)]
@@ -282,5 +286,51 @@ mod tests {
             b.handle_event(ev, EventSet::IN, &vrings, 0).unwrap();
         }
         assert!(b.handle_event(99, EventSet::IN, &vrings, 0).is_err());
+    }
+
+    /// A started daemon serving a front-end that is a bare socket.
+    fn started(
+        dir: &Path,
+    ) -> (
+        VhostUserDaemon<Arc<RwLock<VhostUserVsockBackend>>>,
+        WorkerFailures,
+        std::os::unix::net::UnixStream,
+    ) {
+        let b = Arc::new(RwLock::new(backend(dir, 3)));
+        let failures = b.read().unwrap().failures.clone();
+        let sock = dir.join("vu.sock");
+        let mut listener = vhost::vhost_user::Listener::from(crate::unix_path::bind(&sock).unwrap());
+        let front = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        let mut daemon = VhostUserDaemon::new("t".into(), b, GuestMemoryAtomic::new(GuestMemoryMmap::new())).unwrap();
+        daemon.start(&mut listener).unwrap();
+        (daemon, failures, front)
+    }
+
+    #[test]
+    fn a_failed_vring_worker_ends_the_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let (daemon, failures, _front) = started(dir.path());
+        // What vhost-user-backend's worker does with a backend's error:
+        // its thread ends. The report must end the serving too.
+        let f = failures.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let e = f.check("vsock", Err(io::Error::other("queue gone")));
+            assert!(e.is_err());
+        });
+        let ended = run_daemon(daemon, &failures);
+        t.join().unwrap();
+        let err = ended.into_result().unwrap_err();
+        assert_eq!(err, "vsock: a vring worker failed: queue gone");
+    }
+
+    #[test]
+    fn a_front_end_that_goes_is_the_normal_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let (daemon, failures, front) = started(dir.path());
+        drop(front);
+        assert_eq!(run_daemon(daemon, &failures).into_result(), Ok(()));
+        // A failure reported after the end goes nowhere and harms nothing.
+        assert!(failures.check("vsock", Err(io::Error::other("late"))).is_err());
     }
 }

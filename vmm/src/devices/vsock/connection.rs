@@ -238,6 +238,15 @@ impl VsockConnection {
             && self.peer_shut & SHUTDOWN_RCV == 0
     }
 
+    /// The guest sent a packet for this connection that could not be taken:
+    /// tear it down (see [`VsockMuxer::abort`](super::muxer::VsockMuxer::abort)).
+    pub fn abort(&mut self, c: &mut VsockCounters) {
+        if !matches!(self.state, ConnState::Killed | ConnState::Done) {
+            c.protocol_errors += 1;
+            self.kill();
+        }
+    }
+
     /// Tear the connection down with an `OP_RST` to the guest.
     fn kill(&mut self) {
         self.state = ConnState::Killed;

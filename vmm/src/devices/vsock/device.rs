@@ -28,7 +28,7 @@ use super::defs::{
 };
 use super::metrics::VsockCounters;
 use super::muxer::VsockMuxer;
-use super::packet::{check_tx_header, parse_tx_chain, TxPacket, TxVerdict};
+use super::packet::{check_tx_header, parse_tx_chain, peek_tx_header, TxPacket, TxVerdict};
 use super::sys::bind_listener;
 use super::Error;
 
@@ -164,11 +164,20 @@ impl VsockDevice {
             }
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
                 let head = chain.head_index();
+                let spare = chain.clone();
                 match parse_tx_chain(mem, chain) {
                     Ok(pkt) => self.handle_tx_packet(&pkt),
                     Err(e) => {
                         log::debug!("vsock: dropping malformed tx chain: {e}");
                         self.muxer.counters_mut().tx_malformed += 1;
+                        // Its bytes never reach the host, so they can never
+                        // be credited back: the connection it names is reset
+                        // instead of stalling on a credit that leaked.
+                        if let Some(hdr) = peek_tx_header(mem, spare) {
+                            if check_tx_header(&hdr, self.guest_cid) == TxVerdict::Accept {
+                                self.muxer.abort(&hdr);
+                            }
+                        }
                     }
                 }
                 if queue.add_used(mem, head, 0).is_err() {

@@ -203,6 +203,24 @@ impl VsockMuxer {
         self.rxq.push_back(RxItem::Rst(VsockHeader::rst_reply_to(hdr)));
     }
 
+    /// A guest packet with a valid header whose payload could not be read:
+    /// the connection it belongs to is torn down on both sides (the host
+    /// client sees its stream close, the guest an `OP_RST`); for no
+    /// connection, the guest just gets the `OP_RST`.
+    pub fn abort(&mut self, hdr: &VsockHeader) {
+        let key = ConnKey {
+            local_port: hdr.dst_port,
+            peer_port: hdr.src_port,
+        };
+        match self.conns.get_mut(&key) {
+            Some(conn) => {
+                conn.abort(&mut self.counters);
+                self.after_conn_activity(key);
+            }
+            None => self.push_rst(hdr),
+        }
+    }
+
     /// Handle one validated guest packet (see
     /// [`check_tx_header`](super::packet::check_tx_header)).
     /// `data` is the payload, possibly in several pieces.

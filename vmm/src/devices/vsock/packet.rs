@@ -18,6 +18,7 @@
 
 use std::ops::Deref;
 
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use virtio_vsock::packet::{Error as PacketError, VsockPacket};
 use vm_memory::bitmap::BitmapSlice;
@@ -170,6 +171,28 @@ where
     }
 }
 
+/// The header of a transmit chain whose payload could not be taken, if its
+/// head descriptor holds a readable one: the connection it names has lost
+/// bytes and must be reset rather than left waiting for them.
+pub fn peek_tx_header<T>(mem: &GuestMemoryMmap, mut chain: DescriptorChain<T>) -> Option<VsockHeader>
+where
+    T: Deref,
+    T::Target: GuestMemory,
+{
+    head_header(mem, &chain.next()?)
+}
+
+/// The header in a chain's head descriptor, if it is device-readable and
+/// large enough.
+fn head_header(mem: &GuestMemoryMmap, head: &Descriptor) -> Option<VsockHeader> {
+    if head.is_write_only() || (head.len() as usize) < PKT_HEADER_SIZE {
+        return None;
+    }
+    let mut raw = [0u8; PKT_HEADER_SIZE];
+    mem.read_slice(&mut raw, head.addr()).ok()?;
+    Some(VsockHeader::from_bytes(&raw))
+}
+
 /// Header in the head descriptor; payload in whatever follows the header
 /// there and in the next descriptors, all device-readable.
 fn parse_scattered<'a, T>(mem: &'a GuestMemoryMmap, mut chain: DescriptorChain<T>) -> Option<TxPacket<'a>>
@@ -178,12 +201,7 @@ where
     T::Target: GuestMemory,
 {
     let head = chain.next()?;
-    if head.is_write_only() || (head.len() as usize) < PKT_HEADER_SIZE {
-        return None;
-    }
-    let mut raw = [0u8; PKT_HEADER_SIZE];
-    mem.read_slice(&mut raw, head.addr()).ok()?;
-    let hdr = VsockHeader::from_bytes(&raw);
+    let hdr = head_header(mem, &head)?;
     if hdr.len == 0 || hdr.len > MAX_PKT_BUF_SIZE {
         return None;
     }

@@ -490,11 +490,19 @@ fn payload_scattered_over_several_descriptors_is_reassembled() {
             (MEM_SIZE as u64, 6, 0),
         ],
     ];
-    for c in &bad {
+    g.send_chain(&bad[0]);
+    assert_eq!(g.dev.counters().tx_malformed, 1);
+    assert_eq!(g.dev.counters().tx_bytes, 29);
+    // Bytes the host never took could never be credited back: the stream
+    // is reset on both sides rather than left stalling.
+    g.wait_for("RST", |p| p.hdr.op == OP_RST && p.hdr.dst_port == 41010);
+    assert!(sees_eof(&mut s));
+    for c in &bad[1..] {
         g.send_chain(c);
     }
     assert_eq!(g.dev.counters().tx_malformed, 3);
     assert_eq!(g.dev.counters().tx_bytes, 29);
+    assert_eq!(g.dev.connection_count(), 0);
 }
 
 #[test]
@@ -712,10 +720,13 @@ fn malformed_tx_chains_are_dropped() {
     g.mem.write_slice(&h.to_bytes(), GuestAddress(a)).unwrap();
     g.send_chain(&[(a, PKT_HEADER_SIZE as u32, 0)]);
     assert_eq!(g.dev.counters().tx_malformed, chains.len() as u64 + 6);
-    // Every chain was returned to the guest, and nothing else happened.
+    // Every chain was returned to the guest, nothing was taken, and each
+    // chain with a readable header got an OP_RST (no connection had them).
     assert_eq!(g.txq.free.len(), QSIZE as usize);
     assert_eq!(g.dev.counters().tx_packets, 0);
-    assert!(g.settle().is_empty());
+    let got = g.settle();
+    assert_eq!(got.len(), 6, "{got:?}");
+    assert!(got.iter().all(|p| p.hdr.op == OP_RST && p.hdr.dst_port == 1), "{got:?}");
 }
 
 #[test]
