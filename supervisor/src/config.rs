@@ -6,6 +6,7 @@
 //! hypervisor = "auto"          # auto | qemu | builtin
 //! hardware_virtualization = "auto"   # auto | yes | no: overrides /proc/cpuinfo
 //! root = "/run/tegmen"
+//! seccomp = "kill"             # kill | log | off: the syscall allow-lists of the VM's host processes
 //!
 //! [guest]
 //! kernel = "/usr/share/tegmen/vmlinux"
@@ -54,6 +55,11 @@ pub struct Config {
     pub hypervisor: HypervisorChoice,
     pub hardware_virtualization: Override,
     pub root: PathBuf,
+    /// The syscall allow-lists of the processes that serve a guest (the
+    /// vhost-user backends): `kill` (default) ends a process at a syscall
+    /// off its list, `log` only logs it (to find what a list lacks), `off`
+    /// is for debugging.
+    pub seccomp: tegmen_vmm::seccomp::Mode,
     pub guest: GuestConfig,
     pub qemu: QemuConfig,
 }
@@ -89,6 +95,7 @@ impl Default for Config {
             hypervisor: HypervisorChoice::Auto,
             hardware_virtualization: Override::Auto,
             root: PathBuf::from(DEFAULT_ROOT),
+            seccomp: tegmen_vmm::seccomp::Mode::Kill,
             guest: GuestConfig::default(),
             qemu: QemuConfig::default(),
         }

@@ -506,6 +506,7 @@ impl Sandbox {
             accel,
             cgroup: self.state.host_cgroup.clone(),
             nics: self.nics.clone(),
+            seccomp: config.seccomp,
         };
         self.state.boot = Some(BootRecord {
             kernel: spec.kernel.clone(),

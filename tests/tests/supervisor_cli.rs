@@ -177,6 +177,21 @@ fn check_confinement(cli: &Cli, id: &str, qemu: i32) {
         report.iter().any(|p| p["pid"] == qemu && p["name"] == "qemu"),
         "{report:?}"
     );
+    // Each backend serves the guest under its allow-list (issue 12).
+    let backends: Vec<_> = report
+        .iter()
+        .filter(|p| {
+            p["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("tegmen-") && n.contains("-backend"))
+        })
+        .collect();
+    assert!(backends.len() >= 2, "{report:?}");
+    for p in backends {
+        assert_eq!(p["seccomp"], "filter", "{p}");
+        assert!(p["seccomp_filters"].as_u64().unwrap() >= 1, "{p}");
+        assert_eq!(p["no_new_privs"], true, "{p}");
+    }
     let (code, text, err) = cli.out(&["check", id]);
     assert_eq!(code, 0, "{err}");
     assert!(text.contains(&format!("qemu (pid {qemu}):")), "{text}");

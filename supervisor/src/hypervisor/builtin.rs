@@ -220,6 +220,7 @@ mod tests {
             accel: Accel::Kvm,
             cgroup: None,
             nics: Vec::new(),
+            seccomp: tegmen_vmm::seccomp::Mode::Kill,
         };
         let cmd = Builtin::command_line(Path::new("/usr/libexec/tegmen/tegmen-vmm"), &spec);
         let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();

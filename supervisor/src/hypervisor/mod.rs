@@ -43,6 +43,8 @@ pub struct VmSpec {
     pub cgroup: Option<crate::cgroup::HostCgroup>,
     /// Network interfaces, each on a tap (Tegmen's own virtio-net device).
     pub nics: Vec<Nic>,
+    /// How the syscall allow-lists of the VM's own processes are enforced.
+    pub seccomp: tegmen_vmm::seccomp::Mode,
 }
 
 /// One guest NIC: Tegmen's virtio-net device on a tap.
@@ -273,6 +275,53 @@ pub fn tail_lines(path: &Path, max_lines: usize) -> String {
     }
 }
 
+/// How a process of a VM ended, as said in errors: a process killed for a
+/// syscall off its allow-list is named as such, with the syscall from the
+/// kernel's audit record of it when the kernel log still has one.
+pub fn describe_exit(name: &str, pid: u32, status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if status.signal() != Some(libc::SIGSYS) {
+        return format!("{name} {status}");
+    }
+    match seccomp_kill_of(pid) {
+        Some(nr) => format!("seccomp violation in {name}, syscall {nr}"),
+        None => {
+            format!("seccomp violation in {name} (killed by SIGSYS; no audit record of the syscall in the kernel log)")
+        }
+    }
+}
+
+/// The syscall the kernel's log says process `pid` was killed at by its
+/// seccomp filter (the last such record).
+fn seccomp_kill_of(pid: u32) -> Option<i64> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut kmsg = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+        .ok()?;
+    let mut found = None;
+    // One record per read; a record is at most 8 KiB. EAGAIN ends the log,
+    // EPIPE says records were overwritten while reading (read on).
+    let mut buf = vec![0u8; 8192];
+    for _ in 0..1_000_000 {
+        match kmsg.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if let Some(r) = tegmen_vmm::seccomp::parse_audit_record(&String::from_utf8_lossy(&buf[..n])) {
+                    if r.pid == pid && r.code == 0x8000_0000 {
+                        found = Some(r.syscall);
+                    }
+                }
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
+            Err(_) => break,
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,5 +366,53 @@ mod tests {
         std::fs::write(&p, text).unwrap();
         assert_eq!(tail_lines(&p, 2), "line 998\nline 999");
         assert!(tail_lines(&dir.path().join("nope"), 2).contains("missing"));
+    }
+
+    /// A forked child that applies the vsock backend's allow-list and
+    /// makes a syscall off it, as a backend would.
+    fn child_killed_by_its_filter() -> (u32, std::process::ExitStatus) {
+        use std::os::unix::process::ExitStatusExt;
+        let prog =
+            tegmen_vmm::seccomp::program(tegmen_vmm::seccomp::Kind::VsockBackend, tegmen_vmm::seccomp::Mode::Kill)
+                .unwrap()
+                .unwrap();
+        // SAFETY: the child makes raw syscalls only, then ends.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let _ = tegmen_vmm::seccomp::apply_to_this_thread(&prog);
+            // SAFETY: socket(2) for an Internet socket: off the list.
+            unsafe { libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0) };
+            // SAFETY: ends the child if the filter did not.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        (pid as u32, std::process::ExitStatus::from_raw(status))
+    }
+
+    #[test]
+    fn a_seccomp_kill_is_named_with_its_syscall() {
+        let (pid, status) = child_killed_by_its_filter();
+        let said = describe_exit("tegmen-vsock-backend", pid, status);
+        if std::fs::File::open("/dev/kmsg").is_ok() {
+            assert_eq!(said, "seccomp violation in tegmen-vsock-backend, syscall 41");
+        } else {
+            assert!(
+                said.starts_with("seccomp violation in tegmen-vsock-backend (killed by SIGSYS"),
+                "{said}"
+            );
+        }
+        // SIGSYS sent by someone else: no audit record to find.
+        let mut child = std::process::Command::new("sleep").arg("10").spawn().unwrap();
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGSYS) };
+        let status = child.wait().unwrap();
+        assert_eq!(
+            describe_exit("x", child.id(), status),
+            "seccomp violation in x (killed by SIGSYS; no audit record of the syscall in the kernel log)"
+        );
+        let status = std::process::Command::new("false").status().unwrap();
+        assert_eq!(describe_exit("qemu", 1, status), "qemu exit status: 1");
     }
 }

@@ -61,7 +61,7 @@ impl Qemu {
             }
             if let Some(status) = self.child_exit(name) {
                 return Err(Error::Hypervisor(format!(
-                    "{name} exited before creating {} ({status}):\n{}",
+                    "{name} ended before creating {} ({status}):\n{}",
                     socket.display(),
                     tail_lines(log, 10)
                 )));
@@ -80,7 +80,26 @@ impl Qemu {
 
     fn child_exit(&mut self, name: &str) -> Option<String> {
         let (_, child) = self.children.iter_mut().find(|(n, _)| n == name)?;
-        child.try_wait().ok().flatten().map(|s| s.to_string())
+        let pid = child.id();
+        child
+            .try_wait()
+            .ok()
+            .flatten()
+            .map(|s| super::describe_exit(name, pid, s))
+    }
+
+    /// A backend its allow-list ended: the VM cannot go on without it.
+    fn backend_killed_by_seccomp(&mut self) -> Option<String> {
+        use std::os::unix::process::ExitStatusExt;
+        self.children.iter_mut().find_map(|(name, child)| {
+            let pid = child.id();
+            match child.try_wait() {
+                Ok(Some(s)) if name != "qemu" && s.signal() == Some(libc::SIGSYS) => {
+                    Some(super::describe_exit(name, pid, s))
+                }
+                _ => None,
+            }
+        })
     }
 
     /// QEMU's command line. It runs in `spec.run_dir` and names the
@@ -167,6 +186,7 @@ impl Hypervisor for Qemu {
             .arg(&spec.vsock_socket)
             .arg("--stats-socket")
             .arg(spec.run_dir.join(format!("vsock{}", super::STATS_SUFFIX)));
+        cmd.arg("--seccomp").arg(spec.seccomp.to_string());
         self.spawn("tegmen-vsock-backend", cmd, &vsock_log, spec, record)?;
 
         let fs_log = spec.run_dir.join("fs-backend.log");
@@ -177,6 +197,7 @@ impl Hypervisor for Qemu {
             .arg(&spec.shared_dir)
             .arg("--stats-socket")
             .arg(spec.run_dir.join(format!("fs{}", super::STATS_SUFFIX)));
+        cmd.arg("--seccomp").arg(spec.seccomp.to_string());
         self.spawn("tegmen-fs-backend", cmd, &fs_log, spec, record)?;
 
         for (i, nic) in spec.nics.iter().enumerate() {
@@ -195,6 +216,7 @@ impl Hypervisor for Qemu {
             }
             cmd.arg("--stats-socket")
                 .arg(spec.run_dir.join(format!("net{i}{}", super::STATS_SUFFIX)));
+            cmd.arg("--seccomp").arg(spec.seccomp.to_string());
             self.spawn(&format!("tegmen-net-backend-{i}"), cmd, &log, spec, record)?;
         }
 
@@ -218,7 +240,9 @@ impl Hypervisor for Qemu {
     fn exited(&mut self) -> Option<String> {
         if self.exit.is_none() {
             if let Some(status) = self.child_exit("qemu") {
-                self.exit = Some(format!("qemu {status}"));
+                self.exit = Some(status);
+            } else if let Some(why) = self.backend_killed_by_seccomp() {
+                self.exit = Some(why);
             }
         }
         self.exit.clone()

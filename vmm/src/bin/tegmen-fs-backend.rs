@@ -65,6 +65,10 @@ struct Args {
     /// this Unix socket (`supervisor metrics` reads it).
     #[arg(long, value_name = "PATH")]
     stats_socket: Option<PathBuf>,
+    /// The syscall allow-list: `kill` (a syscall off it ends the process),
+    /// `log` (logged by the kernel and allowed) or `off`.
+    #[arg(long, value_name = "MODE", default_value_t = tegmen_vmm::seccomp::Mode::Kill)]
+    seccomp: tegmen_vmm::seccomp::Mode,
 }
 
 /// The socket file, kept removable after the process has pivoted away from
@@ -274,6 +278,9 @@ fn run(args: Args) -> Result<()> {
         // A Listener made from the bare socket: its Drop must not unlink by
         // path, which after the pivot would name a file inside the share.
         let mut listener = Listener::from(listener);
+        // Every socket bound, the sandbox entered, every thread started:
+        // from here on only what serving files takes.
+        tegmen_vmm::seccomp::install(tegmen_vmm::seccomp::Kind::FsBackend, args.seccomp)?;
         serve(backend, &mut listener)?;
         info!("front end disconnected, exiting");
         Ok(())

@@ -43,6 +43,10 @@ struct Args {
     /// this Unix socket (`supervisor metrics` reads it).
     #[arg(long, value_name = "PATH")]
     stats_socket: Option<PathBuf>,
+    /// The syscall allow-list: `kill` (a syscall off it ends the process),
+    /// `log` (logged by the kernel and allowed) or `off`.
+    #[arg(long, value_name = "MODE", default_value_t = tegmen_vmm::seccomp::Mode::Kill)]
+    seccomp: tegmen_vmm::seccomp::Mode,
 }
 
 fn run(args: &Args) -> Result<(), String> {
@@ -59,7 +63,7 @@ fn run(args: &Args) -> Result<(), String> {
             mtu: args.mtu,
         },
     );
-    serve(device, &args.socket, args.stats_socket.as_deref()).map_err(|e| e.to_string())?;
+    serve(device, &args.socket, args.stats_socket.as_deref(), args.seccomp).map_err(|e| e.to_string())?;
     log::info!("front-end disconnected; exiting");
     Ok(())
 }

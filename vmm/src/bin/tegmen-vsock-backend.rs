@@ -42,6 +42,10 @@ struct Args {
     /// this Unix socket (`supervisor metrics` reads it).
     #[arg(long, value_name = "PATH")]
     stats_socket: Option<PathBuf>,
+    /// The syscall allow-list: `kill` (a syscall off it ends the process),
+    /// `log` (logged by the kernel and allowed) or `off`.
+    #[arg(long, value_name = "MODE", default_value_t = tegmen_vmm::seccomp::Mode::Kill)]
+    seccomp: tegmen_vmm::seccomp::Mode,
 }
 
 /// Socket files to remove if a signal ends us early, as C strings so the
@@ -100,7 +104,7 @@ fn run(args: &Args) -> Result<(), String> {
     // socket; this covers SIGINT/SIGTERM/SIGHUP.
     install_cleanup(&[&args.socket, &args.uds_path]);
 
-    serve(device, &args.socket, args.stats_socket.as_deref()).map_err(|e| e.to_string())?;
+    serve(device, &args.socket, args.stats_socket.as_deref(), args.seccomp).map_err(|e| e.to_string())?;
     log::info!("front-end disconnected; exiting");
     Ok(())
 }

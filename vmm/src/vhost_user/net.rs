@@ -174,6 +174,7 @@ pub fn serve<T: FrameIo + Sync + 'static>(
     device: NetDevice<T>,
     socket: &Path,
     stats: Option<&Path>,
+    seccomp: crate::seccomp::Mode,
 ) -> Result<(), VhostUserNetError> {
     let err = |msg: String| VhostUserNetError::Serve {
         path: socket.display().to_string(),
@@ -217,11 +218,16 @@ pub fn serve<T: FrameIo + Sync + 'static>(
     let mut inner_listener = vhost::vhost_user::Listener::from(inner_listener);
     let started = daemon.start(&mut inner_listener);
     let _ = std::fs::remove_file(&inner);
-    let result =
-        match started.and_then(|()| super::relay::spawn(front, back).map_err(vhost_user_backend::Error::StartDaemon)) {
-            Ok(_) => run_daemon(daemon, &failures).into_result(),
-            Err(e) => Err(e.to_string()),
-        };
+    // Every socket made: the allow-list goes on before the relay passes
+    // the first message, so before any vring can be kicked.
+    let result = match started
+        .map_err(|e| e.to_string())
+        .and_then(|()| crate::seccomp::install(crate::seccomp::Kind::NetBackend, seccomp).map_err(|e| e.to_string()))
+        .and_then(|()| super::relay::spawn(front, back).map_err(|e| e.to_string()))
+    {
+        Ok(_) => run_daemon(daemon, &failures).into_result(),
+        Err(e) => Err(e),
+    };
     let _ = std::fs::remove_file(socket);
     if let Some(path) = stats {
         let _ = std::fs::remove_file(path);

@@ -53,6 +53,9 @@ pub enum VhostUserVsockError {
     /// Registering the device's epoll fd with the worker failed.
     #[error("cannot register the vsock event fd with the vhost-user worker: {0}")]
     RegisterListener(#[source] io::Error),
+    /// The syscall allow-list could not be installed.
+    #[error("{0}")]
+    Seccomp(String),
     /// Serving the vhost-user socket failed.
     #[error("vhost-user socket {}: {msg}", path.display())]
     Serve {
@@ -189,7 +192,14 @@ impl VhostUserVsockBackend {
 ///
 /// With `stats`, the device's counters are served there too
 /// ([`super::stats`]).
-pub fn serve(device: VsockDevice, socket: &Path, stats: Option<&Path>) -> Result<(), VhostUserVsockError> {
+/// `seccomp` is installed once every socket is bound and every thread
+/// started, before the front-end is accepted.
+pub fn serve(
+    device: VsockDevice,
+    socket: &Path,
+    stats: Option<&Path>,
+    seccomp: crate::seccomp::Mode,
+) -> Result<(), VhostUserVsockError> {
     remove_stale_socket(socket)?;
     let listener = crate::unix_path::bind(socket).map_err(|e| VhostUserVsockError::Serve {
         path: socket.to_path_buf(),
@@ -218,6 +228,8 @@ pub fn serve(device: VsockDevice, socket: &Path, stats: Option<&Path>) -> Result
         .register_listener(device_fd, EventSet::IN, u64::from(BACKEND_EVENT))
         .map_err(VhostUserVsockError::RegisterListener)?;
 
+    crate::seccomp::install(crate::seccomp::Kind::VsockBackend, seccomp)
+        .map_err(|e| VhostUserVsockError::Seccomp(e.to_string()))?;
     log::info!("vsock: waiting for the front-end on {}", socket.display());
     let mut listener = vhost::vhost_user::Listener::from(listener);
     let failures = backend.read().unwrap_or_else(|e| e.into_inner()).failures.clone();

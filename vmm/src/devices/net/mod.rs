@@ -25,6 +25,7 @@ mod tap;
 mod tests;
 
 pub use device::{NetConfig, NetCounters, NetDevice};
+pub(crate) use tap::TUNSETOFFLOAD;
 pub use tap::{FrameIo, Tap};
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
