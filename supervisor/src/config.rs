@@ -191,6 +191,20 @@ mod tests {
         assert_eq!(c.hypervisor, HypervisorChoice::Auto);
         assert_eq!(c.guest.memory_mib, 256);
         assert_eq!(c.root, PathBuf::from(DEFAULT_ROOT));
+        assert_eq!(c.seccomp, tegmen_vmm::seccomp::Mode::Kill);
+    }
+
+    #[test]
+    fn the_seccomp_switch_is_read_and_checked() {
+        use tegmen_vmm::seccomp::Mode;
+        for (text, mode) in [("kill", Mode::Kill), ("log", Mode::Log), ("off", Mode::Off)] {
+            let c = Config::parse(&format!("seccomp = \"{text}\"\n"), Path::new("x.toml")).unwrap();
+            assert_eq!(c.seccomp, mode);
+        }
+        let e = Config::parse("seccomp = \"on\"\n", Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("on") && e.contains("kill"), "{e}");
     }
 
     #[test]
