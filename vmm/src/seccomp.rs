@@ -265,13 +265,9 @@ fn arg_is(index: u8, values: &[u64], kind: Kind) -> Result<Vec<SeccompRule>, Err
         .collect()
 }
 
-/// The BPF program of `kind` in `mode` (`None` for [`Mode::Off`]).
-pub fn program(kind: Kind, mode: Mode) -> Result<Option<BpfProgram>, Error> {
-    let mismatch = match mode {
-        Mode::Off => return Ok(None),
-        Mode::Kill => SeccompAction::KillProcess,
-        Mode::Log => SeccompAction::Log,
-    };
+/// Every syscall `kind` may make, with the argument conditions of those
+/// allowed only with some arguments.
+fn rules(kind: Kind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Error> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed_syscalls(kind).into_iter().map(|s| (s, vec![])).collect();
     rules.insert(libc::SYS_prctl, arg_is(0, PRCTL_OPTIONS, kind)?);
     let ioctls: Vec<u64> = match kind {
@@ -287,11 +283,29 @@ pub fn program(kind: Kind, mode: Mode) -> Result<Option<BpfProgram>, Error> {
     if kind == Kind::VsockBackend {
         rules.insert(libc::SYS_socket, arg_is(0, &[libc::AF_UNIX as u64], kind)?);
     }
+    Ok(rules)
+}
+
+/// The BPF program of `kind` in `mode` (`None` for [`Mode::Off`]), and
+/// how many syscalls it lets through (some only with given arguments).
+fn compiled(kind: Kind, mode: Mode) -> Result<Option<(BpfProgram, usize)>, Error> {
+    let mismatch = match mode {
+        Mode::Off => return Ok(None),
+        Mode::Kill => SeccompAction::KillProcess,
+        Mode::Log => SeccompAction::Log,
+    };
+    let rules = rules(kind)?;
+    let count = rules.len();
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(|e| Error::Build(kind.name(), e.to_string()))?;
     BpfProgram::try_from(filter)
-        .map(Some)
+        .map(|prog| Some((prog, count)))
         .map_err(|e| Error::Build(kind.name(), e.to_string()))
+}
+
+/// The BPF program of `kind` in `mode` (`None` for [`Mode::Off`]).
+pub fn program(kind: Kind, mode: Mode) -> Result<Option<BpfProgram>, Error> {
+    Ok(compiled(kind, mode)?.map(|(prog, _)| prog))
 }
 
 /// One BPF instruction of a compiled list.
@@ -306,7 +320,7 @@ pub fn apply_to_this_thread(prog: &[SockFilter]) -> bool {
 /// Sets no_new_privs and installs `kind`'s list in `mode` on every thread
 /// of this process. Logs what it did.
 pub fn install(kind: Kind, mode: Mode) -> Result<(), Error> {
-    let Some(prog) = program(kind, mode)? else {
+    let Some((prog, count)) = compiled(kind, mode)? else {
         log::warn!("seccomp: off, {} runs with every syscall", kind.name());
         return Ok(());
     };
@@ -314,9 +328,8 @@ pub fn install(kind: Kind, mode: Mode) -> Result<(), Error> {
     // CAP_SYS_ADMIN); it stays set for good.
     seccompiler::apply_filter_all_threads(&prog).map_err(|e| Error::Install(kind.name(), e.to_string()))?;
     log::info!(
-        "seccomp: {} allow-list of {} syscalls in force ({mode})",
-        kind.name(),
-        allowed_syscalls(kind).len() + 2
+        "seccomp: {} allow-list of {count} syscalls in force ({mode})",
+        kind.name()
     );
     Ok(())
 }
