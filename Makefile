@@ -4,7 +4,7 @@
 CARGO ?= cargo
 TARGET_DIR := target/debug
 
-.PHONY: all setup build guest-image demo test unit-test e2e-test bench clippy fmt clean
+.PHONY: all setup build guest-image demo test unit-test e2e-test fuzz fuzz-smoke bench clippy fmt clean
 
 all: build
 
@@ -30,7 +30,17 @@ unit-test: build
 e2e-test: build guest-image
 	$(CARGO) test -p tegmen-tests -- --test-threads=1
 
-test: unit-test e2e-test
+test: unit-test e2e-test fuzz-smoke
+
+# Every fuzz target under libFuzzer, FUZZ_TIME seconds each (default 600);
+# `make test` runs each for 30 s. The checked-in corpus and every crash
+# input found also run as a unit test (fuzz-targets/tests/corpus.rs).
+FUZZ_TIME ?= 600
+fuzz: setup
+	scripts/fuzz.sh --time $(FUZZ_TIME)
+
+fuzz-smoke: setup
+	scripts/fuzz.sh --time 30
 
 bench: build guest-image
 	scripts/bench.sh

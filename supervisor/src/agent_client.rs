@@ -29,6 +29,16 @@ pub fn hybrid_vsock_connect(socket: &Path, port: u32, timeout: Duration) -> std:
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    read_handshake_reply(&mut stream, port)?;
+    stream.set_read_timeout(None)?;
+    stream.set_write_timeout(None)?;
+    Ok(stream)
+}
+
+/// Reads the hybrid-vsock device's answer to `CONNECT port` (`OK <host
+/// port>\n`, at most [`MAX_HANDSHAKE_LINE`] bytes) a byte at a time, so
+/// nothing of the stream after it is consumed.
+pub fn read_handshake_reply(stream: &mut impl Read, port: u32) -> std::io::Result<()> {
     let mut line = Vec::with_capacity(16);
     let mut byte = [0u8; 1];
     loop {
@@ -55,9 +65,7 @@ pub fn hybrid_vsock_connect(socket: &Path, port: u32, timeout: Duration) -> std:
             format!("hybrid vsock: unexpected reply {:?}", String::from_utf8_lossy(&line)),
         ));
     }
-    stream.set_read_timeout(None)?;
-    stream.set_write_timeout(None)?;
-    Ok(stream)
+    Ok(())
 }
 
 /// Most processes taken from one `ListProcesses` reply.

@@ -618,7 +618,9 @@ fn rfc3339(t: SystemTime) -> String {
     crate::runtime::log::rfc3339(d.as_secs() as i64, d.subsec_nanos())
 }
 
-fn event_line(sandbox: &str, e: &tegmen_agent_api::agent::Event) -> Option<EventLine> {
+/// The `supervisor events` line of an agent event (`None` for an event
+/// without a body).
+pub fn event_line(sandbox: &str, e: &tegmen_agent_api::agent::Event) -> Option<EventLine> {
     use tegmen_agent_api::agent::event::Event as E;
     Some(match e.event.as_ref()? {
         E::Exit(x) => EventLine {

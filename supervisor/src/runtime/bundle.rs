@@ -54,9 +54,15 @@ impl Bundle {
             std::io::ErrorKind::NotFound => Error::Spec("JSON specification file config.json not found".into()),
             _ => Error::io("open", &path, e),
         })?;
+        Bundle::parse(dir, &text, &path)
+    }
+
+    /// The bundle at `dir` (absolute, resolved) whose `config.json`, read
+    /// from `path`, holds `text`.
+    pub fn parse(dir: PathBuf, text: &[u8], path: &Path) -> Result<Bundle> {
         let spec: serde_json::Value =
-            serde_json::from_slice(&text).map_err(|e| Error::Spec(format!("parsing {}: {e}", path.display())))?;
-        Bundle::from_spec(dir, spec, &path)
+            serde_json::from_slice(text).map_err(|e| Error::Spec(format!("parsing {}: {e}", path.display())))?;
+        Bundle::from_spec(dir, spec, path)
     }
 
     fn from_spec(dir: PathBuf, spec: serde_json::Value, path: &Path) -> Result<Bundle> {

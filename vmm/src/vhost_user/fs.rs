@@ -184,7 +184,9 @@ impl FsBackend {
     /// Pop every available chain of `vring` and hand it to the pool.
     fn process_pooled(&self, pool: &Pool, vring: &VringRwLock, mem: Arc<GuestMemoryMmap>) {
         let mut state = vring.get_mut();
+        let mut rounds = crate::devices::Rounds::default();
         loop {
+            rounds.begin(state.get_queue());
             let event_idx = state.get_queue().event_idx_enabled();
             if event_idx {
                 if let Err(e) = state.disable_notification() {
@@ -211,8 +213,8 @@ impl FsBackend {
                 return;
             }
             match state.enable_notification() {
-                Ok(true) => continue,
-                Ok(false) => return,
+                Ok(more) if rounds.again(state.get_queue(), more) => continue,
+                Ok(_) => return,
                 Err(e) => {
                     warn!("virtio-fs: queue error: {e}");
                     return;

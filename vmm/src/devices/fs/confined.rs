@@ -63,6 +63,38 @@ fn strip_suid(mode: u32) -> u32 {
     mode
 }
 
+/// The file status flags a guest's OPEN, CREATE, OPENDIR, READ and WRITE
+/// may carry to the host: the access mode and the flags that only shape
+/// I/O. Everything else is dropped: `O_PATH` and `O_TMPFILE` (an fd no I/O
+/// can be done on, an unnamed file nobody asked for), `O_CREAT`/`O_EXCL`/
+/// `O_NOCTTY` (the Linux client never sends them on OPEN), and the flags
+/// `fcntl(F_SETFL)` may refuse (`O_DIRECT` on file systems without it,
+/// `O_NOATIME` on files the process does not own, `O_ASYNC`).
+///
+/// This matters beyond tidiness: fuse-backend-rs 0.14's passthrough
+/// `read`/`write` wrap the handle's fd in a `File` and call
+/// `fcntl(F_SETFL, <the request's flags>)` when those differ from the
+/// open flags, *before* making that `File` a `ManuallyDrop`; when the
+/// fcntl fails, the early return closes the handle's fd while the handle
+/// still owns it, and a later open reuses the number (found by the
+/// `fuse_request` fuzz target: OPEN with `O_PATH`, then READ). With the
+/// flags filtered the same way on open and on I/O, the two can only differ
+/// in `O_APPEND` and `O_NONBLOCK`, which F_SETFL takes.
+pub fn guest_file_flags(flags: u32) -> u32 {
+    const KEPT: i32 = libc::O_ACCMODE
+        | libc::O_APPEND
+        | libc::O_NONBLOCK
+        | libc::O_SYNC
+        | libc::O_DSYNC
+        | libc::O_TRUNC
+        | libc::O_LARGEFILE
+        | libc::O_DIRECTORY
+        | libc::O_NOFOLLOW
+        | libc::O_CLOEXEC;
+    // O_TMPFILE is O_DIRECTORY plus a bit of its own, which goes.
+    flags & KEPT as u32
+}
+
 /// [`PassthroughFs`] behind name and mode checks; see the module docs.
 pub struct ConfinedFs {
     inner: PassthroughFs<()>,
@@ -195,7 +227,7 @@ impl FileSystem for ConfinedFs {
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<(Option<Handle>, OpenOptions, Option<u32>)> {
-        self.inner.open(ctx, inode, flags, fuse_flags)
+        self.inner.open(ctx, inode, guest_file_flags(flags), fuse_flags)
     }
 
     fn create(
@@ -207,6 +239,7 @@ impl FileSystem for ConfinedFs {
     ) -> io::Result<(Entry, Option<Handle>, OpenOptions, Option<u32>)> {
         check_component(name)?;
         args.mode = strip_suid(args.mode);
+        args.flags = guest_file_flags(args.flags);
         self.inner.create(ctx, parent, name, args)
     }
 
@@ -221,7 +254,8 @@ impl FileSystem for ConfinedFs {
         lock_owner: Option<u64>,
         flags: u32,
     ) -> io::Result<usize> {
-        self.inner.read(ctx, inode, handle, w, size, offset, lock_owner, flags)
+        self.inner
+            .read(ctx, inode, handle, w, size, offset, lock_owner, guest_file_flags(flags))
     }
 
     fn write(
@@ -246,7 +280,7 @@ impl FileSystem for ConfinedFs {
             offset,
             lock_owner,
             delayed_write,
-            flags,
+            guest_file_flags(flags),
             fuse_flags,
         )
     }
@@ -306,7 +340,7 @@ impl FileSystem for ConfinedFs {
     }
 
     fn opendir(&self, ctx: &Context, inode: Inode, flags: u32) -> io::Result<(Option<Handle>, OpenOptions)> {
-        self.inner.opendir(ctx, inode, flags)
+        self.inner.opendir(ctx, inode, guest_file_flags(flags))
     }
 
     fn readdir(

@@ -154,7 +154,9 @@ impl FsDevice {
             return Ok(false);
         }
         let mut used_any = false;
+        let mut rounds = crate::devices::Rounds::default();
         loop {
+            rounds.begin(queue);
             if queue.event_idx_enabled() {
                 queue.disable_notification(mem).inspect_err(|_| {
                     self.counters.bump(Counter::QueueErrors);
@@ -174,7 +176,7 @@ impl FsDevice {
             let more = queue.enable_notification(mem).inspect_err(|_| {
                 self.counters.bump(Counter::QueueErrors);
             })?;
-            if !more {
+            if !rounds.again(queue, more) {
                 break;
             }
         }

@@ -340,6 +340,39 @@ fn fs_lookup_open_read() {
     assert_eq!(r.error(), -libc::ENOENT);
 }
 
+/// OPEN with O_PATH, then a READ whose flags differ: fuse-backend-rs's
+/// read would fcntl(F_SETFL) the O_PATH fd, fail, and close the handle's
+/// fd on the way out while the handle still owned it (a double close when
+/// the handle goes: the test process aborts in a debug build). The flags
+/// are filtered, so the handle is a plain one and the read works.
+#[test]
+fn fs_open_flags_a_guest_may_not_set_are_dropped() {
+    let dir = share_with_hello();
+    let mut g = Guest::ready(dir.path());
+    let (ino, _, _) = g.lookup_ok(ROOT, "hello.txt");
+    let fh = g.open(ino, (libc::O_PATH | libc::O_NOATIME | libc::O_DIRECT) as u32);
+    for _ in 0..2 {
+        let r = g.read(ino, fh, 0, 4096);
+        r.ok();
+        assert_eq!(&r.bytes[16..], b"hello from the host\n");
+    }
+    // A second handle, whose fd would take a number closed under the first.
+    let fh2 = g.open(ino, libc::O_RDONLY as u32);
+    let r = g.read(ino, fh2, 6, 4);
+    r.ok();
+    assert_eq!(&r.bytes[16..], b"from");
+    // O_TMPFILE on a directory makes no unnamed file in the share.
+    let r = g.call(OPEN, ROOT, &le32s(&[(libc::O_TMPFILE | libc::O_RDWR) as u32, 0]), 64);
+    let _ = r;
+    let entries: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    assert_eq!(super::confined::guest_file_flags(libc::O_PATH as u32 | 1), 1);
+}
+
 #[test]
 fn fs_request_split_over_descriptors() {
     // Header and body in separate readable descriptors, reply split over

@@ -215,7 +215,9 @@ impl<T: FrameIo> NetDevice<T> {
         let mut used = false;
         let mut budget = TX_BUDGET;
         self.tx_more = false;
+        let mut rounds = crate::devices::Rounds::default();
         'outer: loop {
+            rounds.begin(queue);
             if queue.event_idx_enabled() {
                 let _ = queue.disable_notification(mem);
             }
@@ -235,9 +237,9 @@ impl<T: FrameIo> NetDevice<T> {
             if !queue.event_idx_enabled() {
                 break;
             }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue,
-                _ => break,
+            let more = queue.enable_notification(mem).unwrap_or(false);
+            if !rounds.again(queue, more) {
+                break;
             }
         }
         used && queue.needs_notification(mem).unwrap_or(true)
@@ -314,7 +316,9 @@ impl<T: FrameIo> NetDevice<T> {
     /// runs out. Returns whether to interrupt the guest.
     pub fn process_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used = false;
+        let mut rounds = crate::devices::Rounds::default();
         loop {
+            rounds.begin(queue);
             if queue.event_idx_enabled() {
                 let _ = queue.disable_notification(mem);
             }
@@ -339,9 +343,9 @@ impl<T: FrameIo> NetDevice<T> {
             if !queue.event_idx_enabled() {
                 break;
             }
-            match queue.enable_notification(mem) {
-                Ok(true) if out_of_buffers => continue,
-                _ => break,
+            let more = queue.enable_notification(mem).unwrap_or(false);
+            if !(out_of_buffers && rounds.again(queue, more)) {
+                break;
             }
         }
         used && queue.needs_notification(mem).unwrap_or(true)

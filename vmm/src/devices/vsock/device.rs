@@ -158,7 +158,9 @@ impl VsockDevice {
     /// packets often call for an answer.
     pub fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used = false;
+        let mut rounds = crate::devices::Rounds::default();
         loop {
+            rounds.begin(queue);
             if queue.event_idx_enabled() {
                 let _ = queue.disable_notification(mem);
             }
@@ -190,9 +192,9 @@ impl VsockDevice {
             }
             // Re-enabling publishes avail_event; go round again if the
             // guest slipped more chains in meanwhile.
-            match queue.enable_notification(mem) {
-                Ok(true) => continue,
-                _ => break,
+            let more = queue.enable_notification(mem).unwrap_or(false);
+            if !rounds.again(queue, more) {
+                break;
             }
         }
         self.muxer.sync_timer(false);
@@ -231,7 +233,9 @@ impl VsockDevice {
     /// the guest must be interrupted.
     pub fn process_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
         let mut used = false;
+        let mut rounds = crate::devices::Rounds::default();
         loop {
+            rounds.begin(queue);
             if queue.event_idx_enabled() {
                 let _ = queue.disable_notification(mem);
             }
@@ -265,9 +269,9 @@ impl VsockDevice {
             if !queue.event_idx_enabled() {
                 break;
             }
-            match queue.enable_notification(mem) {
-                Ok(true) if out_of_buffers && self.muxer.has_pending_rx() => continue,
-                _ => break,
+            let more = queue.enable_notification(mem).unwrap_or(false);
+            if !(out_of_buffers && self.muxer.has_pending_rx() && rounds.again(queue, more)) {
+                break;
             }
         }
         used && queue.needs_notification(mem).unwrap_or(true)

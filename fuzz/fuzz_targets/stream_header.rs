@@ -1,0 +1,2 @@
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tegmen_fuzz_targets::run("stream_header", data).expect("a known target"));

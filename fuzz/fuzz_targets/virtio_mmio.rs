@@ -1,0 +1,2 @@
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tegmen_fuzz_targets::run("virtio_mmio", data).expect("a known target"));

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# `make fuzz`: every fuzz target in fuzz/ under libFuzzer (AddressSanitizer,
+# debug assertions) for a while each, starting from the checked-in seed
+# corpus (fuzz/corpus/<target>) and every crash ever found
+# (fuzz/regressions/<target>).
+#
+#   scripts/fuzz.sh [--time SECONDS] [--merge] [TARGET...]
+#
+# --time     seconds per target (default $FUZZ_TIME, else 600)
+# --merge    afterwards, add the inputs that found new coverage to
+#            fuzz/corpus/<target> (libFuzzer's -merge=1), to be committed
+#
+# A crash leaves its input in fuzz/artifacts/<target>/ and fails the run;
+# once fixed, the input goes to fuzz/regressions/<target>/, where
+# `make test` replays it (fuzz-targets/tests/corpus.rs). The statistics of
+# the run are written to fuzz/work/report.md.
+#
+# The machine's one Rust toolchain is stable; cargo-fuzz passes nightly
+# flags (-Zsanitizer), which RUSTC_BOOTSTRAP=1 lets stable accept.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+time=${FUZZ_TIME:-600}
+merge=0
+targets=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --time) time=$2; shift 2 ;;
+        --merge) merge=1; shift ;;
+        -*) echo "fuzz.sh: unknown option $1" >&2; exit 2 ;;
+        *) targets+=("$1"); shift ;;
+    esac
+done
+cd "$repo"
+if [ ${#targets[@]} -eq 0 ]; then
+    mapfile -t targets < <(sed -n 's/^name = "\(.*\)"$/\1/p' fuzz/Cargo.toml | grep -v '^tegmen-fuzz$')
+fi
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "fuzz: installing cargo-fuzz"
+    cargo install --quiet --locked cargo-fuzz@0.13.2
+fi
+export RUSTC_BOOTSTRAP=1
+echo "fuzz: building ${#targets[@]} targets (AddressSanitizer, debug assertions)"
+cargo fuzz build 2>&1 | grep -vE "^ *(Compiling|Finished|Blocking)" || true
+bin=fuzz/target/x86_64-unknown-linux-gnu/release
+
+mkdir -p fuzz/work
+report=fuzz/work/report.md
+{
+    echo "| target | seconds | executions | exec/s | corpus (seeds → after) | result |"
+    echo "|---|---:|---:|---:|---|---|"
+} > "$report"
+failed=()
+for t in "${targets[@]}"; do
+    mkdir -p "fuzz/work/$t" "fuzz/artifacts/$t" "fuzz/regressions/$t" "fuzz/corpus/$t"
+    seeds=$(find "fuzz/corpus/$t" -type f | wc -l)
+    log="fuzz/work/$t.log"
+    echo "fuzz: $t for ${time} s"
+    set +e
+    "$bin/$t" -max_total_time="$time" -print_final_stats=1 -timeout=20 -rss_limit_mb=4096 \
+        -artifact_prefix="fuzz/artifacts/$t/" "fuzz/work/$t" "fuzz/corpus/$t" "fuzz/regressions/$t" > "$log" 2>&1
+    rc=$?
+    set -e
+    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+    rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
+    after=$(( $(find "fuzz/work/$t" -type f | wc -l) + seeds ))
+    if [ $rc -eq 0 ]; then
+        result=ok
+    else
+        result="FAILED (exit $rc, input in fuzz/artifacts/$t/)"
+        failed+=("$t")
+        grep -E "panicked at|ERROR: AddressSanitizer|ERROR: libFuzzer|SUMMARY" "$log" | head -5 >&2 || true
+    fi
+    echo "| $t | $time | ${execs:-?} | ${rate:-?} | $seeds → $after | $result |" >> "$report"
+    if [ $merge -eq 1 ] && [ $rc -eq 0 ]; then
+        "$bin/$t" -merge=1 "fuzz/corpus/$t" "fuzz/work/$t" >> "$log" 2>&1
+    fi
+done
+cat "$report"
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "fuzz: crashes in ${failed[*]}; logs in fuzz/work/<target>.log" >&2
+    exit 1
+fi
