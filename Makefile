@@ -37,7 +37,7 @@ test: unit-test e2e-test fuzz-smoke
 # input found also run as a unit test (fuzz-targets/tests/corpus.rs).
 FUZZ_TIME ?= 600
 fuzz: setup
-	scripts/fuzz.sh --time $(FUZZ_TIME)
+	scripts/fuzz.sh --time $(FUZZ_TIME) --record
 
 fuzz-smoke: setup
 	scripts/fuzz.sh --time 30

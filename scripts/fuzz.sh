@@ -4,11 +4,13 @@
 # corpus (fuzz/corpus/<target>) and every crash ever found
 # (fuzz/regressions/<target>).
 #
-#   scripts/fuzz.sh [--time SECONDS] [--merge] [TARGET...]
+#   scripts/fuzz.sh [--time SECONDS] [--merge] [--record] [TARGET...]
 #
 # --time     seconds per target (default $FUZZ_TIME, else 600)
 # --merge    afterwards, add the inputs that found new coverage to
 #            fuzz/corpus/<target> (libFuzzer's -merge=1), to be committed
+# --record   write the run's table to docs/benchmarks.md (its fuzzing
+#            section; `make fuzz` does, `make test`'s short run does not)
 #
 # A crash leaves its input in fuzz/artifacts/<target>/ and fails the run;
 # once fixed, the input goes to fuzz/regressions/<target>/, where
@@ -21,11 +23,13 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 time=${FUZZ_TIME:-600}
 merge=0
+record=0
 targets=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --time) time=$2; shift 2 ;;
         --merge) merge=1; shift ;;
+        --record) record=1; shift ;;
         -*) echo "fuzz.sh: unknown option $1" >&2; exit 2 ;;
         *) targets+=("$1"); shift ;;
     esac
@@ -44,7 +48,7 @@ echo "fuzz: building ${#targets[@]} targets (AddressSanitizer, debug assertions)
 cargo fuzz build 2>&1 | grep -vE "^ *(Compiling|Finished|Blocking)" || true
 bin=fuzz/target/x86_64-unknown-linux-gnu/release
 
-mkdir -p fuzz/work
+mkdir -p fuzz/work/tmp
 report=fuzz/work/report.md
 {
     echo "| target | seconds | executions | exec/s | corpus (seeds → after) | result |"
@@ -73,10 +77,37 @@ for t in "${targets[@]}"; do
     fi
     echo "| $t | $time | ${execs:-?} | ${rate:-?} | $seeds → $after | $result |" >> "$report"
     if [ $merge -eq 1 ] && [ $rc -eq 0 ]; then
-        "$bin/$t" -merge=1 "fuzz/corpus/$t" "fuzz/work/$t" >> "$log" 2>&1
+        # The merge control file must be where the jailed fs target sees it.
+    TMPDIR="$repo/fuzz/work/tmp" "$bin/$t" -merge=1 "fuzz/corpus/$t" "fuzz/work/$t" >> "$log" 2>&1
     fi
 done
 cat "$report"
+if [ $record -eq 1 ]; then
+    python3 - "$report" "$time" "${targets[*]}" <<'PY'
+import os, platform, sys, time
+report, secs, targets = sys.argv[1], sys.argv[2], sys.argv[3]
+path = "docs/benchmarks.md"
+heading = "## Fuzzing (`make fuzz`)"
+lines = [
+    heading,
+    "",
+    f"`scripts/fuzz.sh --time {secs} --record` on {time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, "
+    f"kernel {platform.release()}: each target alone for {secs} s under libFuzzer with AddressSanitizer "
+    "and debug assertions, from the checked-in corpus (fuzz/corpus) and the regression inputs.",
+    "",
+    *open(report).read().rstrip("\n").split("\n"),
+    "",
+]
+text = open(path).read().split("\n") if os.path.exists(path) else ["# Benchmarks", ""]
+if heading in text:
+    start = text.index(heading)
+    end = next((i for i in range(start + 1, len(text)) if text[i].startswith("## ")), len(text))
+    text[start:end] = lines
+else:
+    text += [""] + lines
+open(path, "w").write("\n".join(text))
+PY
+fi
 if [ ${#failed[@]} -gt 0 ]; then
     echo "fuzz: crashes in ${failed[*]}; logs in fuzz/work/<target>.log" >&2
     exit 1

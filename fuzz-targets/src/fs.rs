@@ -21,9 +21,9 @@ use crate::input::Input;
 static JAIL: OnceLock<()> = OnceLock::new();
 
 /// Jails this process (once): a private mount namespace whose root is a
-/// fresh tmpfs holding `/proc`, `/dev`, `/tmp` and, at its own path, the
-/// current directory (libFuzzer reads its corpus and writes crash inputs
-/// relative to it). Must run while the process has one thread (libFuzzer's
+/// fresh tmpfs holding `/proc`, `/dev`, `/tmp`, `/usr` (read-only) and, at
+/// its own path, the current directory (libFuzzer reads its corpus and
+/// writes crash inputs relative to it). Must run while the process has one thread (libFuzzer's
 /// init hook, or `main` of the corpus test). Needs root (CAP_SYS_ADMIN),
 /// as the fs backend does.
 pub fn init() {
@@ -94,6 +94,25 @@ fn enter_jail() -> Result<(), String> {
     .map_err(step("binding /dev"))?;
     mount(Some(&cwd), &inside(&cwd), None::<&str>, rec_bind, None::<&str>)
         .map_err(step("binding the current directory"))?;
+    // The system's programs and libraries, read-only: libFuzzer's merge
+    // and fork modes run `sh -c` children, and the sanitizers their
+    // symbolizer.
+    for d in ["/usr", "/bin", "/sbin", "/lib", "/lib64"] {
+        let host = Path::new(d);
+        match std::fs::symlink_metadata(host) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let target = std::fs::read_link(host).map_err(io(d))?;
+                std::os::unix::fs::symlink(target, inside(host)).map_err(io(d))?;
+            }
+            Ok(m) if m.is_dir() => {
+                std::fs::create_dir(inside(host)).map_err(io(d))?;
+                mount(Some(host), &inside(host), None::<&str>, rec_bind, None::<&str>).map_err(step(d))?;
+                let ro = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
+                mount(None::<&str>, &inside(host), None::<&str>, ro, None::<&str>).map_err(step(d))?;
+            }
+            _ => {}
+        }
+    }
     nix::unistd::chroot(root).map_err(step("chroot"))?;
     nix::unistd::chdir(&cwd).map_err(step("chdir"))?;
     Ok(())

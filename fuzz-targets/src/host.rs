@@ -173,7 +173,7 @@ pub fn agent_reply(data: &[u8]) {
             }
         }
     });
-    if let Ok(client) = AgentClient::connect_unix(&sock, Duration::from_millis(500)) {
+    if let Ok(client) = AgentClient::connect_unix(&sock, Duration::from_millis(100)) {
         for m in methods {
             call(&client, m);
         }

@@ -440,6 +440,21 @@ def l1_section(repo, runs, smp_boots):
     return lines
 
 
+# Written by `make fuzz` (scripts/fuzz.sh), kept as it is by a full run.
+FUZZ_HEADING = "## Fuzzing (`make fuzz`)"
+
+
+def section_lines(path, heading):
+    """The section `heading` of the markdown file at `path` (up to the next
+    `## `), or nothing."""
+    text = open(path).read().split("\n") if os.path.exists(path) else []
+    if heading not in text:
+        return []
+    start = text.index(heading)
+    end = next((i for i in range(start + 1, len(text)) if text[i].startswith("## ")), len(text))
+    return text[start:end]
+
+
 def replace_section(path, heading, lines):
     """Replaces the section `heading` of the markdown file at `path` (up to the
     next `## `) with `lines`, or appends it."""
@@ -617,6 +632,7 @@ def main():
         "the ratio between the two devices is the number to read here.",
         "",
         *l1,
+        *section_lines(os.path.join(repo, "docs/benchmarks.md"), FUZZ_HEADING),
     ]
     os.makedirs(os.path.join(repo, "docs"), exist_ok=True)
     with open(os.path.join(repo, "docs/benchmarks.md"), "w") as f:

@@ -191,6 +191,17 @@ fn check_confinement(cli: &Cli, id: &str, qemu: i32) {
         assert_eq!(p["seccomp"], "filter", "{p}");
         assert!(p["seccomp_filters"].as_u64().unwrap() >= 1, "{p}");
         assert_eq!(p["no_new_privs"], true, "{p}");
+        // And with the capabilities the code says: none, but for the fs
+        // backend the file-serving set; bounding alike, nothing ambient.
+        let want = if p["name"] == "tegmen-fs-backend" {
+            tegmen_vmm::privileges::mask_of(tegmen_vmm::privileges::FILE_SERVING)
+        } else {
+            0
+        };
+        for set in ["cap_effective", "cap_permitted", "cap_bounding"] {
+            assert_eq!(p[set].as_u64().unwrap(), want, "{set} of {p}");
+        }
+        assert_eq!(p["cap_ambient"].as_u64().unwrap(), 0, "{p}");
     }
     let (code, text, err) = cli.out(&["check", id]);
     assert_eq!(code, 0, "{err}");

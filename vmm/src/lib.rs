@@ -8,6 +8,7 @@
 
 pub mod builtin;
 pub mod devices;
+pub mod privileges;
 pub mod seccomp;
 pub mod unix_path;
 pub mod vhost_user;

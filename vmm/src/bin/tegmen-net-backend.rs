@@ -56,6 +56,9 @@ fn run(args: &Args) -> Result<(), String> {
     }
     let tap = Tap::open(&args.tap).map_err(|e| format!("--tap {}: {e}", args.tap))?;
     log::info!("tap {} (MTU {})", tap.name(), args.mtu);
+    // The tap is open (the namespace and TUNSETIFF took CAP_SYS_ADMIN and
+    // CAP_NET_ADMIN); its offload and header ioctls take none.
+    tegmen_vmm::privileges::confine(&[], tegmen_vmm::privileges::NET_MAX_FILES)?;
     let device = NetDevice::new(
         tap,
         NetConfig {

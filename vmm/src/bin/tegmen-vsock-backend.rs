@@ -92,6 +92,8 @@ fn run(args: &Args) -> Result<(), String> {
     if args.socket == args.uds_path {
         return Err(format!("--socket and --uds-path are both {}", args.socket.display()));
     }
+    // Unix sockets in root's own directories take no capability at all.
+    tegmen_vmm::privileges::confine(&[], tegmen_vmm::privileges::VSOCK_MAX_FILES)?;
 
     let config = VsockConfig::new(&args.uds_path).with_guest_cid(args.guest_cid);
     let device = VsockDevice::new(config).map_err(|e| format!("--uds-path: {e}"))?;

@@ -1,0 +1,302 @@
+//! The capabilities a process that serves a guest keeps (issue 12): the
+//! vsock and net backends none once their sockets and tap are open, the fs
+//! backend only what serving files as their owners takes.
+//!
+//! [`drop_capabilities`] runs while the process still has one thread, so
+//! every thread it starts later inherits the reduced sets (capabilities
+//! are per thread). The bounding set loses the others too, so not even an
+//! exec (which the seccomp lists forbid anyway) could bring them back.
+
+/// What the fs backend keeps to serve files with the guest's ownership
+/// and modes: change owners (`CAP_CHOWN`), reach every file of the share
+/// whatever its mode and open it by handle (`CAP_DAC_OVERRIDE`,
+/// `CAP_DAC_READ_SEARCH`), act on files it does not own (`CAP_FOWNER`),
+/// keep set-group-ID bits on directories (`CAP_FSETID`), and take the
+/// guest caller's uid and gid per request (`CAP_SETUID`, `CAP_SETGID`).
+/// Gone: `CAP_SYS_ADMIN` (mounts, trusted.* xattrs), `CAP_MKNOD` (device
+/// nodes are refused anyway), `CAP_SETFCAP` (no file capabilities planted
+/// on host files), `CAP_LINUX_IMMUTABLE` and the rest.
+pub const FILE_SERVING: &[u32] = &[
+    CAP_CHOWN,
+    CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH,
+    CAP_FOWNER,
+    CAP_FSETID,
+    CAP_SETGID,
+    CAP_SETUID,
+];
+
+// Capability numbers (include/uapi/linux/capability.h).
+pub const CAP_CHOWN: u32 = 0;
+pub const CAP_DAC_OVERRIDE: u32 = 1;
+pub const CAP_DAC_READ_SEARCH: u32 = 2;
+pub const CAP_FOWNER: u32 = 3;
+pub const CAP_FSETID: u32 = 4;
+pub const CAP_SETGID: u32 = 6;
+pub const CAP_SETUID: u32 = 7;
+pub const CAP_SETPCAP: u32 = 8;
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// The highest capability number this kernel knows.
+fn last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+}
+
+/// `keep` as a 64-bit mask.
+pub fn mask_of(keep: &[u32]) -> u64 {
+    keep.iter().filter(|&&c| c < 64).fold(0, |m, &c| m | (1u64 << c))
+}
+
+/// Leaves the calling thread (and every thread it starts afterwards) with
+/// the capabilities in `keep` alone, in its effective and permitted sets;
+/// inheritable and ambient sets empty; the bounding set reduced to `keep`.
+/// A process without `CAP_SETPCAP` cannot shrink its bounding set: it
+/// shrinks the others and says so.
+pub fn drop_capabilities(keep: &[u32]) -> Result<(), String> {
+    let keep_mask = mask_of(keep);
+    // Ambient capabilities would survive an exec: none.
+    // SAFETY: prctl with integer arguments only.
+    unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
+    // The bounding set first: dropping from it takes CAP_SETPCAP, which
+    // the capset below removes.
+    let mut bounding_kept = true;
+    for cap in 0..=last_cap() {
+        if keep_mask & (1u64 << cap) != 0 {
+            continue;
+        }
+        // SAFETY: prctl with integer arguments only.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EPERM) {
+                bounding_kept = false;
+                break;
+            }
+            // EINVAL: a capability this kernel does not have.
+        }
+    }
+    if !bounding_kept {
+        log::warn!("no CAP_SETPCAP: the bounding set stays as it was; the other sets are reduced");
+    }
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    for (i, d) in data.iter_mut().enumerate() {
+        let part = (keep_mask >> (32 * i)) as u32;
+        d.effective = part;
+        d.permitted = part;
+    }
+    // Keep only what is both wanted and held: capset refuses to add.
+    let mut held = [CapData::default(); 2];
+    // SAFETY: header and the two-element data array are what capget(2)
+    // with version 3 reads and writes.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut header as *mut CapHeader, held.as_mut_ptr()) } != 0 {
+        return Err(format!("capget: {}", std::io::Error::last_os_error()));
+    }
+    for (d, h) in data.iter_mut().zip(held) {
+        d.effective &= h.permitted;
+        d.permitted &= h.permitted;
+    }
+    header.version = LINUX_CAPABILITY_VERSION_3;
+    // SAFETY: as above, for capset(2).
+    if unsafe { libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()) } != 0 {
+        return Err(format!("capset: {}", std::io::Error::last_os_error()));
+    }
+    log::info!(
+        "capabilities: kept {}",
+        if keep.is_empty() {
+            "none".to_string()
+        } else {
+            format!("{keep:?}")
+        }
+    );
+    Ok(())
+}
+
+/// Open files a vsock backend may hold: one per connection (at most
+/// [`crate::devices::vsock::defs::MAX_CONNECTIONS`]) and its own few.
+pub const VSOCK_MAX_FILES: u64 = 4096;
+/// Open files of a net backend: its tap, sockets and eventfds.
+pub const NET_MAX_FILES: u64 = 256;
+/// Open files of an fs backend: an `O_PATH` fd per inode the guest holds
+/// and one per open file.
+pub const FS_MAX_FILES: u64 = 1 << 20;
+
+/// Bounds what the process may take: at most `max_files` open files (or
+/// the hard limit it has, if lower), and no core dump (one would write
+/// the guest's memory, which the backends map, to the host's disk).
+pub fn limit_resources(max_files: u64) -> Result<(), String> {
+    let mut cur = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur) } != 0 {
+        return Err(format!("getrlimit(RLIMIT_NOFILE): {}", std::io::Error::last_os_error()));
+    }
+    let n = max_files.min(cur.rlim_max);
+    let files = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
+    let core = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    for (what, resource, limit) in [
+        ("RLIMIT_NOFILE", libc::RLIMIT_NOFILE, &files),
+        ("RLIMIT_CORE", libc::RLIMIT_CORE, &core),
+    ] {
+        // SAFETY: setrlimit reads the struct it is given.
+        if unsafe { libc::setrlimit(resource, limit) } != 0 {
+            return Err(format!("setrlimit({what}): {}", std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+/// A backend's confinement beyond its syscall list, in one go while it
+/// has one thread: resource limits, then capabilities.
+pub fn confine(keep: &[u32], max_files: u64) -> Result<(), String> {
+    limit_resources(max_files)?;
+    drop_capabilities(keep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_mask(field: &str) -> u64 {
+        let s = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        let line = s.lines().find(|l| l.starts_with(field)).unwrap();
+        u64::from_str_radix(line.split_whitespace().nth(1).unwrap(), 16).unwrap()
+    }
+
+    /// Runs `f` in a forked child (capabilities cannot come back) and
+    /// returns its exit code.
+    fn in_child(f: impl FnOnce() -> i32) -> i32 {
+        // SAFETY: the child runs `f` and exits without returning.
+        match unsafe { libc::fork() } {
+            0 => {
+                let code = f();
+                // SAFETY: ends the child at once.
+                unsafe { libc::_exit(code) }
+            }
+            pid if pid > 0 => {
+                let mut status = 0;
+                // SAFETY: waits for our own child.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                if libc::WIFEXITED(status) {
+                    libc::WEXITSTATUS(status)
+                } else {
+                    -1
+                }
+            }
+            _ => panic!("fork: {}", std::io::Error::last_os_error()),
+        }
+    }
+
+    #[test]
+    fn dropping_all_leaves_no_capability_in_any_set() {
+        if status_mask("CapEff") & (1 << CAP_SETPCAP) == 0 {
+            eprintln!("skipped: needs CAP_SETPCAP (run as root)");
+            return;
+        }
+        let code = in_child(|| {
+            if drop_capabilities(&[]).is_err() {
+                return 10;
+            }
+            let sets = ["CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"].map(status_mask);
+            if sets != [0; 5] {
+                return 11;
+            }
+            // A capability-checked call now fails: sethostname needs
+            // CAP_SYS_ADMIN (in a UTS namespace of our own, to be safe,
+            // it would not even get that far: unshare needs it too).
+            // SAFETY: unshare with a flag constant.
+            if unsafe { libc::unshare(libc::CLONE_NEWUTS) } == 0 {
+                return 12;
+            }
+            0
+        });
+        assert_eq!(code, 0, "10: drop failed, 11: sets not empty, 12: still privileged");
+    }
+
+    #[test]
+    fn limits_bound_files_and_forbid_core_dumps() {
+        let code = in_child(|| {
+            if limit_resources(64).is_err() {
+                return 10;
+            }
+            let mut r = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit writes the struct it is given.
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) };
+            if r.rlim_cur > 64 || r.rlim_max > 64 {
+                return 11;
+            }
+            // SAFETY: as above.
+            unsafe { libc::getrlimit(libc::RLIMIT_CORE, &mut r) };
+            if (r.rlim_cur, r.rlim_max) != (0, 0) {
+                return 12;
+            }
+            // The 65th file cannot be opened.
+            let files: Vec<_> = (0..80).map_while(|_| std::fs::File::open("/dev/null").ok()).collect();
+            if files.len() >= 64 {
+                return 13;
+            }
+            0
+        });
+        assert_eq!(code, 0, "10: failed, 11: files, 12: core, 13: the limit did not hold");
+    }
+
+    #[test]
+    fn the_fs_backend_keeps_exactly_the_file_serving_set() {
+        if status_mask("CapEff") & (1 << CAP_SETPCAP) == 0 {
+            eprintln!("skipped: needs CAP_SETPCAP (run as root)");
+            return;
+        }
+        let code = in_child(|| {
+            if drop_capabilities(FILE_SERVING).is_err() {
+                return 10;
+            }
+            let want = mask_of(FILE_SERVING);
+            if status_mask("CapEff") != want || status_mask("CapPrm") != want || status_mask("CapBnd") != want {
+                return 11;
+            }
+            if status_mask("CapInh") != 0 || status_mask("CapAmb") != 0 {
+                return 12;
+            }
+            // A thread started afterwards has the same sets.
+            let t = std::thread::spawn(move || status_mask("CapEff") == want)
+                .join()
+                .unwrap();
+            if !t {
+                return 13;
+            }
+            0
+        });
+        assert_eq!(code, 0, "10: drop failed, 11/12: wrong sets, 13: a new thread differs");
+    }
+}
