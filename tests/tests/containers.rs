@@ -610,3 +610,78 @@ fn bad_input(g: Target) {
     let e = agent.start_container("nope").unwrap_err().to_string();
     assert!(e.contains("does not exist"), "{e}");
 }
+
+/// Escapes tried from a container in the guest (issue 12): its rootfs is
+/// on the virtio-fs share, so every attempt meets the fs backend. None
+/// reaches the host file beside the share, and nothing it plants on the
+/// share is dangerous on the host: no device node, no set-user-ID or
+/// set-group-ID file, symlinks left as symlinks, names the host refuses.
+#[test]
+fn guest_escapes_through_the_share_fail() {
+    let g = Target::guest("escapes");
+    let shared = g.shared_dir();
+    let sentinel = shared.parent().unwrap().join("escape-sentinel");
+    std::fs::write(&sentinel, b"host only\n").unwrap();
+    let s = sentinel.display();
+    let long = "n".repeat(300);
+    let script = format!(
+        "mknod /esc-dev c 1 3 2>/dev/null; echo mknod=$?\n\
+         mknod /esc-blk b 8 0 2>/dev/null; echo mknod_blk=$?\n\
+         touch /esc-suid && chmod 4755 /esc-suid; echo suid=$(stat -c %a /esc-suid)\n\
+         touch /esc-sgid && chmod 2755 /esc-sgid; echo sgid=$(stat -c %a /esc-sgid)\n\
+         mkdir /esc-dir && chmod 2755 /esc-dir; echo dir_sgid=$(stat -c %a /esc-dir)\n\
+         ln -s {s} /esc-abs; echo pwned > /esc-abs 2>/dev/null; echo abs=$?\n\
+         ln -s ../../../../../../../../../{s} /esc-rel; echo pwned > /esc-rel 2>/dev/null; echo rel=$?\n\
+         cat /../../../../../../../../{s} 2>/dev/null; echo dotdot=$?\n\
+         ln /proc/self/exe /esc-hard 2>/dev/null; echo hard=$?\n\
+         touch /{long} 2>/dev/null; echo longname=$?\n\
+         mkfifo /esc-fifo; echo fifo=$?\n"
+    );
+    let (code, out, err) = g.run("esc", &spec(&["sh", "-c", &script]));
+    let out = String::from_utf8_lossy(&out).to_string();
+    eprintln!("the guest's attempts:\n{out}");
+    assert_eq!(code, 0, "{out}\n{}", String::from_utf8_lossy(&err));
+    let said = |k: &str| -> String {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("{k} missing in {out}"))
+            .to_string()
+    };
+    // The guest is told no, or keeps what it did to itself.
+    assert_ne!(said("mknod"), "0", "{out}");
+    assert_ne!(said("mknod_blk"), "0", "{out}");
+    assert_eq!(said("suid"), "755", "{out}");
+    assert_eq!(said("sgid"), "755", "{out}");
+    assert_eq!(
+        said("dir_sgid"),
+        "2755",
+        "set-group-ID on a directory only steers group inheritance"
+    );
+    assert_ne!(said("dotdot"), "0", "{out}");
+    assert_ne!(said("hard"), "0", "{out}");
+    assert_ne!(said("longname"), "0", "{out}");
+    // And the host: the file beside the share is as it was; what the
+    // guest left on the share is harmless.
+    assert_eq!(std::fs::read(&sentinel).unwrap(), b"host only\n");
+    let rootfs = shared.join("esc/rootfs");
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    for name in ["esc-dev", "esc-blk"] {
+        if let Ok(m) = std::fs::symlink_metadata(rootfs.join(name)) {
+            let ft = m.file_type();
+            assert!(
+                !ft.is_char_device() && !ft.is_block_device(),
+                "{name} is a device on the host"
+            );
+        }
+    }
+    for name in ["esc-suid", "esc-sgid"] {
+        let m = std::fs::metadata(rootfs.join(name)).unwrap();
+        assert_eq!(m.mode() & 0o6000, 0, "{name}: mode {:o} on the host", m.mode());
+    }
+    for name in ["esc-abs", "esc-rel"] {
+        let m = std::fs::symlink_metadata(rootfs.join(name)).unwrap();
+        assert!(m.file_type().is_symlink(), "{name} is no longer a symlink on the host");
+    }
+    assert!(!rootfs.join(&long).exists());
+    std::fs::remove_file(&sentinel).unwrap();
+}
