@@ -65,11 +65,12 @@ fn strip_suid(mode: u32) -> u32 {
 
 /// The file status flags a guest's OPEN, CREATE, OPENDIR, READ and WRITE
 /// may carry to the host: the access mode and the flags that only shape
-/// I/O. Everything else is dropped: `O_PATH` and `O_TMPFILE` (an fd no I/O
-/// can be done on, an unnamed file nobody asked for), `O_CREAT`/`O_EXCL`/
-/// `O_NOCTTY` (the Linux client never sends them on OPEN), and the flags
-/// `fcntl(F_SETFL)` may refuse (`O_DIRECT` on file systems without it,
-/// `O_NOATIME` on files the process does not own, `O_ASYNC`).
+/// I/O, and `O_EXCL` (CREATE of an existing file must fail with it). The
+/// rest is dropped: `O_PATH` and `O_TMPFILE` (an fd no I/O can be done on,
+/// an unnamed file nobody asked for), `O_CREAT` and `O_NOCTTY` (CREATE adds
+/// the first itself; the Linux client sends neither on OPEN), and the
+/// flags `fcntl(F_SETFL)` may refuse (`O_DIRECT` on file systems without
+/// it, `O_NOATIME` on files the process does not own, `O_ASYNC`).
 ///
 /// This matters beyond tidiness: fuse-backend-rs 0.14's passthrough
 /// `read`/`write` wrap the handle's fd in a `File` and call
@@ -79,7 +80,7 @@ fn strip_suid(mode: u32) -> u32 {
 /// still owns it, and a later open reuses the number (found by the
 /// `fuse_request` fuzz target: OPEN with `O_PATH`, then READ). With the
 /// flags filtered the same way on open and on I/O, the two can only differ
-/// in `O_APPEND` and `O_NONBLOCK`, which F_SETFL takes.
+/// in flags F_SETFL takes (`O_APPEND`, `O_NONBLOCK`) or ignores.
 pub fn guest_file_flags(flags: u32) -> u32 {
     const KEPT: i32 = libc::O_ACCMODE
         | libc::O_APPEND
@@ -87,6 +88,7 @@ pub fn guest_file_flags(flags: u32) -> u32 {
         | libc::O_SYNC
         | libc::O_DSYNC
         | libc::O_TRUNC
+        | libc::O_EXCL
         | libc::O_LARGEFILE
         | libc::O_DIRECTORY
         | libc::O_NOFOLLOW

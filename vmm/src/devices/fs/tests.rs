@@ -371,6 +371,15 @@ fn fs_open_flags_a_guest_may_not_set_are_dropped() {
         .collect();
     assert_eq!(entries.len(), 2, "{entries:?}");
     assert_eq!(super::confined::guest_file_flags(libc::O_PATH as u32 | 1), 1);
+    // O_EXCL stays: CREATE of a file that exists fails with it.
+    let mut body = le32s(&[
+        (libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL) as u32,
+        libc::S_IFREG | 0o644,
+        0,
+        0,
+    ]);
+    body.extend_from_slice(&cstr("hello.txt"));
+    assert_eq!(g.call(CREATE, ROOT, &body, 256).error(), -libc::EEXIST);
 }
 
 #[test]
