@@ -20,6 +20,7 @@
 //!
 //! [qemu]
 //! path = "qemu-system-x86_64"
+//! sandbox = true               # QEMU's own -sandbox filter while seccomp = "kill"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -87,6 +88,10 @@ pub struct GuestConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct QemuConfig {
     pub path: String,
+    /// QEMU's own syscall filter (`-sandbox on`, denying obsolete calls,
+    /// privilege changes, spawning and resource control) while `seccomp`
+    /// is `kill`; off for a QEMU built without seccomp support.
+    pub sandbox: bool,
 }
 
 impl Default for Config {
@@ -121,6 +126,7 @@ impl Default for QemuConfig {
     fn default() -> Self {
         QemuConfig {
             path: "qemu-system-x86_64".into(),
+            sandbox: true,
         }
     }
 }
@@ -219,6 +225,9 @@ mod tests {
         assert_eq!(c.guest.memory_mib, 512);
         assert_eq!(c.guest.vcpus, 2);
         assert_eq!(c.qemu.path, "/opt/qemu");
+        assert!(c.qemu.sandbox, "on by default");
+        let c = Config::parse("[qemu]\nsandbox = false\n", Path::new("x.toml")).unwrap();
+        assert!(!c.qemu.sandbox);
     }
 
     #[test]

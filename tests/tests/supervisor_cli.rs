@@ -177,6 +177,9 @@ fn check_confinement(cli: &Cli, id: &str, qemu: i32) {
         report.iter().any(|p| p["pid"] == qemu && p["name"] == "qemu"),
         "{report:?}"
     );
+    // QEMU filters itself too (`-sandbox on`, seccomp = "kill").
+    let q = report.iter().find(|p| p["pid"] == qemu).unwrap();
+    assert_eq!(q["seccomp"], "filter", "{q}");
     // Each backend serves the guest under its allow-list (issue 12).
     let backends: Vec<_> = report
         .iter()

@@ -179,7 +179,7 @@ fn choose(choice: HypervisorChoice, hw: bool, why: &str) -> Result<BackendChoice
 /// Creates the driver for `choice`.
 pub fn new_hypervisor(config: &Config, choice: &BackendChoice) -> Result<Box<dyn Hypervisor>> {
     match choice.backend {
-        Backend::Qemu => Ok(Box::new(qemu::Qemu::new(&config.qemu.path)?)),
+        Backend::Qemu => Ok(Box::new(qemu::Qemu::new(&config.qemu.path, config.qemu.sandbox)?)),
         Backend::Builtin => Ok(Box::new(builtin::Builtin::new())),
     }
 }

@@ -17,18 +17,26 @@ use crate::{Error, Result};
 /// How long a backend may take to create its vhost-user socket.
 const BACKEND_READY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// QEMU's `-sandbox` with everything it can deny denied: what it keeps
+/// is what a VM needs, and QEMU kills itself on the rest.
+pub const QEMU_SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 pub struct Qemu {
     qemu: PathBuf,
+    sandbox: bool,
     children: Vec<(String, Child)>,
     exit: Option<String>,
 }
 
 impl Qemu {
-    pub fn new(qemu: &str) -> Result<Qemu> {
+    /// `sandbox`: QEMU's own syscall filter when the VM's `seccomp` mode
+    /// is `kill` (see [`QEMU_SANDBOX`]).
+    pub fn new(qemu: &str, sandbox: bool) -> Result<Qemu> {
         let path = crate::host::find_program(qemu)
             .ok_or_else(|| Error::Hypervisor(format!("QEMU not found: {qemu} (install Debian's qemu-system-x86)")))?;
         Ok(Qemu {
             qemu: path,
+            sandbox,
             children: Vec::new(),
             exit: None,
         })
@@ -165,6 +173,9 @@ impl Qemu {
             .arg(&spec.initramfs)
             .args(["-append", &append])
             .arg("-no-reboot");
+        if self.sandbox && spec.seccomp == tegmen_vmm::seccomp::Mode::Kill {
+            cmd.args(["-sandbox", QEMU_SANDBOX]);
+        }
         cmd
     }
 }
@@ -287,4 +298,50 @@ const NET_QUEUE_SIZE: u16 = 1024;
 /// The vhost-user socket of NIC `i`, in the sandbox directory.
 fn net_socket_name(i: usize) -> String {
     format!("vhost-net{i}.sock")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tegmen_vmm::seccomp::Mode;
+
+    fn spec(seccomp: Mode) -> VmSpec {
+        VmSpec {
+            id: "s1".into(),
+            kernel: "/k/vmlinux".into(),
+            initramfs: "/k/initramfs.cpio.gz".into(),
+            memory_mib: 256,
+            vcpus: 1,
+            kernel_params: String::new(),
+            run_dir: "/run/tegmen/sandboxes/s1".into(),
+            vsock_socket: "/run/tegmen/sandboxes/s1/vsock".into(),
+            shared_dir: "/run/tegmen/sandboxes/s1/shared".into(),
+            console_log: "/run/tegmen/sandboxes/s1/console.log".into(),
+            accel: Accel::Tcg,
+            cgroup: None,
+            nics: Vec::new(),
+            seccomp,
+        }
+    }
+
+    fn sandbox_arg(sandbox: bool, seccomp: Mode) -> Option<String> {
+        let q = Qemu {
+            qemu: "/usr/bin/qemu-system-x86_64".into(),
+            sandbox,
+            children: Vec::new(),
+            exit: None,
+        };
+        let cmd = q.base_command_line(&spec(seccomp), Path::new("/v.sock"), Path::new("/f.sock"));
+        let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let i = args.iter().position(|a| a == "-sandbox")?;
+        Some(args[i + 1].clone())
+    }
+
+    #[test]
+    fn qemu_filters_itself_when_the_backends_do() {
+        assert_eq!(sandbox_arg(true, Mode::Kill).as_deref(), Some(QEMU_SANDBOX));
+        assert_eq!(sandbox_arg(true, Mode::Log), None, "QEMU's filter has no log mode");
+        assert_eq!(sandbox_arg(true, Mode::Off), None);
+        assert_eq!(sandbox_arg(false, Mode::Kill), None, "qemu.sandbox = false");
+    }
 }
