@@ -385,20 +385,22 @@ pub fn request(data: &[u8]) {
             let nodeid = g.node(&mut input);
             let mut body = input.bytes(fixed).to_vec();
             body.resize(fixed, 0);
-            if FH_FIRST.contains(&opcode) && fixed >= 8 {
+            // The fields patched below are there only when the fixed part
+            // is as long as the opcode's (a raw opcode may come with any).
+            if FH_FIRST.contains(&opcode) && body.len() >= 8 {
                 let fh = g.handle(&mut input);
                 body[..8].copy_from_slice(&fh.to_le_bytes());
             }
-            if opcode == 3 && input.bool() {
+            if opcode == 3 && body.len() >= 16 && input.bool() {
                 let fh = g.handle(&mut input);
                 body[8..16].copy_from_slice(&fh.to_le_bytes());
             }
             // READ/WRITE/READDIR sizes a guest really asks for, mostly.
-            if matches!(opcode, 15 | 16 | 28 | 44) && input.u8() < 200 {
+            if matches!(opcode, 15 | 16 | 28 | 44) && body.len() >= 20 && input.u8() < 200 {
                 let size = u32::from(input.u16()) % 0x2_0000;
                 body[16..20].copy_from_slice(&size.to_le_bytes());
             }
-            if matches!(opcode, 12 | 13 | 45) && input.u8() < 200 {
+            if matches!(opcode, 12 | 13 | 45) && body.len() >= 8 && input.u8() < 200 {
                 let other = g.node(&mut input);
                 body[..8].copy_from_slice(&other.to_le_bytes());
             }
@@ -411,7 +413,9 @@ pub fn request(data: &[u8]) {
             }
             if opcode == 16 {
                 let data = input.chunk();
-                body[16..20].copy_from_slice(&(data.len() as u32).to_le_bytes());
+                if body.len() >= 20 {
+                    body[16..20].copy_from_slice(&(data.len() as u32).to_le_bytes());
+                }
                 body.extend_from_slice(data);
             }
             if opcode == 21 || opcode == 42 {
