@@ -97,6 +97,18 @@ pub fn guest_file_flags(flags: u32) -> u32 {
     flags & KEPT as u32
 }
 
+/// The passthrough layer allocates a buffer of the size a GETXATTR,
+/// LISTXATTR or READDIR asks for before it looks at anything, so a guest
+/// asking for 4 GiB made the backend try to allocate 4 GiB per request (an
+/// abort where the allocation fails; found by the `fuse_request` fuzz
+/// target). No value or list is longer than the kernel's limits
+/// (`XATTR_SIZE_MAX`, `XATTR_LIST_MAX`), so asking for more changes no
+/// answer; a directory listing may come back shorter than asked, as FUSE
+/// allows.
+pub const XATTR_SIZE_MAX: u32 = 65_536;
+pub const XATTR_LIST_MAX: u32 = 65_536;
+pub const MAX_READDIR: u32 = 1 << 20;
+
 /// [`PassthroughFs`] behind name and mode checks; see the module docs.
 pub struct ConfinedFs {
     inner: PassthroughFs<()>,
@@ -330,11 +342,11 @@ impl FileSystem for ConfinedFs {
     }
 
     fn getxattr(&self, ctx: &Context, inode: Inode, name: &CStr, size: u32) -> io::Result<GetxattrReply> {
-        self.inner.getxattr(ctx, inode, name, size)
+        self.inner.getxattr(ctx, inode, name, size.min(XATTR_SIZE_MAX))
     }
 
     fn listxattr(&self, ctx: &Context, inode: Inode, size: u32) -> io::Result<ListxattrReply> {
-        self.inner.listxattr(ctx, inode, size)
+        self.inner.listxattr(ctx, inode, size.min(XATTR_LIST_MAX))
     }
 
     fn removexattr(&self, ctx: &Context, inode: Inode, name: &CStr) -> io::Result<()> {
@@ -354,7 +366,8 @@ impl FileSystem for ConfinedFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.inner.readdir(ctx, inode, handle, size, offset, add_entry)
+        self.inner
+            .readdir(ctx, inode, handle, size.min(MAX_READDIR), offset, add_entry)
     }
 
     fn readdirplus(
@@ -366,7 +379,8 @@ impl FileSystem for ConfinedFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        self.inner.readdirplus(ctx, inode, handle, size, offset, add_entry)
+        self.inner
+            .readdirplus(ctx, inode, handle, size.min(MAX_READDIR), offset, add_entry)
     }
 
     fn fsyncdir(&self, ctx: &Context, inode: Inode, datasync: bool, handle: Handle) -> io::Result<()> {

@@ -123,6 +123,10 @@ fn le32s(vals: &[u32]) -> Vec<u8> {
 
 impl Guest {
     fn new(shared: &Path) -> Self {
+        Self::with_xattr(shared, false)
+    }
+
+    fn with_xattr(shared: &Path, xattr: bool) -> Self {
         let mem: &'static GuestMemoryMmap = Box::leak(Box::new(
             GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
         ));
@@ -133,6 +137,7 @@ impl Guest {
         queue.set_used_ring_address(Some(USED_ADDR as u32), Some(0));
         let mut config = FsConfig::new(shared);
         config.cache = CachePolicy::Never;
+        config.xattr = xattr;
         let dev = FsDevice::new(config).unwrap();
         Guest {
             mem,
@@ -707,6 +712,64 @@ fn fs_mknod_device_is_refused() {
 /// Deterministic garbage: random opcodes, node ids, handles, lengths and
 /// chain shapes. Nothing may panic, every chain must be used with a length
 /// inside its reply buffer, and the device must still serve afterwards.
+/// GETXATTR, LISTXATTR and READDIR asking for 4 GiB: the passthrough
+/// layer would allocate that much up front (for READDIR the server
+/// already refuses with ENOMEM). Under an address-space limit (in a
+/// forked child) the requests are answered and nothing aborts.
+#[test]
+fn fs_huge_xattr_and_readdir_sizes_allocate_nothing_huge() {
+    const GETXATTR: u32 = 22;
+    const LISTXATTR: u32 = 23;
+    const OPENDIR: u32 = 27;
+    const READDIR: u32 = 28;
+    let dir = share_with_hello();
+    let mut g = Guest::with_xattr(dir.path(), true);
+    g.call(INIT, 0, &le32s(&[7, 31, 0x20000, 0]), 256).ok();
+    let (ino, _, _) = g.lookup_ok(ROOT, "hello.txt");
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let vm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmSize:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    // SAFETY: the child only runs the requests and exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let limit = (vm_kib << 10) + (1 << 30);
+        let r = libc::rlimit {
+            rlim_cur: limit,
+            rlim_max: limit,
+        };
+        // SAFETY: setrlimit reads the struct it is given.
+        unsafe { libc::setrlimit(libc::RLIMIT_AS, &r) };
+        let mut body = le32s(&[u32::MAX, 0]);
+        body.extend_from_slice(&cstr("user.none"));
+        let e1 = g.call(GETXATTR, ino, &body, 256).error();
+        let e2 = g.call(LISTXATTR, ino, &le32s(&[u32::MAX, 0]), 256).error();
+        let r = g.call(OPENDIR, ROOT, &le32s(&[0, 0]), 64);
+        let fh = r.u64_at(16);
+        let mut rd = fh.to_le_bytes().to_vec();
+        rd.extend_from_slice(&0u64.to_le_bytes());
+        rd.extend_from_slice(&le32s(&[u32::MAX, 0]));
+        rd.extend_from_slice(&0u64.to_le_bytes());
+        rd.extend_from_slice(&le32s(&[0, 0]));
+        let e3 = g.call(READDIR, ROOT, &rd, 4096).error();
+        // Answers, whatever they are (xattrs may be off): what matters is
+        // that the device is alive to give them.
+        let ok = e1 == -libc::ENODATA && e2 <= 0 && e3 <= 0;
+        eprintln!("getxattr {e1}, listxattr {e2}, readdir {e3}");
+        // SAFETY: ends the child at once.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the child died or got wrong answers: status {status:#x}"
+    );
+}
+
 #[test]
 fn fs_random_requests_never_panic() {
     let parent = tempfile::tempdir().unwrap();
