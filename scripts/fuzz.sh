@@ -78,7 +78,7 @@ for t in "${targets[@]}"; do
     echo "| $t | $time | ${execs:-?} | ${rate:-?} | $seeds → $after | $result |" >> "$report"
     if [ $merge -eq 1 ] && [ $rc -eq 0 ]; then
         # The merge control file must be where the jailed fs target sees it.
-    TMPDIR="$repo/fuzz/work/tmp" "$bin/$t" -merge=1 "fuzz/corpus/$t" "fuzz/work/$t" >> "$log" 2>&1
+    TMPDIR="$repo/fuzz/work/tmp" "$bin/$t" -merge=1 -artifact_prefix="fuzz/artifacts/$t/" "fuzz/corpus/$t" "fuzz/work/$t" >> "$log" 2>&1
     fi
 done
 cat "$report"
