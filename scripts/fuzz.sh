@@ -98,14 +98,9 @@ lines = [
     *open(report).read().rstrip("\n").split("\n"),
     "",
 ]
-text = open(path).read().split("\n") if os.path.exists(path) else ["# Benchmarks", ""]
-if heading in text:
-    start = text.index(heading)
-    end = next((i for i in range(start + 1, len(text)) if text[i].startswith("## ")), len(text))
-    text[start:end] = lines
-else:
-    text += [""] + lines
-open(path, "w").write("\n".join(text))
+sys.path.insert(0, "scripts/bench")
+from bench import replace_section  # the one section writer of docs/benchmarks.md
+replace_section(path, heading, lines)
 PY
 fi
 if [ ${#failed[@]} -gt 0 ]; then
