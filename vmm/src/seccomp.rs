@@ -14,6 +14,17 @@
 //! without killing anything (each syscall off it is logged the same way and
 //! allowed).
 //!
+//! `tegmen-vmm` runs threads of three kinds, each narrowed further
+//! ([`Kind::VmmVcpu`], [`Kind::VmmControl`], and each inline device's
+//! worker with the list of the backend that serves the same device): the
+//! process's list ([`Kind::Vmm`], the union of theirs) is installed on
+//! every thread once the VM is built, then each thread adds its own on top
+//! of it before it runs guest code or reads guest bytes (stacked filters:
+//! the most restrictive answer wins, so a thread can do only what both
+//! allow). New threads inherit their parent's filters, so device workers
+//! are started by a thread that has only the process's list
+//! ([`crate::builtin::worker`]), never by a vCPU thread.
+//!
 //! What none of them may do, whatever a guest makes them do: execute a
 //! program, trace or read another process, mount, change root or
 //! namespace, load a kernel module or BPF program, open a perf event, reboot,
@@ -59,6 +70,16 @@ pub enum Kind {
     FsBackend,
     /// `tegmen-net-backend`.
     NetBackend,
+    /// `tegmen-vmm` as a whole: what any of its threads may do (installed
+    /// on all of them before the guest runs; each then narrows itself).
+    Vmm,
+    /// A vCPU thread of `tegmen-vmm`: `KVM_RUN`, the exits it answers
+    /// (console, virtio-mmio registers, a device's activation and reset),
+    /// never a file or a socket opened, nor a thread started.
+    VmmVcpu,
+    /// `tegmen-vmm`'s main thread once the vCPUs run: it waits, kicks the
+    /// vCPUs out of `KVM_RUN` at the end, and tears the VM down.
+    VmmControl,
 }
 
 impl Kind {
@@ -68,6 +89,9 @@ impl Kind {
             Kind::VsockBackend => "tegmen-vsock-backend",
             Kind::FsBackend => "tegmen-fs-backend",
             Kind::NetBackend => "tegmen-net-backend",
+            Kind::Vmm => "tegmen-vmm",
+            Kind::VmmVcpu => "tegmen-vmm vCPU",
+            Kind::VmmControl => "tegmen-vmm control",
         }
     }
 }
@@ -225,6 +249,50 @@ const FS: &[i64] = &[
 /// The net backend on top: frames to and from its tap.
 const NET: &[i64] = &[];
 
+/// A vCPU thread: the allocator, its futexes and signals (the kick out of
+/// `KVM_RUN`), writes (console, logs, irqfds and kicks), and what a
+/// device's activation or reset does from the register write that asks
+/// for it: a worker's epoll and eventfd, the vsock device's timer and its
+/// connections closed. The worker thread itself is started elsewhere.
+const VCPU: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_close,
+    libc::SYS_fcntl,
+    libc::SYS_dup,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_futex,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_restart_syscall,
+    libc::SYS_sched_yield,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_tgkill,
+    libc::SYS_getrandom,
+    libc::SYS_clock_gettime,
+    libc::SYS_eventfd2,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_timerfd_settime,
+    libc::SYS_shutdown,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// `ioctl(KVM_RUN)`: `_IO(KVMIO, 0x80)`.
+pub const KVM_RUN: u64 = 0xae80;
+/// `ioctl(KVM_GET_REGS)`: `_IOR(KVMIO, 0x81, struct kvm_regs)`, read
+/// where a VM stops, for the RIP it reports.
+pub const KVM_GET_REGS: u64 = 0x8090_ae81;
+
 /// `prctl(2)` with these options only: thread names and the no-new-privs /
 /// dumpable bits some crates check.
 const PRCTL_OPTIONS: &[u64] = &[
@@ -243,12 +311,15 @@ const IOCTLS: &[u64] = &[libc::FIONBIO, libc::FIOCLEX, libc::FIONCLEX, libc::TCG
 /// are allowed only with the arguments of [`PRCTL_OPTIONS`] and
 /// [`IOCTLS`], and the vsock backend's `socket` for `AF_UNIX` only).
 pub fn allowed_syscalls(kind: Kind) -> Vec<i64> {
-    let extra = match kind {
-        Kind::VsockBackend => VSOCK,
-        Kind::FsBackend => FS,
-        Kind::NetBackend => NET,
+    let lists: &[&[i64]] = match kind {
+        Kind::VsockBackend => &[RUNTIME, VSOCK],
+        Kind::FsBackend => &[RUNTIME, FS],
+        Kind::NetBackend => &[RUNTIME, NET],
+        Kind::Vmm => &[RUNTIME, VSOCK, FS, NET, VCPU],
+        Kind::VmmVcpu => &[VCPU],
+        Kind::VmmControl => &[RUNTIME],
     };
-    let mut all: Vec<i64> = RUNTIME.iter().chain(extra).copied().collect();
+    let mut all: Vec<i64> = lists.iter().flat_map(|l| l.iter()).copied().collect();
     all.sort_unstable();
     all.dedup();
     all
@@ -269,19 +340,42 @@ fn arg_is(index: u8, values: &[u64], kind: Kind) -> Result<Vec<SeccompRule>, Err
 /// allowed only with some arguments.
 fn rules(kind: Kind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Error> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed_syscalls(kind).into_iter().map(|s| (s, vec![])).collect();
-    rules.insert(libc::SYS_prctl, arg_is(0, PRCTL_OPTIONS, kind)?);
+    let mut prctl = PRCTL_OPTIONS.to_vec();
+    if kind == Kind::Vmm {
+        // For a thread to add its own list on top (seccompiler sets
+        // no_new_privs first; it is set already, so this changes nothing).
+        prctl.push(libc::PR_SET_NO_NEW_PRIVS as u64);
+    }
+    rules.insert(libc::SYS_prctl, arg_is(0, &prctl, kind)?);
+    // The offloads the guest's driver negotiated, set on the tap (by the
+    // vCPU thread whose register write activates the inline device).
+    let tap = crate::devices::net::TUNSETOFFLOAD;
     let ioctls: Vec<u64> = match kind {
-        // The offloads the guest's driver negotiated, set on the tap.
-        Kind::NetBackend => IOCTLS
-            .iter()
-            .copied()
-            .chain([crate::devices::net::TUNSETOFFLOAD])
-            .collect(),
+        Kind::NetBackend => [IOCTLS, &[tap]].concat(),
+        Kind::Vmm | Kind::VmmVcpu => [IOCTLS, &[tap, KVM_RUN, KVM_GET_REGS]].concat(),
         _ => IOCTLS.to_vec(),
     };
     rules.insert(libc::SYS_ioctl, arg_is(1, &ioctls, kind)?);
-    if kind == Kind::VsockBackend {
+    if matches!(kind, Kind::VsockBackend | Kind::Vmm) {
         rules.insert(libc::SYS_socket, arg_is(0, &[libc::AF_UNIX as u64], kind)?);
+    }
+    if kind == Kind::Vmm {
+        // seccomp(SECCOMP_SET_MODE_FILTER, 0, list): a thread narrowing
+        // itself, never the whole process (no TSYNC) nor a listener.
+        let rule = [
+            SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                u64::from(libc::SECCOMP_SET_MODE_FILTER),
+            ),
+            SeccompCondition::new(1, SeccompCmpArgLen::Qword, SeccompCmpOp::Eq, 0),
+        ]
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(SeccompRule::new)
+        .map_err(|e| Error::Build(kind.name(), e.to_string()))?;
+        rules.insert(libc::SYS_seccomp, vec![rule]);
     }
     Ok(rules)
 }
@@ -367,7 +461,22 @@ pub fn parse_audit_record(line: &str) -> Option<AuditRecord> {
 mod tests {
     use super::*;
 
-    const KINDS: [Kind; 3] = [Kind::VsockBackend, Kind::FsBackend, Kind::NetBackend];
+    const KINDS: [Kind; 6] = [
+        Kind::VsockBackend,
+        Kind::FsBackend,
+        Kind::NetBackend,
+        Kind::Vmm,
+        Kind::VmmVcpu,
+        Kind::VmmControl,
+    ];
+    /// The lists `tegmen-vmm`'s threads add on top of [`Kind::Vmm`].
+    const VMM_THREADS: [Kind; 5] = [
+        Kind::VmmVcpu,
+        Kind::VmmControl,
+        Kind::VsockBackend,
+        Kind::FsBackend,
+        Kind::NetBackend,
+    ];
 
     #[test]
     fn every_list_compiles_and_leaves_out_what_no_backend_may_do() {
@@ -398,6 +507,7 @@ mod tests {
                 libc::SYS_keyctl,
                 libc::SYS_prctl,
                 libc::SYS_ioctl,
+                libc::SYS_seccomp,
             ] {
                 assert!(!allowed.contains(&banned), "{} allows syscall {banned}", kind.name());
             }
@@ -407,12 +517,18 @@ mod tests {
     /// Runs `f` in a forked child under `kind`'s list and returns how the
     /// child ended. The child only makes raw syscalls after the fork.
     fn in_filtered_child(kind: Kind, f: fn()) -> libc::c_int {
-        let prog = program(kind, Mode::Kill).unwrap().unwrap();
+        in_child_under(&[kind], f)
+    }
+
+    /// [`in_filtered_child`] under the lists of `kinds`, installed in that
+    /// order (each under those before it, as `tegmen-vmm`'s threads do).
+    fn in_child_under(kinds: &[Kind], f: fn()) -> libc::c_int {
+        let progs: Vec<BpfProgram> = kinds.iter().map(|&k| program(k, Mode::Kill).unwrap().unwrap()).collect();
         // SAFETY: the child calls only async-signal-safe code (prctl,
         // seccomp, raw syscalls, _exit) before it ends.
         match unsafe { libc::fork() } {
             0 => {
-                let ok = seccompiler::apply_filter(&prog).is_ok();
+                let ok = progs.iter().all(|prog| seccompiler::apply_filter(prog).is_ok());
                 if ok {
                     f();
                 }
@@ -456,7 +572,7 @@ mod tests {
             });
             assert_eq!(
                 libc::WIFEXITED(status),
-                kind == Kind::VsockBackend,
+                matches!(kind, Kind::VsockBackend | Kind::Vmm),
                 "{kind:?}: {status:#x}"
             );
             // prctl only with the options on its list.
@@ -465,6 +581,106 @@ mod tests {
             });
             assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS);
         }
+    }
+
+    /// Every syscall (and every ioctl, prctl option and socket family) a
+    /// thread of `tegmen-vmm` may make is on the process's list too: a
+    /// stacked filter cannot give back what the one below denies.
+    #[test]
+    fn the_vmm_threads_lists_lie_within_the_process_list() {
+        let process = rules(Kind::Vmm).unwrap();
+        for kind in VMM_THREADS {
+            for (nr, conditions) in rules(kind).unwrap() {
+                let Some(base) = process.get(&nr) else {
+                    panic!("{} allows syscall {nr}, tegmen-vmm does not", kind.name());
+                };
+                // Unconditional below, or each of its rules there too.
+                if !base.is_empty() {
+                    assert!(!conditions.is_empty(), "{}: syscall {nr} unconditional", kind.name());
+                    for rule in &conditions {
+                        assert!(
+                            base.contains(rule),
+                            "{}: syscall {nr} with {rule:?}, which tegmen-vmm's list does not allow",
+                            kind.name()
+                        );
+                    }
+                }
+            }
+        }
+        // The vCPU list is the narrow one: no file, socket or thread.
+        let vcpu = allowed_syscalls(Kind::VmmVcpu);
+        for banned in [
+            libc::SYS_openat,
+            libc::SYS_open,
+            libc::SYS_connect,
+            libc::SYS_accept4,
+            libc::SYS_recvmsg,
+            libc::SYS_sendmsg,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_unlink,
+            libc::SYS_setresuid,
+        ] {
+            assert!(!vcpu.contains(&banned), "the vCPU list allows syscall {banned}");
+        }
+    }
+
+    /// A thread of `tegmen-vmm` narrows itself under the process's list
+    /// (which lets it install one more), and then has only what its own
+    /// list allows even where the process's would.
+    #[test]
+    fn the_vmm_threads_narrow_themselves_under_the_process_list() {
+        // SAFETY (all closures): raw syscalls on bad fds or with bad
+        // arguments, stopped by the filter or failing harmlessly.
+        let ok = |s: libc::c_int| libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0;
+        let killed = |s: libc::c_int| libc::WIFSIGNALED(s) && libc::WTERMSIG(s) == libc::SIGSYS;
+        // KVM_RUN on no vCPU fails with EBADF, but is let through.
+        let s = in_child_under(&[Kind::Vmm, Kind::VmmVcpu], || unsafe {
+            libc::syscall(libc::SYS_ioctl, -1, KVM_RUN, 0);
+            libc::syscall(libc::SYS_ioctl, -1, KVM_GET_REGS, 0);
+            libc::syscall(libc::SYS_eventfd2, 0, 0);
+        });
+        assert!(ok(s), "{s:#x}");
+        // The process's list allows these; the vCPU's does not.
+        for f in [
+            (|| unsafe {
+                libc::syscall(libc::SYS_openat, libc::AT_FDCWD, c"/".as_ptr(), libc::O_RDONLY);
+            }) as fn(),
+            || unsafe {
+                libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            },
+            || unsafe {
+                libc::syscall(libc::SYS_clone3, 0, 0);
+            },
+        ] {
+            assert!(killed(in_child_under(&[Kind::Vmm, Kind::VmmVcpu], f)));
+            assert!(!killed(in_child_under(&[Kind::Vmm], f)));
+        }
+        // Nor may a vCPU thread narrow itself further, nor start a thread.
+        let s = in_child_under(&[Kind::Vmm, Kind::VmmVcpu, Kind::VmmVcpu], || {});
+        assert!(killed(s), "{s:#x}");
+        // The control thread: no KVM, no file.
+        let s = in_child_under(&[Kind::Vmm, Kind::VmmControl], || unsafe {
+            libc::syscall(libc::SYS_ioctl, -1, KVM_RUN, 0);
+        });
+        assert!(killed(s), "{s:#x}");
+        let s = in_child_under(&[Kind::Vmm, Kind::VmmControl], || unsafe {
+            libc::syscall(libc::SYS_nanosleep, &libc::timespec { tv_sec: 0, tv_nsec: 1 }, 0);
+        });
+        assert!(ok(s), "{s:#x}");
+        // TSYNC is not for a thread of tegmen-vmm.
+        let s = in_child_under(&[Kind::Vmm], || unsafe {
+            libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 1, 0);
+        });
+        assert!(killed(s), "{s:#x}");
+    }
+
+    #[test]
+    fn the_kvm_ioctl_numbers_are_those_of_the_headers() {
+        let io = |nr: u64| (0xae << 8) | nr;
+        let ior = |nr: u64, size: usize| (2 << 30) | ((size as u64) << 16) | io(nr);
+        assert_eq!(KVM_RUN, io(0x80));
+        assert_eq!(KVM_GET_REGS, ior(0x81, std::mem::size_of::<kvm_bindings::kvm_regs>()));
     }
 
     #[test]

@@ -83,6 +83,8 @@ fn config(dir: &Path, kernel: PathBuf) -> VmConfig {
         initramfs: None,
         cmdline: "console=ttyS0".into(),
         console: Some(dir.join("console.log")),
+        // A test harness's threads are not to be filtered.
+        seccomp: tegmen_vmm::seccomp::Mode::Off,
     }
 }
 
@@ -602,4 +604,114 @@ fn the_vmm_process_hosts_a_nic_on_a_tap_in_a_namespace() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-ns"));
+}
+
+/// Drives the virtio-mmio device at `base` to DRIVER_OK with three queues
+/// of 8 entries in zeroed guest RAM from `rings` (the vsock device's),
+/// VERSION_1 as the only feature.
+fn activate_three_queues(base: u32, rings: u32) -> String {
+    let mut s = format!(
+        "    mov ${base:#x}, %esi\n    movl $0, 0x70(%esi)\n    movl $1, 0x70(%esi)\n    movl $3, 0x70(%esi)\n    \
+         movl $1, 0x24(%esi)\n    movl $1, 0x20(%esi)\n    movl $0, 0x24(%esi)\n    movl $0, 0x20(%esi)\n    \
+         movl $11, 0x70(%esi)\n"
+    );
+    for q in 0..3u32 {
+        let ring = rings + q * 0x10000;
+        s.push_str(&format!(
+            "    movl ${q}, 0x30(%esi)\n    movl $8, 0x38(%esi)\n    movl ${desc:#x}, 0x80(%esi)\n    movl $0, 0x84(%esi)\n    \
+             movl ${avail:#x}, 0x90(%esi)\n    movl $0, 0x94(%esi)\n    movl ${used:#x}, 0xa0(%esi)\n    \
+             movl $0, 0xa4(%esi)\n    movl $1, 0x44(%esi)\n",
+            desc = ring,
+            avail = ring + 0x1000,
+            used = ring + 0x2000
+        ));
+    }
+    s.push_str("    movl $15, 0x70(%esi)\n");
+    s
+}
+
+/// `tegmen-vmm`'s threads each run under a seccomp list of their kind,
+/// on top of the process's (`Seccomp_filters` of each thread, kill mode,
+/// the default): the vCPU thread activates the guest's vsock device, has
+/// it kicked, resets it and activates it again — the worker being started
+/// from the spawner each time, the first one gone — and the VM then runs
+/// until the host stops it and tears down under the control thread's
+/// list. Every thread holds only the file-serving capabilities.
+#[test]
+fn the_vmm_threads_run_under_their_own_seccomp_lists() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let body = format!(
+        "{activate}{a}    movl $1, 0x50(%esi)\n    movl $0, 0x70(%esi)\n{activate}{b}",
+        activate = activate_three_queues(0xd000_0000, 0x20_0000),
+        a = print("A"),
+        b = print("B"),
+    );
+    let kernel = tiny_guest(dir.path(), "threads", &body);
+    let uds = dir.path().join("vsock");
+    let console = dir.path().join("console.log");
+    let vmm = Command::new(env!("CARGO_BIN_EXE_tegmen-vmm"))
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--memory-mib", "32", "--timeout-secs", "5"])
+        .arg("--console")
+        .arg(&console)
+        .arg("--vsock-uds")
+        .arg(&uds)
+        .arg("--shared-dir")
+        .arg(&share)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = vmm.id();
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    while std::fs::read_to_string(&console).unwrap_or_default() != "AB" {
+        assert!(std::time::Instant::now() < deadline, "the guest did not get to B");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Each thread: its name, filters and effective capabilities.
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap().trim().to_string();
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| Some(l.strip_prefix(name)?.strip_prefix(':')?.trim().to_string()))
+                .unwrap()
+        };
+        let tid: u32 = task.file_name().unwrap().to_str().unwrap().parse().unwrap();
+        threads.push((tid, comm, field("Seccomp_filters"), field("CapEff"), field("NoNewPrivs")));
+    }
+    let out = vmm.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let filters = |name: &str| -> Vec<&str> {
+        threads
+            .iter()
+            .filter(|t| t.1 == name)
+            .map(|t| t.2.as_str())
+            .collect()
+    };
+    let main = threads.iter().find(|t| t.0 == pid).expect("the main thread");
+    assert_eq!(main.2, "2", "the control thread narrowed itself: {threads:?}\n{stderr}");
+    assert_eq!(filters("vcpu0"), ["2"], "{threads:?}");
+    assert_eq!(filters("vsock"), ["2"], "one worker, narrowed; the first one ended at the reset: {threads:?}");
+    assert_eq!(filters("spawner"), ["1"], "{threads:?}");
+    let file_serving = format!("{:016x}", tegmen_vmm::privileges::mask_of(tegmen_vmm::privileges::FILE_SERVING));
+    for t in &threads {
+        assert_eq!(t.3, file_serving, "{t:?}");
+        assert_eq!(t.4, "1", "no_new_privs: {t:?}");
+    }
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+    assert_eq!(v["reason"], "stopped by the host", "{stderr}");
+    assert!(stderr.contains("seccomp: tegmen-vmm allow-list of"), "{stderr}");
+    assert!(stderr.contains("in force (kill)"), "{stderr}");
+    assert!(!uds.exists(), "the vsock socket is removed under the control thread's list");
 }

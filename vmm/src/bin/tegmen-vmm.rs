@@ -13,6 +13,12 @@
 //! vsock socket (the sandbox directory) in a mount namespace of its own,
 //! so the shared directory must be below it; the devices then use paths
 //! relative to it. The rest of the host's file system is gone for it.
+//!
+//! Confinement: once set up (sandbox entered, taps open), the process
+//! keeps no capability but the file-serving ones its virtio-fs device
+//! needs, and, as the guest starts, runs under its syscall allow-lists
+//! (`--seccomp`, default `kill`): the process's, narrowed by each thread to
+//! that of its kind.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -75,6 +81,11 @@ struct Args {
     /// net0, ...): one JSON line per connection, for `supervisor metrics`.
     #[arg(long, value_name = "DIR")]
     stats_dir: Option<PathBuf>,
+    /// The syscall allow-lists (one for the process, narrowed per thread:
+    /// vCPU, device worker, control): `kill` (a syscall off them ends the
+    /// process), `log` (logged by the kernel and allowed) or `off`.
+    #[arg(long, value_name = "MODE", default_value_t = tegmen_vmm::seccomp::Mode::Kill)]
+    seccomp: tegmen_vmm::seccomp::Mode,
 }
 
 /// A device's counters, as `--stats-dir` serves them.
@@ -178,6 +189,14 @@ fn make_vm(args: &Args, config: &VmConfig) -> Result<Vm, String> {
         sandbox::enter_chroot(dir).map_err(|e| format!("sandbox: {e}"))?;
         log::info!("sandboxed: {} is now /", dir.display());
     }
+    // Set up: from here on the process needs no capability but those of
+    // serving files as the guest's users (with a share), and it still has
+    // one thread, so every thread after it has no more.
+    let (keep, max_files) = match args.shared_dir {
+        Some(_) => (tegmen_vmm::privileges::FILE_SERVING, tegmen_vmm::privileges::FS_MAX_FILES),
+        None => (&[][..], tegmen_vmm::privileges::VSOCK_MAX_FILES),
+    };
+    tegmen_vmm::privileges::confine(keep, max_files).map_err(|e| format!("dropping privileges: {e}"))?;
     for (name, listener, snapshot) in listeners {
         if let Err(e) = stats::spawn(listener, &name, snapshot) {
             log::warn!("{name}: counters not served: {e}");
@@ -196,6 +215,7 @@ fn main() -> ExitCode {
         initramfs: args.initramfs.clone(),
         cmdline: args.cmdline.clone(),
         console: args.console.clone(),
+        seccomp: args.seccomp,
     };
     let vm = match make_vm(&args, &config) {
         Ok(vm) => vm,

@@ -69,7 +69,9 @@ impl VirtioDevice for InlineFs {
         }
         self.worker = None;
         let device = self.device.clone();
-        let worker = Worker::spawn("virtio-fs", None, queues, mem, interrupt, move |event, queues, mem| {
+        let worker = Worker::spawn(
+            "virtio-fs",
+            crate::seccomp::Kind::FsBackend, None, queues, mem, interrupt, move |event, queues, mem| {
             let WorkerEvent::Queue(index) = event else {
                 return false;
             };

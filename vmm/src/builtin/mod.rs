@@ -116,6 +116,8 @@ pub enum Error {
     Device(String),
     #[error("vCPU: {0}")]
     Vcpu(String),
+    #[error("seccomp: {0}")]
+    Seccomp(String),
 }
 
 /// What a VM is made of.
@@ -129,6 +131,13 @@ pub struct VmConfig {
     pub cmdline: String,
     /// Where the serial console's output goes (appended); none: dropped.
     pub console: Option<PathBuf>,
+    /// The syscall allow-lists the monitor's threads run under once
+    /// [`Vm::run`] starts the guest ([`crate::seccomp`]): the process's
+    /// list on every thread, then each vCPU thread, device worker and the
+    /// calling thread narrowed to its own. Anything but `Off` filters the
+    /// whole process for good, so it is for a process running one VM
+    /// (`tegmen-vmm`), not for a test harness.
+    pub seccomp: crate::seccomp::Mode,
 }
 
 /// Why a VM stopped.
@@ -194,6 +203,7 @@ pub struct Vm {
     slots: usize,
     transports: Vec<Mutex<MmioTransport>>,
     shared: Arc<Shared>,
+    seccomp: crate::seccomp::Mode,
 }
 
 impl Vm {
@@ -283,6 +293,7 @@ impl Vm {
             pio,
             slots,
             transports: Vec::new(),
+            seccomp: config.seccomp,
             shared: Arc::new(Shared {
                 stop: AtomicBool::new(false),
                 reason: Mutex::new(None),
@@ -347,14 +358,36 @@ impl Vm {
         let mmio = Arc::new(MmioBus {
             devices: std::mem::take(&mut self.transports),
         });
+        let lists = confine(self.seccomp)?;
         let mut threads = Vec::new();
         for (id, vcpu) in self.vcpus.drain(..).enumerate() {
             let (shared, pio, mmio) = (self.shared.clone(), self.pio.clone(), mmio.clone());
+            let list = lists.as_ref().map(|l| l.vcpu.clone());
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_loop(vcpu, id as u8, &shared, &pio, &mmio))
+                .spawn(move || {
+                    if let Some(list) = list {
+                        if !crate::seccomp::apply_to_this_thread(&list) {
+                            shared.stop(StopReason::Failed {
+                                vcpu: id as u8,
+                                error: "cannot install the vCPU thread's seccomp list".into(),
+                            });
+                            return;
+                        }
+                    }
+                    vcpu_loop(vcpu, id as u8, &shared, &pio, &mmio)
+                })
                 .map_err(|e| Error::Vcpu(format!("starting the thread of vCPU {id}: {e}")))?;
             threads.push(t);
+        }
+        if let Some(l) = &lists {
+            // This thread only waits, kicks the vCPUs and tears down now.
+            if !crate::seccomp::apply_to_this_thread(&l.control) {
+                self.shared.stop(StopReason::Failed {
+                    vcpu: 0,
+                    error: "cannot install the control thread's seccomp list".into(),
+                });
+            }
         }
 
         let deadline = timeout.map(|t| Instant::now() + t);
@@ -403,6 +436,35 @@ impl Vm {
             first_entry: self.shared.first_entry.get().copied(),
         })
     }
+}
+
+/// The lists of the threads that narrow themselves once the VM runs.
+struct ThreadLists {
+    vcpu: seccompiler::BpfProgram,
+    control: seccompiler::BpfProgram,
+}
+
+/// Installs the monitor's process list in `mode` on every thread (before
+/// any guest code runs), has device workers started confined from now on,
+/// and returns the lists the vCPU threads and the caller then add (none
+/// for [`Mode::Off`](crate::seccomp::Mode::Off)).
+fn confine(mode: crate::seccomp::Mode) -> Result<Option<ThreadLists>, Error> {
+    use crate::seccomp::{program, Kind};
+    let compile = |kind: Kind| -> Result<Option<seccompiler::BpfProgram>, Error> {
+        program(kind, mode).map_err(|e| Error::Seccomp(e.to_string()))
+    };
+    let (Some(vcpu), Some(control)) = (compile(Kind::VmmVcpu)?, compile(Kind::VmmControl)?) else {
+        log::warn!("seccomp: off, tegmen-vmm runs with every syscall");
+        return Ok(None);
+    };
+    let mut workers = Vec::new();
+    for kind in [Kind::VsockBackend, Kind::FsBackend, Kind::NetBackend] {
+        workers.extend(compile(kind)?.map(|p| (kind, p)));
+    }
+    crate::seccomp::install(Kind::Vmm, mode).map_err(|e| Error::Seccomp(e.to_string()))?;
+    worker::confine_workers(workers).map_err(Error::Seccomp)?;
+    log::info!("seccomp: vCPU, control and device worker threads narrow themselves ({mode})");
+    Ok(Some(ThreadLists { vcpu, control }))
 }
 
 fn rip(vcpu: &VcpuFd) -> u64 {

@@ -91,6 +91,7 @@ impl<T: FrameIo + 'static> VirtioDevice for InlineNet<T> {
         let device = self.device.clone();
         let worker = Worker::spawn(
             "virtio-net",
+            crate::seccomp::Kind::NetBackend,
             Some((tap_fd, Trigger::Edge)),
             queues,
             mem,

@@ -79,6 +79,7 @@ impl VirtioDevice for InlineVsock {
         let host_fd = device.lock().unwrap_or_else(|p| p.into_inner()).as_raw_fd();
         let worker = Worker::spawn(
             "vsock",
+            crate::seccomp::Kind::VsockBackend,
             Some((host_fd, Trigger::Level)),
             queues,
             mem,

@@ -3,10 +3,19 @@
 //! transport), on the device's own host-side descriptor if it has one, and
 //! on an exit event; hands each event to the device's handler, and raises
 //! the interrupt when the handler used buffers.
+//!
+//! Under seccomp ([`confine_workers`]), workers are started by a thread of
+//! their own, the spawner, that has only the monitor's process list: a
+//! worker inherits its parent's filters, and a device is activated from a
+//! vCPU thread, whose list starts no thread. Each worker then narrows
+//! itself to its device's list before it reads a guest byte.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
+use std::sync::mpsc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
+
+use crate::seccomp::{self, Kind};
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
@@ -38,6 +47,53 @@ pub enum Trigger {
     Edge,
 }
 
+/// Something for the spawner to run.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The spawner and the workers' lists, once [`confine_workers`] ran.
+struct Confined {
+    jobs: mpsc::Sender<Job>,
+    filters: Vec<(Kind, seccompiler::BpfProgram)>,
+}
+
+static CONFINED: OnceLock<Confined> = OnceLock::new();
+
+/// From now on, workers are started by a spawner thread started here (so
+/// it has the filters of the calling thread: call it once the process's
+/// list is in force, before any thread narrows itself), and a worker of
+/// device kind `k` installs `filters`' list for `k` on itself first. For a
+/// process with one VM (`tegmen-vmm`); a second call is refused.
+pub fn confine_workers(filters: Vec<(Kind, seccompiler::BpfProgram)>) -> Result<(), String> {
+    let (jobs, queue) = mpsc::channel::<Job>();
+    if CONFINED.set(Confined { jobs, filters }).is_err() {
+        return Err("device workers are confined already".into());
+    }
+    std::thread::Builder::new()
+        .name("spawner".into())
+        .spawn(move || {
+            for job in queue {
+                job();
+            }
+        })
+        .map(drop)
+        .map_err(|e| format!("starting the device workers' spawner: {e}"))
+}
+
+/// Starts a thread with `body`, from the spawner once there is one.
+fn start(name: &str, body: impl FnOnce() + Send + 'static) -> std::io::Result<JoinHandle<()>> {
+    let builder = std::thread::Builder::new().name(name.to_string());
+    let Some(confined) = CONFINED.get() else {
+        return builder.spawn(body);
+    };
+    let (done, started) = mpsc::channel();
+    let job: Job = Box::new(move || {
+        let _ = done.send(builder.spawn(body));
+    });
+    let gone = || std::io::Error::other("the device workers' spawner is gone");
+    confined.jobs.send(job).map_err(|_| gone())?;
+    started.recv().map_err(|_| gone())?
+}
+
 pub struct Worker {
     exit: EventFd,
     thread: Option<JoinHandle<()>>,
@@ -46,8 +102,12 @@ pub struct Worker {
 impl Worker {
     /// Starts the thread; `handler` runs for every event and returns
     /// whether the guest must be interrupted.
+    ///
+    /// `kind` names the list the worker narrows itself to under
+    /// [`confine_workers`]: the backend's that serves the same device.
     pub fn spawn<H>(
         name: &str,
+        kind: Kind,
         host_fd: Option<(RawFd, Trigger)>,
         queues: Vec<(Queue, EventFd)>,
         mem: GuestMemoryMmap,
@@ -77,9 +137,25 @@ impl Worker {
             add(k.as_raw_fd(), i as u64, EventSet::IN)?;
         }
         let worker_kicks = kicks;
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
+        let filter = match CONFINED.get() {
+            Some(c) => Some(
+                c.filters
+                    .iter()
+                    .find(|(k, _)| *k == kind)
+                    .map(|(_, prog)| prog.clone())
+                    .ok_or_else(|| format!("no seccomp list for the {} worker", kind.name()))?,
+            ),
+            None => None,
+        };
+        let thread = start(name, move || {
+                if let Some(prog) = filter {
+                    // Fail closed: a worker that cannot narrow itself ends
+                    // the monitor rather than serve unfiltered.
+                    if !seccomp::apply_to_this_thread(&prog) {
+                        log::error!("device worker: cannot install the {} list; stopping", kind.name());
+                        std::process::abort();
+                    }
+                }
                 let mut events = vec![EpollEvent::default(); 8];
                 loop {
                     let n = match epoll.wait(-1, &mut events) {
