@@ -69,6 +69,69 @@ pub struct Confinement {
     pub own_namespaces: Vec<String>,
     /// The namespaces it shares with the reader.
     pub shared_namespaces: Vec<String>,
+    /// Each thread's seccomp filters (`tegmen-vmm`'s threads add a list
+    /// of their kind on top of the process's).
+    pub threads: Vec<ThreadFilters>,
+}
+
+/// One thread's seccomp filters and capabilities (capabilities are a
+/// thread's own too).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ThreadFilters {
+    pub tid: i32,
+    /// Its name (`/proc/PID/task/TID/comm`).
+    pub name: String,
+    pub seccomp_filters: Option<u32>,
+    pub cap_effective: u64,
+}
+
+/// The threads of the process at `dir` (`/proc/PID`), by thread id; a
+/// thread that ends while it is read is left out.
+fn read_threads(dir: &Path) -> Vec<ThreadFilters> {
+    let Ok(tasks) = std::fs::read_dir(dir.join("task")) else {
+        return Vec::new();
+    };
+    let mut threads: Vec<ThreadFilters> = tasks
+        .flatten()
+        .filter_map(|t| {
+            let tid = t.file_name().to_str()?.parse().ok()?;
+            let status = parse_status(&std::fs::read_to_string(t.path().join("status")).ok()?).ok()?;
+            let name = std::fs::read_to_string(t.path().join("comm")).ok()?.trim().to_string();
+            Some(ThreadFilters {
+                tid,
+                name,
+                seccomp_filters: status.seccomp_filters,
+                cap_effective: status.cap_effective,
+            })
+        })
+        .collect();
+    threads.sort_by_key(|t| t.tid);
+    threads
+}
+
+/// The threads grouped by their number of filters, for people:
+/// `2: tegmen-vmm, vcpu0, vsock; 1: spawner` (most filters first; a name
+/// shared by several threads once, with a count).
+pub fn describe_threads(threads: &[ThreadFilters]) -> String {
+    let mut groups: std::collections::BTreeMap<std::cmp::Reverse<u32>, Vec<(String, usize)>> = Default::default();
+    for t in threads {
+        let names = groups.entry(std::cmp::Reverse(t.seccomp_filters.unwrap_or(0))).or_default();
+        match names.iter_mut().find(|(n, _)| *n == t.name) {
+            Some((_, count)) => *count += 1,
+            None => names.push((t.name.clone(), 1)),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(n, names)| {
+            let names: Vec<String> = names
+                .into_iter()
+                .map(|(name, count)| if count > 1 { format!("{name} ×{count}") } else { name })
+                .collect();
+            format!("{}: {}", n.0, names.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The fields of `/proc/PID/status` this module reads.
@@ -179,6 +242,7 @@ pub fn read_at(proc_root: &Path, name: &str, pid: i32, reference: &str) -> Resul
         status: s,
         own_namespaces: own,
         shared_namespaces: shared,
+        threads: read_threads(&dir),
     })
 }
 
@@ -199,7 +263,8 @@ impl Confinement {
         format!(
             "{} (pid {}):\n  uid {} (effective {}), gid {} (effective {}), no_new_privs: {}\n  seccomp: {seccomp}\n  \
              capabilities: effective {}; permitted {}; bounding {}; ambient {}\n  \
-             namespaces: own {}; shared with this host {}",
+             namespaces: own {}; shared with this host {}\n  \
+             seccomp filters by thread: {}",
             self.name,
             self.pid,
             s.uid.0,
@@ -213,6 +278,7 @@ impl Confinement {
             describe_caps(s.cap_ambient, known),
             list(&self.own_namespaces),
             list(&self.shared_namespaces),
+            describe_threads(&self.threads),
         )
     }
 }
@@ -269,6 +335,30 @@ mod tests {
     }
 
     #[test]
+    fn threads_are_grouped_by_their_filters() {
+        let t = |tid, name: &str, n| ThreadFilters {
+            tid,
+            name: name.into(),
+            seccomp_filters: Some(n),
+            cap_effective: 0,
+        };
+        let threads = [
+            t(10, "tegmen-vmm", 2),
+            t(11, "stats", 1),
+            t(12, "spawner", 1),
+            t(13, "vcpu0", 2),
+            t(14, "vcpu1", 2),
+            t(15, "stats", 1),
+            t(16, "vsock", 2),
+        ];
+        assert_eq!(
+            describe_threads(&threads),
+            "2: tegmen-vmm, vcpu0, vcpu1, vsock; 1: stats ×2, spawner"
+        );
+        assert_eq!(describe_threads(&[]), "");
+    }
+
+    #[test]
     fn capability_sets_are_named() {
         assert_eq!(cap_names(0b101), ["CAP_CHOWN", "CAP_DAC_READ_SEARCH"]);
         assert_eq!(cap_names(1 << 21 | 1 << 50), ["CAP_SYS_ADMIN", "CAP_50"]);
@@ -299,6 +389,10 @@ mod tests {
         let text = me.describe(known_caps());
         assert!(text.starts_with(&format!("test (pid {}):", me.pid)), "{text}");
         assert!(text.contains("namespaces: own -;"), "{text}");
+        // Its threads: this one among them, by name.
+        let this = std::thread::current().name().unwrap().chars().take(15).collect::<String>();
+        assert!(me.threads.iter().any(|t| t.name == this), "{this}: {:?}", me.threads);
+        assert!(me.threads.iter().all(|t| t.seccomp_filters.is_some()), "{:?}", me.threads);
         assert!(read("gone", i32::MAX).unwrap_err().contains(&i32::MAX.to_string()));
     }
 

@@ -77,9 +77,11 @@ fn a_scenario_that_hangs_is_diagnosed_before_l1_is_killed() {
 
 /// Containers on the builtin monitor in L1, through `tegmen` (auto picks
 /// the builtin monitor): an exit code and output of `run`, then a detached
-/// container (its monitor jailed by pivot_root, not chroot, and the
-/// agent's boot mark received) with an exec and its exit code, SIGTERM
-/// ending it, and delete; nothing of them is left in L1.
+/// container (its monitor jailed by pivot_root, not chroot, the agent's
+/// boot mark received, and `supervisor check` showing each of the
+/// monitor's threads under the list of its kind) with an exec and its
+/// exit code, SIGTERM ending it, and delete; nothing of them is left in
+/// L1.
 #[test]
 fn tegmen_runs_containers_on_the_builtin_monitor_in_l1() {
     let bundle = workspace_binary("supervisor")
@@ -113,6 +115,15 @@ cat $log
 grep -q 'is now /' $log && ! grep -q 'falling back to chroot' $log || exit 21
 grep -q 'boot mark: ' $log || exit 22
 [ "$($T exec c2 echo exec-ok)" = exec-ok ] || exit 14
+# Each of the monitor's threads under its own list, on the process's.
+grep -q 'tegmen-vmm allow-list of .* in force (kill)' $log || exit 23
+printf 'root = "/run/tegmen"\n' > /tmp/tegmen.toml
+$B/supervisor --config /tmp/tegmen.toml check c2 > /tmp/check.txt 2>&1 || {{ cat /tmp/check.txt; exit 24; }}
+cat /tmp/check.txt
+for t in vcpu0 vsock virtio-fs; do
+    grep -Eq "seccomp filters by thread: 2: [^;]*$t" /tmp/check.txt || exit 25
+done
+grep -Eq 'seccomp filters by thread: 2: [^;]*; 1: [^;]*spawner' /tmp/check.txt || exit 26
 $T exec c2 sh -c 'exit 5'; [ $? = 5 ] || exit 15
 $T kill c2 TERM || exit 16
 for i in $(seq 100); do $T state c2 | grep -q '"stopped"' && break; sleep 0.2; done

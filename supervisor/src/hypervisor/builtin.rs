@@ -50,7 +50,8 @@ impl Builtin {
             .arg(&spec.shared_dir)
             .args(["--fs-tag", tegmen_agent_api::SHARED_FS_TAG])
             .arg("--stats-dir")
-            .arg(&spec.run_dir);
+            .arg(&spec.run_dir)
+            .args(["--seccomp", &spec.seccomp.to_string()]);
         if let Some(ns) = spec.nics.first().and_then(|n| n.netns.as_ref()) {
             cmd.arg("--netns").arg(ns);
         }
@@ -115,7 +116,15 @@ impl Hypervisor for Builtin {
 
     fn exited(&mut self) -> Option<String> {
         if self.exit.is_none() {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+            let child = self.child.as_mut();
+            let pid = child.as_ref().map_or(0, |c| c.id());
+            if let Some(Ok(Some(status))) = child.map(|c| c.try_wait()) {
+                use std::os::unix::process::ExitStatusExt;
+                if status.signal() == Some(libc::SIGSYS) {
+                    // Killed by its allow-list: no reason in its log.
+                    self.exit = Some(super::describe_exit("tegmen-vmm", pid, status));
+                    return self.exit.clone();
+                }
                 let why = self
                     .log
                     .as_deref()
@@ -238,6 +247,7 @@ mod tests {
         assert_eq!(value("--shared-dir"), spec.shared_dir);
         assert_eq!(value("--fs-tag"), PathBuf::from("tegmen"));
         assert_eq!(value("--stats-dir"), spec.run_dir);
+        assert_eq!(value("--seccomp"), PathBuf::from("kill"));
         let cmdline = value("--cmdline").to_string_lossy().into_owned();
         assert!(
             cmdline.contains("reboot=k") && cmdline.ends_with("loglevel=3"),
