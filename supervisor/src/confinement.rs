@@ -115,7 +115,9 @@ fn read_threads(dir: &Path) -> Vec<ThreadFilters> {
 pub fn describe_threads(threads: &[ThreadFilters]) -> String {
     let mut groups: std::collections::BTreeMap<std::cmp::Reverse<u32>, Vec<(String, usize)>> = Default::default();
     for t in threads {
-        let names = groups.entry(std::cmp::Reverse(t.seccomp_filters.unwrap_or(0))).or_default();
+        let names = groups
+            .entry(std::cmp::Reverse(t.seccomp_filters.unwrap_or(0)))
+            .or_default();
         match names.iter_mut().find(|(n, _)| *n == t.name) {
             Some((_, count)) => *count += 1,
             None => names.push((t.name.clone(), 1)),
@@ -390,9 +392,18 @@ mod tests {
         assert!(text.starts_with(&format!("test (pid {}):", me.pid)), "{text}");
         assert!(text.contains("namespaces: own -;"), "{text}");
         // Its threads: this one among them, by name.
-        let this = std::thread::current().name().unwrap().chars().take(15).collect::<String>();
+        let this = std::thread::current()
+            .name()
+            .unwrap()
+            .chars()
+            .take(15)
+            .collect::<String>();
         assert!(me.threads.iter().any(|t| t.name == this), "{this}: {:?}", me.threads);
-        assert!(me.threads.iter().all(|t| t.seccomp_filters.is_some()), "{:?}", me.threads);
+        assert!(
+            me.threads.iter().all(|t| t.seccomp_filters.is_some()),
+            "{:?}",
+            me.threads
+        );
         assert!(read("gone", i32::MAX).unwrap_err().contains(&i32::MAX.to_string()));
     }
 

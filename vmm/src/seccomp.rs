@@ -523,7 +523,10 @@ mod tests {
     /// [`in_filtered_child`] under the lists of `kinds`, installed in that
     /// order (each under those before it, as `tegmen-vmm`'s threads do).
     fn in_child_under(kinds: &[Kind], f: fn()) -> libc::c_int {
-        let progs: Vec<BpfProgram> = kinds.iter().map(|&k| program(k, Mode::Kill).unwrap().unwrap()).collect();
+        let progs: Vec<BpfProgram> = kinds
+            .iter()
+            .map(|&k| program(k, Mode::Kill).unwrap().unwrap())
+            .collect();
         // SAFETY: the child calls only async-signal-safe code (prctl,
         // seccomp, raw syscalls, _exit) before it ends.
         match unsafe { libc::fork() } {

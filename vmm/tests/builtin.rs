@@ -687,23 +687,30 @@ fn the_vmm_threads_run_under_their_own_seccomp_lists() {
                 .unwrap()
         };
         let tid: u32 = task.file_name().unwrap().to_str().unwrap().parse().unwrap();
-        threads.push((tid, comm, field("Seccomp_filters"), field("CapEff"), field("NoNewPrivs")));
+        threads.push((
+            tid,
+            comm,
+            field("Seccomp_filters"),
+            field("CapEff"),
+            field("NoNewPrivs"),
+        ));
     }
     let out = vmm.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let filters = |name: &str| -> Vec<&str> {
-        threads
-            .iter()
-            .filter(|t| t.1 == name)
-            .map(|t| t.2.as_str())
-            .collect()
-    };
+    let filters = |name: &str| -> Vec<&str> { threads.iter().filter(|t| t.1 == name).map(|t| t.2.as_str()).collect() };
     let main = threads.iter().find(|t| t.0 == pid).expect("the main thread");
     assert_eq!(main.2, "2", "the control thread narrowed itself: {threads:?}\n{stderr}");
     assert_eq!(filters("vcpu0"), ["2"], "{threads:?}");
-    assert_eq!(filters("vsock"), ["2"], "one worker, narrowed; the first one ended at the reset: {threads:?}");
+    assert_eq!(
+        filters("vsock"),
+        ["2"],
+        "one worker, narrowed; the first one ended at the reset: {threads:?}"
+    );
     assert_eq!(filters("spawner"), ["1"], "{threads:?}");
-    let file_serving = format!("{:016x}", tegmen_vmm::privileges::mask_of(tegmen_vmm::privileges::FILE_SERVING));
+    let file_serving = format!(
+        "{:016x}",
+        tegmen_vmm::privileges::mask_of(tegmen_vmm::privileges::FILE_SERVING)
+    );
     for t in &threads {
         assert_eq!(t.3, file_serving, "{t:?}");
         assert_eq!(t.4, "1", "no_new_privs: {t:?}");
@@ -713,5 +720,8 @@ fn the_vmm_threads_run_under_their_own_seccomp_lists() {
     assert_eq!(v["reason"], "stopped by the host", "{stderr}");
     assert!(stderr.contains("seccomp: tegmen-vmm allow-list of"), "{stderr}");
     assert!(stderr.contains("in force (kill)"), "{stderr}");
-    assert!(!uds.exists(), "the vsock socket is removed under the control thread's list");
+    assert!(
+        !uds.exists(),
+        "the vsock socket is removed under the control thread's list"
+    );
 }

@@ -193,7 +193,10 @@ fn make_vm(args: &Args, config: &VmConfig) -> Result<Vm, String> {
     // serving files as the guest's users (with a share), and it still has
     // one thread, so every thread after it has no more.
     let (keep, max_files) = match args.shared_dir {
-        Some(_) => (tegmen_vmm::privileges::FILE_SERVING, tegmen_vmm::privileges::FS_MAX_FILES),
+        Some(_) => (
+            tegmen_vmm::privileges::FILE_SERVING,
+            tegmen_vmm::privileges::FS_MAX_FILES,
+        ),
         None => (&[][..], tegmen_vmm::privileges::VSOCK_MAX_FILES),
     };
     tegmen_vmm::privileges::confine(keep, max_files).map_err(|e| format!("dropping privileges: {e}"))?;

@@ -71,18 +71,24 @@ impl VirtioDevice for InlineFs {
         let device = self.device.clone();
         let worker = Worker::spawn(
             "virtio-fs",
-            crate::seccomp::Kind::FsBackend, None, queues, mem, interrupt, move |event, queues, mem| {
-            let WorkerEvent::Queue(index) = event else {
-                return false;
-            };
-            let Some(queue) = queues.get_mut(index) else {
-                return false;
-            };
-            device.process_queue(queue, mem).unwrap_or_else(|e| {
-                log::warn!("virtio-fs queue {index}: {e}");
-                false
-            })
-        })?;
+            crate::seccomp::Kind::FsBackend,
+            None,
+            queues,
+            mem,
+            interrupt,
+            move |event, queues, mem| {
+                let WorkerEvent::Queue(index) = event else {
+                    return false;
+                };
+                let Some(queue) = queues.get_mut(index) else {
+                    return false;
+                };
+                device.process_queue(queue, mem).unwrap_or_else(|e| {
+                    log::warn!("virtio-fs queue {index}: {e}");
+                    false
+                })
+            },
+        )?;
         self.worker = Some(worker);
         Ok(())
     }

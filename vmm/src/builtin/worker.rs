@@ -148,45 +148,45 @@ impl Worker {
             None => None,
         };
         let thread = start(name, move || {
-                if let Some(prog) = filter {
-                    // Fail closed: a worker that cannot narrow itself ends
-                    // the monitor rather than serve unfiltered.
-                    if !seccomp::apply_to_this_thread(&prog) {
-                        log::error!("device worker: cannot install the {} list; stopping", kind.name());
-                        std::process::abort();
-                    }
+            if let Some(prog) = filter {
+                // Fail closed: a worker that cannot narrow itself ends
+                // the monitor rather than serve unfiltered.
+                if !seccomp::apply_to_this_thread(&prog) {
+                    log::error!("device worker: cannot install the {} list; stopping", kind.name());
+                    std::process::abort();
                 }
-                let mut events = vec![EpollEvent::default(); 8];
-                loop {
-                    let n = match epoll.wait(-1, &mut events) {
-                        Ok(n) => n,
-                        Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                        Err(e) => {
-                            log::error!("device worker: epoll_wait: {e}");
-                            return;
+            }
+            let mut events = vec![EpollEvent::default(); 8];
+            loop {
+                let n = match epoll.wait(-1, &mut events) {
+                    Ok(n) => n,
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    Err(e) => {
+                        log::error!("device worker: epoll_wait: {e}");
+                        return;
+                    }
+                };
+                let mut signal = false;
+                for ev in &events[..n] {
+                    let event = match ev.data() {
+                        EXIT_TOKEN => return,
+                        HOST_TOKEN => WorkerEvent::Host,
+                        token => {
+                            let index = token as usize;
+                            if let Some(k) = worker_kicks.get(index) {
+                                let _ = k.read();
+                            }
+                            WorkerEvent::Queue(index)
                         }
                     };
-                    let mut signal = false;
-                    for ev in &events[..n] {
-                        let event = match ev.data() {
-                            EXIT_TOKEN => return,
-                            HOST_TOKEN => WorkerEvent::Host,
-                            token => {
-                                let index = token as usize;
-                                if let Some(k) = worker_kicks.get(index) {
-                                    let _ = k.read();
-                                }
-                                WorkerEvent::Queue(index)
-                            }
-                        };
-                        signal |= handler(event, &mut queues, &mem);
-                    }
-                    if signal {
-                        interrupt.raise(INT_VRING);
-                    }
+                    signal |= handler(event, &mut queues, &mem);
                 }
-            })
-            .map_err(|e| format!("starting the device worker: {e}"))?;
+                if signal {
+                    interrupt.raise(INT_VRING);
+                }
+            }
+        })
+        .map_err(|e| format!("starting the device worker: {e}"))?;
         Ok(Worker {
             exit,
             thread: Some(thread),
