@@ -13,7 +13,6 @@
 //! vsock socket (the sandbox directory) in a mount namespace of its own,
 //! so the shared directory must be below it; the devices then use paths
 //! relative to it. The rest of the host's file system is gone for it.
-//! The virtio-fs device's workers have a root of their own, the share.
 //!
 //! Confinement: once set up (sandbox entered, taps open), the process
 //! keeps no capability but the file-serving ones its virtio-fs device
@@ -91,9 +90,8 @@ struct Args {
 
 /// A device's counters, as `--stats-dir` serves them.
 type Counters = Box<dyn Fn() -> serde_json::Value + Send>;
-/// The devices, the counters of each by name, and the share's path as
-/// the process sees it.
-type Devices = (Vec<Box<dyn VirtioDevice>>, Vec<(String, Counters)>, Option<PathBuf>);
+/// The devices, and the counters of each by name.
+type Devices = (Vec<Box<dyn VirtioDevice>>, Vec<(String, Counters)>);
 
 /// The devices, with paths as the process will see them: relative to the
 /// sandbox directory (the working directory then) when it pivots there.
@@ -124,9 +122,7 @@ fn devices(args: &Args, jail: Option<&std::path::Path>) -> Result<Devices, Strin
         stats("vsock", Box::new(device.counters()));
         devices.push(Box::new(device));
     }
-    let mut share = None;
     if let Some(dir) = &args.shared_dir {
-        share = Some(inside(dir)?);
         let mut config = FsConfig::new(inside(dir)?);
         config.tag = args.fs_tag.clone();
         let device = InlineFs::new(FsDevice::new(config).map_err(|e| format!("virtio-fs {}: {e}", dir.display()))?);
@@ -143,7 +139,7 @@ fn devices(args: &Args, jail: Option<&std::path::Path>) -> Result<Devices, Strin
         stats(&format!("net{i}"), Box::new(device.counters()));
         devices.push(Box::new(device));
     }
-    Ok((devices, counters, share))
+    Ok((devices, counters))
 }
 
 /// Makes the VM: kernel, console and KVM first, then (sandboxed) the
@@ -172,7 +168,7 @@ fn make_vm(args: &Args, config: &VmConfig) -> Result<Vm, String> {
             Some(dir)
         }
     };
-    let (devices, counters, share) = devices(args, jail.as_deref())?;
+    let (devices, counters) = devices(args, jail.as_deref())?;
     for device in devices {
         vm.attach(device).map_err(|e| e.to_string())?;
     }
@@ -192,11 +188,6 @@ fn make_vm(args: &Args, config: &VmConfig) -> Result<Vm, String> {
     if let Some(dir) = &jail {
         sandbox::enter_chroot(dir).map_err(|e| format!("sandbox: {e}"))?;
         log::info!("sandboxed: {} is now /", dir.display());
-        // And the file server's threads see only the share.
-        if let Some(share) = share {
-            tegmen_vmm::builtin::fs::jail_workers_to(share.clone()).map_err(|e| format!("sandbox: {e}"))?;
-            log::info!("sandboxed: the virtio-fs workers' root is {}", share.display());
-        }
     }
     // Set up: from here on the process needs no capability but those of
     // serving files as the guest's users (with a share), and it still has
