@@ -197,6 +197,23 @@ mod tests {
     use crate::hypervisor::Accel;
     use std::path::{Path, PathBuf};
 
+    /// A monitor its allow-list killed is named as such, not by its log.
+    #[test]
+    fn a_monitor_killed_by_sigsys_is_a_seccomp_violation() {
+        let mut b = Builtin::new();
+        b.child = Some(Command::new("sh").args(["-c", "kill -SYS $$"]).spawn().unwrap());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let said = loop {
+            if let Some(said) = b.exited() {
+                break said;
+            }
+            assert!(std::time::Instant::now() < deadline, "sh did not end");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        assert!(said.starts_with("seccomp violation in tegmen-vmm"), "{said}");
+        b.kill();
+    }
+
     #[test]
     fn the_reason_the_vm_stopped_is_read_from_the_log() {
         let log = "[WARN] port write of 1 bytes at 0x80\n{\"reason\":\"unhandled exit on vCPU 0 at RIP 0x401000: MMIO write of 4 bytes at 0xe0000000: no device there\",\"boot_mark_ms\":null}\n[ERROR] the VM stopped\n";
