@@ -36,6 +36,9 @@ pub struct HostBind {
     /// Index into the spec's `mounts`.
     pub index: usize,
     pub source: PathBuf,
+    /// `ro` in its options: read-only on the host too, so that the guest
+    /// (whose kernel may ignore the flag) cannot write through the share.
+    pub readonly: bool,
 }
 
 /// What a sandbox needs to add one container.
@@ -223,7 +226,10 @@ fn mount_container(top: &Path, staging: &Path, c: &NewContainer, made: &mut Vec<
         };
         made_target.map_err(|e| Error::io("creating", &target, e))?;
         bind(&b.source, &target).map_err(sys(format!("{} on {}", b.source.display(), target.display())))?;
-        made.push(target);
+        made.push(target.clone());
+        if b.readonly {
+            remount_readonly(&target).map_err(sys(format!("{} read-only", target.display())))?;
+        }
     }
     Ok(())
 }

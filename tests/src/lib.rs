@@ -239,6 +239,47 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     );
 }
 
+/// `tegmen-guest-probe` (tests/guest-probe), built static like the agent,
+/// since it runs inside a guest's container: what a hostile guest does
+/// to the host over vsock. Built once per test process, in a target
+/// directory of its own (the one `cargo test` holds stays locked).
+pub fn guest_probe() -> PathBuf {
+    static PROBE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+            let target_dir = repo.join("target/guest-probe");
+            let triple = "x86_64-unknown-linux-gnu";
+            let out = std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+                .current_dir(repo)
+                .env(
+                    "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+                    "-C target-feature=+crt-static",
+                )
+                .args([
+                    "build",
+                    "--quiet",
+                    "--profile",
+                    "guest",
+                    "-p",
+                    "tegmen-guest-probe",
+                    "--target",
+                    triple,
+                ])
+                .arg("--target-dir")
+                .arg(&target_dir)
+                .output()
+                .expect("running cargo to build tegmen-guest-probe");
+            assert!(
+                out.status.success(),
+                "building tegmen-guest-probe: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            target_dir.join(triple).join("guest/tegmen-guest-probe")
+        })
+        .clone()
+}
+
 /// A busybox root file system in `dir` (created): Debian's static busybox
 /// with a symlink per applet, plus the few files a container expects.
 pub fn busybox_rootfs(dir: &Path) {

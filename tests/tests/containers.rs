@@ -685,3 +685,146 @@ fn guest_escapes_through_the_share_fail() {
     assert!(!rootfs.join(&long).exists());
     std::fs::remove_file(&sentinel).unwrap();
 }
+
+/// Issue 12: a container attacks the host through vsock (AF_VSOCK is not
+/// namespaced in the guest, so any container reaches the host's CID):
+/// ports nobody serves, more connections at once than the device takes,
+/// and a peer that never reads what the host sends. Each is refused or
+/// bounded, the vsock backend holds no more files than its bound and gives
+/// them back, and the sandbox keeps serving.
+#[test]
+fn guest_attacks_through_vsock_are_bounded() {
+    use std::os::unix::net::UnixListener;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    use tegmen_vmm::devices::vsock::defs::MAX_CONNECTIONS;
+
+    const UNSERVED: u32 = 41000;
+    const HOLD: u32 = 40001;
+    const NOREAD: u32 = 40002;
+    let g = Target::guest("vsock-attacks");
+    let (_, sb) = g.guest.as_ref().unwrap();
+    let uds = sb.dir().join("vsock");
+    let backend = sb
+        .state()
+        .processes
+        .iter()
+        .find(|p| p.name == "tegmen-vsock-backend" || p.name == "tegmen-vmm")
+        .map(|p| p.pid)
+        .expect("the process serving vsock");
+    let fds = move || std::fs::read_dir(format!("/proc/{backend}/fd")).unwrap().count();
+    let probe = tegmen_tests::guest_probe();
+    let in_probe = |id: &str, args: &[&str], files: u64| {
+        g.create_rootfs(id);
+        std::fs::copy(&probe, g.shared_dir().join(id).join("rootfs/bin/probe")).unwrap();
+        let mut spec = spec(&[&["/bin/probe"], args].concat());
+        spec["process"]["rlimits"] = serde_json::json!([{"type": "RLIMIT_NOFILE", "hard": files, "soft": files}]);
+        let (code, out, err) = g.run(id, &spec);
+        let (out, err) = (String::from_utf8_lossy(&out).to_string(), String::from_utf8_lossy(&err));
+        eprintln!("probe {args:?}: {out}{err}");
+        assert_eq!(code, 0, "probe {args:?}: {out}{err}");
+        out
+    };
+    let said = |out: &str, key: &str| -> u64 {
+        out.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{key} missing in {out}"))
+            .parse()
+            .unwrap_or_else(|_| panic!("{key} in {out}"))
+    };
+    let before = fds();
+
+    // Ports nobody serves: each connect is refused at once, none hangs.
+    let out = in_probe("unserved", &["unserved", &UNSERVED.to_string(), "200"], 1024);
+    assert_eq!(
+        (said(&out, "refused"), said(&out, "connected"), said(&out, "other")),
+        (200, 0, 0),
+        "{out}"
+    );
+
+    // More connections at once than the device takes: a host listener
+    // accepts and keeps every one; the guest gets no more than the bound
+    // (the agent's own connections count too) and the backend's files
+    // stay within it.
+    let holder = UnixListener::bind(format!("{}_{HOLD}", uds.display())).unwrap();
+    holder.set_nonblocking(true).unwrap();
+    let kept = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let most_fds = Arc::new(AtomicU64::new(0));
+    let watcher = {
+        let (kept, stop, most_fds) = (kept.clone(), stop.clone(), most_fds.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match holder.accept() {
+                    Ok((s, _)) => kept.lock().unwrap().push(s),
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+                most_fds.fetch_max(fds() as u64, Ordering::Relaxed);
+            }
+        })
+    };
+    let out = in_probe("hold", &["hold", &HOLD.to_string(), "1500", "3"], 4096);
+    let (open, failed) = (said(&out, "open"), said(&out, "failed"));
+    assert_eq!(open + failed, 1500, "{out}");
+    assert!(open > 900 && open <= MAX_CONNECTIONS as u64, "{out}");
+    assert!(out.contains("first_error=ECONNRESET"), "{out}");
+    stop.store(true, Ordering::Relaxed);
+    watcher.join().unwrap();
+    let kept = std::mem::take(&mut *kept.lock().unwrap());
+    assert!(
+        kept.len() as u64 >= open && kept.len() <= MAX_CONNECTIONS,
+        "{} accepted",
+        kept.len()
+    );
+    let most = most_fds.load(Ordering::Relaxed);
+    assert!(
+        most <= (before + MAX_CONNECTIONS + 16) as u64,
+        "the backend held {most} files (from {before})"
+    );
+    // The guest closed them all: every host end sees EOF, and the
+    // backend's files come back to what they were.
+    for mut s in kept {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).unwrap(), 0, "a host end still open");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fds() > before + 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(fds() <= before + 2, "the backend kept {} files (from {before})", fds());
+
+    // A guest that never reads: the host's writes stop once the guest's
+    // credit and the socket buffers are full, instead of piling up in the
+    // backend.
+    let talker = UnixListener::bind(format!("{}_{NOREAD}", uds.display())).unwrap();
+    let written = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let written = written.clone();
+        std::thread::spawn(move || {
+            let (mut s, _) = talker.accept().unwrap();
+            // A backend that never lets go of the host's end must not hang
+            // the test: a write blocked this long ends it.
+            s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+            let chunk = vec![0x5au8; 64 << 10];
+            while s.write_all(&chunk).is_ok() {
+                if written.fetch_add(chunk.len() as u64, Ordering::Relaxed) > 1 << 30 {
+                    break;
+                }
+            }
+        })
+    };
+    let out = in_probe("noread", &["noread", &NOREAD.to_string(), "4"], 1024);
+    assert!(out.contains("noread connected"), "{out}");
+    let sent = written.load(Ordering::Relaxed);
+    writer.join().unwrap();
+    eprintln!("the host wrote {sent} bytes to a guest that read nothing for 4 s");
+    assert!(
+        (64 << 10..16 << 20).contains(&sent),
+        "the host wrote {sent} bytes to a guest that reads nothing"
+    );
+
+    // And the sandbox still serves.
+    let (code, out, _) = g.run("after", &spec(&["echo", "still serving"]));
+    assert_eq!((code, String::from_utf8_lossy(&out).as_ref()), (0, "still serving\n"));
+}

@@ -42,6 +42,7 @@ fn add(sb: &mut Sandbox, id: &str, rootfs: &Path, spec: &serde_json::Value) -> t
             binds.push(HostBind {
                 index,
                 source: m["source"].as_str().unwrap().into(),
+                readonly: m["options"].as_array().is_some_and(|o| o.iter().any(|x| x == "ro")),
             });
         }
     }

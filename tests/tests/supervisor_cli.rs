@@ -7,7 +7,7 @@
 //! answer.
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -205,6 +205,33 @@ fn check_confinement(cli: &Cli, id: &str, qemu: i32) {
             assert_eq!(p[set].as_u64().unwrap(), want, "{set} of {p}");
         }
         assert_eq!(p["cap_ambient"].as_u64().unwrap(), 0, "{p}");
+        // In namespaces of its own: no network, IPC or host name of the
+        // host's, and a file system that is its sandbox alone.
+        for ns in ["mnt", "net", "ipc", "uts"] {
+            assert!(
+                p["own_namespaces"].as_array().unwrap().iter().any(|n| n == ns),
+                "{ns} of {p}"
+            );
+        }
+        let pid = p["pid"].as_i64().unwrap();
+        let root = PathBuf::from(format!("/proc/{pid}/root"));
+        let rootfs_bin = |dir: &Path| dir.join(id).join("rootfs/bin").exists();
+        if p["name"] == "tegmen-fs-backend" {
+            // The share is its root: the container's rootfs is there.
+            assert!(rootfs_bin(&root), "{p}: no {id}/rootfs/bin in its root");
+            assert!(!root.join("vhost-fs.sock").exists(), "{p}: sees the sandbox directory");
+        } else {
+            // The sandbox directory is its root, without the mounts below it:
+            // its sockets are there, the container's files are not.
+            let name = p["name"].as_str().unwrap();
+            let socket = match name.strip_prefix("tegmen-net-backend-") {
+                Some(i) => format!("vhost-net{i}.sock"),
+                None => "vhost-vsock.sock".to_string(),
+            };
+            assert!(root.join(&socket).exists(), "{p}: no {socket} in its root");
+            assert!(!rootfs_bin(&root.join("shared")), "{p}: sees the container's rootfs");
+            assert!(!root.join("etc/passwd").exists(), "{p}: sees the host");
+        }
     }
     let (code, text, err) = cli.out(&["check", id]);
     assert_eq!(code, 0, "{err}");
@@ -598,24 +625,38 @@ fn a_pod_of_two_containers_from_the_supervisor() {
     let before = shim_pids();
     let c = Containerd::start("sv-pod");
     let pod = "svpod";
+    // A read-only volume of app1's: read-only on the host too, so that not
+    // even the guest's root, outside the container, writes through it.
+    let volume = root.root().join("ro-volume");
+    std::fs::create_dir_all(&volume).unwrap();
+    std::fs::write(volume.join("file"), "host data\n").unwrap();
+    let ro_mount = format!("type=bind,src={},dst=/ro,options=rbind:ro", volume.display());
     let run = |id: &str, kind: &str, script: &str| {
+        let mount: &[&str] = if kind == "sandbox" {
+            &[]
+        } else {
+            &["--mount", &ro_mount]
+        };
         c.ok(&[
-            "run",
-            "-d",
-            "--runtime",
-            RUNTIME,
-            "--runtime-config-path",
-            config.to_str().unwrap(),
-            "--annotation",
-            &format!("io.kubernetes.cri.sandbox-id={pod}"),
-            "--annotation",
-            &format!("io.kubernetes.cri.container-type={kind}"),
-            IMAGE,
-            id,
-            "sh",
-            "-c",
-            script,
-        ]);
+            &["run", "-d"][..],
+            mount,
+            &[
+                "--runtime",
+                RUNTIME,
+                "--runtime-config-path",
+                config.to_str().unwrap(),
+                "--annotation",
+                &format!("io.kubernetes.cri.sandbox-id={pod}"),
+                "--annotation",
+                &format!("io.kubernetes.cri.container-type={kind}"),
+                IMAGE,
+                id,
+                "sh",
+                "-c",
+                script,
+            ][..],
+        ]
+        .concat());
     };
     run(pod, "sandbox", "exec sleep 301");
     run("app1", "container", "exec sleep 302");
@@ -713,6 +754,22 @@ fn a_pod_of_two_containers_from_the_supervisor() {
         "ls /run/tegmen/shared >/dev/null && echo $HOME; exit 7",
     ]);
     assert_eq!((code, text.as_str()), (7, "/root\n"));
+    // The guest's root writes to app1's read-only volume through the share
+    // itself (its kernel's view of the container's mount is beside the
+    // point): refused, and the host file is as it was.
+    let (code, text, err) = out(&[
+        "exec",
+        pod,
+        "--",
+        "sh",
+        "-c",
+        "n=0; for f in /run/tegmen/shared/*/mounts/*/file; do [ -f $f ] || continue; n=$((n+1)); \
+         echo pwned > $f 2>/dev/null && echo wrote $f; echo pwned >> $f.new 2>/dev/null && echo made $f.new; \
+         done; echo tried=$n",
+    ]);
+    assert_eq!((code, text.as_str()), (0, "tried=1\n"), "{err}");
+    assert_eq!(std::fs::read_to_string(volume.join("file")).unwrap(), "host data\n");
+    assert!(!volume.join("file.new").exists());
     // The guest's own root sees every container's process.
     let (code, text, _) = out(&[
         "exec",

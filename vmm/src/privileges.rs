@@ -174,11 +174,77 @@ pub fn limit_resources(max_files: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// The namespaces a serving process leaves the host's for, beyond the
+/// mount namespace its sandbox already gave it: its own network (no
+/// interface but a down loopback: it reaches no network, and a tap or
+/// socket it opened before stays where it was opened), System V IPC and
+/// host name. Namespaces are per thread until a thread is started, so
+/// this runs while the process has one thread.
+pub const OWN_NAMESPACES: libc::c_int = libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+
+/// Moves the process into new namespaces of the [`OWN_NAMESPACES`] kinds
+/// (this takes `CAP_SYS_ADMIN`, which [`drop_capabilities`] then drops).
+pub fn unshare_namespaces() -> Result<(), String> {
+    // SAFETY: unshare takes a flag word and touches no memory of ours.
+    if unsafe { libc::unshare(OWN_NAMESPACES) } != 0 {
+        return Err(format!(
+            "unshare(CLONE_NEWNET|CLONE_NEWIPC|CLONE_NEWUTS): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
 /// A backend's confinement beyond its syscall list, in one go while it
-/// has one thread: resource limits, then capabilities.
+/// has one thread: namespaces of its own, resource limits, then
+/// capabilities.
 pub fn confine(keep: &[u32], max_files: u64) -> Result<(), String> {
+    unshare_namespaces()?;
     limit_resources(max_files)?;
     drop_capabilities(keep)
+}
+
+/// Jails a process that serves sockets into the one directory that holds
+/// them all ([`crate::devices::fs::sandbox::enter_socket_dir`]: no mount
+/// of the host's below it) and returns each path as seen from there.
+/// `paths` are the sockets as the caller named them (`(flag, path)`, the
+/// flag for the error); they must all be in the same directory. Single-
+/// threaded, like the sandbox itself.
+pub fn enter_socket_dir(paths: &[(&str, &std::path::Path)]) -> Result<Vec<std::path::PathBuf>, String> {
+    use std::path::{Path, PathBuf};
+    let dir_of = |flag: &str, p: &Path| -> Result<(PathBuf, PathBuf), String> {
+        let name = p
+            .file_name()
+            .ok_or_else(|| format!("{flag} {}: no file name", p.display()))?;
+        let parent = p
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let dir = std::fs::canonicalize(parent).map_err(|e| format!("{flag} {}: {e}", p.display()))?;
+        Ok((dir, Path::new("/").join(name)))
+    };
+    let mut dir = None::<(&str, PathBuf)>;
+    let mut inside = Vec::with_capacity(paths.len());
+    for &(flag, p) in paths {
+        let (d, jailed) = dir_of(flag, p)?;
+        match &dir {
+            None => dir = Some((flag, d)),
+            Some((first, first_dir)) if *first_dir != d => {
+                return Err(format!(
+                    "the sandbox is the directory of the sockets, but {flag} {} is not in {first}'s directory {}",
+                    p.display(),
+                    first_dir.display()
+                ))
+            }
+            Some(_) => {}
+        }
+        inside.push(jailed);
+    }
+    if let Some((_, d)) = &dir {
+        crate::devices::fs::sandbox::enter_socket_dir(d).map_err(|e| e.to_string())?;
+        log::info!("sandboxed: {} is now /", d.display());
+    }
+    Ok(inside)
 }
 
 #[cfg(test)]
@@ -298,5 +364,145 @@ mod tests {
             0
         });
         assert_eq!(code, 0, "10: drop failed, 11/12: wrong sets, 13: a new thread differs");
+    }
+
+    const CAP_SYS_ADMIN: u32 = 21;
+
+    fn ns(kind: &str) -> std::path::PathBuf {
+        std::fs::read_link(format!("/proc/self/ns/{kind}")).unwrap()
+    }
+
+    #[test]
+    fn confine_moves_the_process_to_namespaces_of_its_own() {
+        if status_mask("CapEff") & (1 << CAP_SYS_ADMIN) == 0 {
+            eprintln!("skipped: needs CAP_SYS_ADMIN (run as root)");
+            return;
+        }
+        let before = ["net", "ipc", "uts", "mnt"].map(ns);
+        let code = in_child(|| {
+            if let Err(e) = confine(&[], 64) {
+                eprintln!("confine: {e}");
+                return 10;
+            }
+            let after = ["net", "ipc", "uts", "mnt"].map(ns);
+            if after[..3].iter().zip(&before[..3]).any(|(a, b)| a == b) {
+                return 11;
+            }
+            // The mount namespace is the sandbox's business, not confine's.
+            if after[3] != before[3] {
+                return 12;
+            }
+            // A new network: a loopback and nothing else.
+            let dev = std::fs::read_to_string("/proc/self/net/dev").unwrap_or_default();
+            let names: Vec<_> = dev
+                .lines()
+                .skip(2)
+                .filter_map(|l| l.split(':').next())
+                .map(str::trim)
+                .collect();
+            if names != ["lo"] {
+                eprintln!("interfaces: {names:?}");
+                return 13;
+            }
+            0
+        });
+        assert_eq!(
+            code, 0,
+            "10: failed, 11: a namespace kept, 12: the mount namespace changed, 13: interfaces"
+        );
+    }
+
+    #[test]
+    fn sockets_in_two_directories_are_refused_before_anything_is_entered() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let before = ns("mnt");
+        let err = enter_socket_dir(&[
+            ("--socket", &a.path().join("v.sock")),
+            ("--uds-path", &b.path().join("vsock")),
+        ])
+        .unwrap_err();
+        assert!(
+            err.contains("--uds-path")
+                && err.contains(&b.path().join("vsock").display().to_string())
+                && err.contains("--socket"),
+            "{err}"
+        );
+        assert_eq!(ns("mnt"), before);
+    }
+
+    /// The jail of a socket-serving process: its directory is `/`, the
+    /// paths come back as seen from there, and a mount below the directory
+    /// (as a container's rootfs below the share) is not in it.
+    #[test]
+    fn the_socket_dir_jail_holds_the_sockets_and_no_mount_below_them() {
+        if status_mask("CapEff") & (1 << CAP_SYS_ADMIN) == 0 {
+            eprintln!("skipped: needs CAP_SYS_ADMIN (run as root)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let rootfs = run.join("shared/c1/rootfs");
+        std::fs::create_dir_all(&rootfs).unwrap();
+        std::fs::write(run.join("v.sock"), b"").unwrap();
+        let host_files = dir.path().join("host");
+        std::fs::create_dir(&host_files).unwrap();
+        std::fs::write(host_files.join("marker"), b"x").unwrap();
+        let code = in_child(|| {
+            // The "host": a private copy of the mounts, with the container's
+            // rootfs mounted below the sandbox directory.
+            let c = |p: &std::path::Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+            let (src, dst) = (c(&host_files), c(&rootfs));
+            // SAFETY: plain system calls on C strings that outlive them.
+            let made = unsafe {
+                libc::unshare(libc::CLONE_NEWNS) == 0
+                    && libc::mount(
+                        std::ptr::null(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ) == 0
+                    && libc::mount(
+                        src.as_ptr(),
+                        dst.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    ) == 0
+            };
+            if !made || !rootfs.join("marker").exists() {
+                return 10;
+            }
+            let inside = match enter_socket_dir(&[
+                ("--socket", &run.join("v.sock")),
+                ("--stats-socket", &run.join("s.sock")),
+            ]) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return 11;
+                }
+            };
+            if inside != [std::path::Path::new("/v.sock"), std::path::Path::new("/s.sock")] {
+                return 12;
+            }
+            if !std::path::Path::new("/v.sock").exists() || !std::path::Path::new("/shared/c1/rootfs").is_dir() {
+                return 13;
+            }
+            if std::path::Path::new("/shared/c1/rootfs/marker").exists() {
+                return 14;
+            }
+            if std::path::Path::new("/proc/self").exists() || std::path::Path::new("/etc").exists() {
+                return 15;
+            }
+            0
+        });
+        assert_eq!(
+            code, 0,
+            "10: set-up, 11: failed, 12: paths, 13: not the directory, 14: the mount below came along, 15: the host"
+        );
+        // The host's view is untouched.
+        assert!(run.join("v.sock").exists() && !rootfs.join("marker").exists());
     }
 }

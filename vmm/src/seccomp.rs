@@ -411,6 +411,22 @@ pub fn apply_to_this_thread(prog: &[SockFilter]) -> bool {
     seccompiler::apply_filter(prog).is_ok()
 }
 
+/// Keeps glibc's malloc to its main arena. By default each thread gets an
+/// arena of its own, and the first time such an arena's heap shrinks glibc
+/// opens `/proc/sys/vm/overcommit_memory`: an `openat` that the lists of
+/// processes that open no files (the vsock and net backends, the builtin
+/// monitor's vCPU and socket-serving threads) do not have. A guest that
+/// made such a process allocate and free enough (a flood of vsock
+/// connections did) got it killed. The main arena grows and shrinks with
+/// `brk` and never reads that file. Call it first in `main`, before any
+/// thread exists.
+pub fn one_malloc_arena() {
+    // SAFETY: mallopt takes two integers and changes malloc's settings only.
+    if unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) } != 1 {
+        log::warn!("mallopt(M_ARENA_MAX, 1) refused: threads may get arenas of their own");
+    }
+}
+
 /// Sets no_new_privs and installs `kind`'s list in `mode` on every thread
 /// of this process. Logs what it did.
 pub fn install(kind: Kind, mode: Mode) -> Result<(), Error> {

@@ -136,6 +136,7 @@ impl Bundle {
                 Path::new(source).is_absolute().then(|| HostBind {
                     index,
                     source: PathBuf::from(source),
+                    readonly: is_readonly(m),
                 })
             })
             .collect()
@@ -186,6 +187,15 @@ fn is_bind(m: &serde_json::Value) -> bool {
         || m["options"]
             .as_array()
             .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"))
+}
+
+/// A mount whose options end read-only (the last of `ro` and `rw` wins,
+/// as with mount(8)).
+fn is_readonly(m: &serde_json::Value) -> bool {
+    m["options"]
+        .as_array()
+        .and_then(|o| o.iter().rev().find(|x| *x == "ro" || *x == "rw"))
+        .is_some_and(|x| x == "ro")
 }
 
 /// (memory MiB, vCPUs) of a VM for a container with `spec`.
@@ -271,11 +281,16 @@ mod tests {
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {"destination": "/data", "type": "bind", "source": "/srv/data"},
             {"destination": "/etc/hosts", "type": "none", "source": "/tmp/hosts", "options": ["rbind", "ro"]},
+            {"destination": "/rw", "type": "bind", "source": "/srv/rw", "options": ["ro", "rbind", "rw"]},
         ]);
         let b = bundle(s).unwrap();
         let binds = b.host_binds();
-        assert_eq!(binds.iter().map(|b| b.index).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(binds.iter().map(|b| b.index).collect::<Vec<_>>(), [1, 2, 3]);
         assert_eq!(binds[0].source, Path::new("/srv/data"));
         assert_eq!(binds[1].source, Path::new("/tmp/hosts"));
+        assert_eq!(
+            binds.iter().map(|b| b.readonly).collect::<Vec<_>>(),
+            [false, true, false]
+        );
     }
 }

@@ -3,7 +3,9 @@
 //!
 //! It listens on `--socket` (QEMU connects to it as the vhost-user client
 //! with `-chardev socket,path=...`), confines itself to `--shared-dir`
-//! (see `tegmen_vmm::devices::fs::sandbox`), serves the single connection,
+//! (see `tegmen_vmm::devices::fs::sandbox`) in network, IPC and UTS
+//! namespaces of its own with only the capabilities of serving files,
+//! serves the single connection,
 //! and exits 0 when QEMU disconnects. It does not die with the process that
 //! started it — SIGHUP is ignored and no parent-death signal is set — since
 //! the VM outlives the CLI that launched it. SIGTERM or SIGINT end it
@@ -258,8 +260,9 @@ fn run(args: Args) -> Result<()> {
                 FsDevice::new(host_config.clone())?
             }
         };
-        // The sandbox is entered; serving files keeps a few capabilities
-        // (every thread from here on inherits just those).
+        // The sandbox is entered; own namespaces, and serving files keeps
+        // a few capabilities (every thread from here on inherits just
+        // those).
         tegmen_vmm::privileges::confine(
             tegmen_vmm::privileges::FILE_SERVING,
             tegmen_vmm::privileges::FS_MAX_FILES,

@@ -8,6 +8,12 @@
 //! serves one front-end and exits when that front-end disconnects,
 //! removing the socket file; a tap it made goes with it.
 //!
+//! Confinement (`--sandbox chroot`, the default): once the tap is open,
+//! the process pivots into the directory of its sockets (they must all be
+//! in one), moves to mount, network, IPC and UTS namespaces of its own
+//! (the tap stays in the namespace it was opened in), and keeps no
+//! capability; then its syscall allow-list (`--seccomp`) holds it.
+//!
 //! Logs go to stderr; `RUST_LOG` = `error`, `warn`, `info` (default),
 //! `debug` or `trace`.
 
@@ -16,6 +22,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+use tegmen_vmm::devices::fs::sandbox::SandboxMode;
 use tegmen_vmm::devices::net::{enter_netns, parse_mac, NetConfig, NetDevice, Tap};
 use tegmen_vmm::vhost_user::net::serve;
 
@@ -47,15 +54,33 @@ struct Args {
     /// `log` (logged by the kernel and allowed) or `off`.
     #[arg(long, value_name = "MODE", default_value_t = tegmen_vmm::seccomp::Mode::Kill)]
     seccomp: tegmen_vmm::seccomp::Mode,
+    /// Confinement: `chroot` pivots into the sockets' directory (which
+    /// must hold them all) in a mount namespace of its own; `none` stays
+    /// in the host's file system (debugging).
+    #[arg(long, default_value_t = SandboxMode::Chroot)]
+    sandbox: SandboxMode,
 }
 
-fn run(args: &Args) -> Result<(), String> {
+/// Serves until the front-end goes; on return `args` names the sockets as
+/// the process sees them (inside its sandbox once it entered it).
+fn run(args: &mut Args) -> Result<(), String> {
     if let Some(ns) = &args.netns {
         // Still one thread: the whole process moves.
         enter_netns(ns).map_err(|e| format!("--netns: {e}"))?;
     }
     let tap = Tap::open(&args.tap).map_err(|e| format!("--tap {}: {e}", args.tap))?;
     log::info!("tap {} (MTU {})", tap.name(), args.mtu);
+    if args.sandbox == SandboxMode::Chroot {
+        let mut paths = vec![("--socket", args.socket.as_path())];
+        if let Some(stats) = &args.stats_socket {
+            paths.push(("--stats-socket", stats.as_path()));
+        }
+        let mut inside = tegmen_vmm::privileges::enter_socket_dir(&paths)?.into_iter();
+        args.socket = inside.next().expect("one path per socket");
+        if let Some(stats) = &mut args.stats_socket {
+            *stats = inside.next().expect("one path per socket");
+        }
+    }
     // The tap is open (the namespace and TUNSETIFF took CAP_SYS_ADMIN and
     // CAP_NET_ADMIN); its offload and header ioctls take none.
     tegmen_vmm::privileges::confine(&[], tegmen_vmm::privileges::NET_MAX_FILES)?;
@@ -72,9 +97,10 @@ fn run(args: &Args) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
     tegmen_vmm::init_logging();
-    let result = run(&args);
+    tegmen_vmm::seccomp::one_malloc_arena();
+    let result = run(&mut args);
     if std::fs::symlink_metadata(&args.socket).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
     {
         let _ = std::fs::remove_file(&args.socket);

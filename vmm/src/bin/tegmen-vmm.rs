@@ -15,7 +15,9 @@
 //! relative to it. The rest of the host's file system is gone for it.
 //!
 //! Confinement: once set up (sandbox entered, taps open), the process
-//! keeps no capability but the file-serving ones its virtio-fs device
+//! moves to network, IPC and UTS namespaces of its own (its taps stay
+//! where they were opened), keeps no capability but the file-serving
+//! ones its virtio-fs device
 //! needs, and, as the guest starts, runs under its syscall allow-lists
 //! (`--seccomp`, default `kill`): the process's, narrowed by each thread to
 //! that of its kind.
@@ -210,6 +212,7 @@ fn make_vm(args: &Args, config: &VmConfig) -> Result<Vm, String> {
 
 fn main() -> ExitCode {
     tegmen_vmm::init_logging();
+    tegmen_vmm::seccomp::one_malloc_arena();
     let args = Args::parse();
     let config = VmConfig {
         vcpus: args.vcpus,

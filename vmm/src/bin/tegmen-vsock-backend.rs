@@ -9,6 +9,11 @@
 //! front-end disconnects, removing both socket files. It deliberately does
 //! not die with its parent: the VM outlives the command that started it.
 //!
+//! Confinement (`--sandbox chroot`, the default): before it serves, the
+//! process pivots into the directory of its sockets (they must all be in
+//! one), in mount, network, IPC and UTS namespaces of its own, and keeps
+//! no capability; then its syscall allow-list (`--seccomp`) holds it.
+//!
 //! Logs go to stderr; `RUST_LOG` = `error`, `warn`,
 //! `info` (default), `debug` or `trace`.
 
@@ -21,6 +26,7 @@ use std::sync::OnceLock;
 
 use clap::Parser;
 
+use tegmen_vmm::devices::fs::sandbox::SandboxMode;
 use tegmen_vmm::devices::vsock::{VsockConfig, VsockDevice, DEFAULT_GUEST_CID};
 use tegmen_vmm::vhost_user::vsock::serve;
 
@@ -46,6 +52,11 @@ struct Args {
     /// `log` (logged by the kernel and allowed) or `off`.
     #[arg(long, value_name = "MODE", default_value_t = tegmen_vmm::seccomp::Mode::Kill)]
     seccomp: tegmen_vmm::seccomp::Mode,
+    /// Confinement: `chroot` pivots into the sockets' directory (which
+    /// must hold them all) in a mount namespace of its own; `none` stays
+    /// in the host's file system (debugging).
+    #[arg(long, default_value_t = SandboxMode::Chroot)]
+    sandbox: SandboxMode,
 }
 
 /// Socket files to remove if a signal ends us early, as C strings so the
@@ -88,9 +99,26 @@ fn remove_if_socket(path: &Path) {
     }
 }
 
-fn run(args: &Args) -> Result<(), String> {
+/// Serves until the front-end goes; on return `args` names the sockets as
+/// the process sees them (inside its sandbox once it entered it).
+fn run(args: &mut Args) -> Result<(), String> {
     if args.socket == args.uds_path {
         return Err(format!("--socket and --uds-path are both {}", args.socket.display()));
+    }
+    if args.sandbox == SandboxMode::Chroot {
+        let mut paths = vec![
+            ("--socket", args.socket.as_path()),
+            ("--uds-path", args.uds_path.as_path()),
+        ];
+        if let Some(stats) = &args.stats_socket {
+            paths.push(("--stats-socket", stats.as_path()));
+        }
+        let mut inside = tegmen_vmm::privileges::enter_socket_dir(&paths)?.into_iter();
+        args.socket = inside.next().expect("one path per socket");
+        args.uds_path = inside.next().expect("one path per socket");
+        if let Some(stats) = &mut args.stats_socket {
+            *stats = inside.next().expect("one path per socket");
+        }
     }
     // Unix sockets in root's own directories take no capability at all.
     tegmen_vmm::privileges::confine(&[], tegmen_vmm::privileges::VSOCK_MAX_FILES)?;
@@ -112,9 +140,10 @@ fn run(args: &Args) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
     tegmen_vmm::init_logging();
-    let result = run(&args);
+    tegmen_vmm::seccomp::one_malloc_arena();
+    let result = run(&mut args);
     // Whatever happened, leave no socket files of ours behind (and nothing
     // that is not a socket is ours).
     for path in [&args.socket, &args.uds_path] {

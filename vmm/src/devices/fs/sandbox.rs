@@ -1,4 +1,5 @@
-//! Confining a backend process to the shared directory.
+//! Confining a backend process to the shared directory (or to the
+//! directory of its sockets).
 //!
 //! The passthrough file system resolves names relative to directory fds, and
 //! [`super::confined::ConfinedFs`] refuses names that would walk; the
@@ -25,6 +26,14 @@
 //! resolves inside the share. This is the same idea as virtiofsd's
 //! sandbox, in our own code; it does not drop capabilities or install a
 //! seccomp filter.
+//!
+//! A process that serves sockets rather than files (the vsock and net
+//! backends) calls [`enter_socket_dir`] instead: the same pivot into the
+//! directory of its sockets, but every mount made private and the
+//! directory bound alone, without the mounts below it. It then holds no
+//! copy of the share's container mounts (which would keep their file
+//! systems busy after the host unmounts them) and sees nothing the host
+//! mounts later.
 
 use std::ffi::CString;
 use std::io;
@@ -73,14 +82,14 @@ pub enum SandboxError {
     /// A system call failed.
     #[error("cannot sandbox into {}: {step}: {error}", dir.display())]
     Step {
-        /// The shared directory.
+        /// The directory to sandbox into.
         dir: PathBuf,
         /// Which step failed.
         step: &'static str,
         /// The errno.
         error: io::Error,
     },
-    /// After the pivot, `/` is not the shared directory.
+    /// After the pivot, `/` is not the directory entered.
     #[error("sandbox check failed: / is not {} after the pivot", .0.display())]
     Verify(PathBuf),
 }
@@ -101,6 +110,27 @@ fn check(ret: libc::c_int) -> io::Result<()> {
 /// see the module docs. Must be called while the process is
 /// single-threaded. On success the working directory is `/`.
 pub fn enter_chroot(dir: &Path) -> Result<(), SandboxError> {
+    pivot_into(dir, HostMounts::Followed)
+}
+
+/// Make `dir` the root of this process, in a mount namespace of its own
+/// where no mount below `dir` exists and none of the host's reaches; see
+/// the module docs. Single-threaded, like [`enter_chroot`].
+pub fn enter_socket_dir(dir: &Path) -> Result<(), SandboxError> {
+    pivot_into(dir, HostMounts::Hidden)
+}
+
+/// What a sandbox sees of the host's mounts below its root.
+#[derive(Clone, Copy)]
+enum HostMounts {
+    /// Those there now and those made later (slave propagation, the
+    /// directory bound recursively): the fs backend's view of the share.
+    Followed,
+    /// None (private propagation, the directory bound alone).
+    Hidden,
+}
+
+fn pivot_into(dir: &Path, host_mounts: HostMounts) -> Result<(), SandboxError> {
     let step = |step: &'static str| {
         move |error: io::Error| SandboxError::Step {
             dir: dir.to_path_buf(),
@@ -114,8 +144,8 @@ pub fn enter_chroot(dir: &Path) -> Result<(), SandboxError> {
         return Err(SandboxError::Threaded(threads));
     }
 
-    let dir = std::fs::canonicalize(dir).map_err(step("resolve the shared directory"))?;
-    let want = std::fs::metadata(&dir).map_err(step("stat the shared directory"))?;
+    let dir = std::fs::canonicalize(dir).map_err(step("resolve the directory"))?;
+    let want = std::fs::metadata(&dir).map_err(step("stat the directory"))?;
     let step = |step: &'static str| {
         let dir = dir.clone();
         move |error: io::Error| SandboxError::Step { dir, step, error }
@@ -127,6 +157,11 @@ pub fn enter_chroot(dir: &Path) -> Result<(), SandboxError> {
     // SAFETY: unshare takes a flag word and touches no memory of ours.
     check(unsafe { libc::unshare(libc::CLONE_NEWNS) }).map_err(step("unshare(CLONE_NEWNS)"))?;
 
+    let (propagation, bind) = match host_mounts {
+        HostMounts::Followed => (libc::MS_SLAVE, libc::MS_BIND | libc::MS_REC),
+        HostMounts::Hidden => (libc::MS_PRIVATE, libc::MS_BIND),
+    };
+
     // SAFETY: all pointers are NUL-terminated C strings that outlive the
     // call, or null where mount(2) allows it.
     check(unsafe {
@@ -134,26 +169,21 @@ pub fn enter_chroot(dir: &Path) -> Result<(), SandboxError> {
             std::ptr::null(),
             c"/".as_ptr(),
             std::ptr::null(),
-            libc::MS_REC | libc::MS_SLAVE,
+            libc::MS_REC | propagation,
             std::ptr::null(),
         )
     })
-    .map_err(step("make mounts slaves (MS_REC|MS_SLAVE on /)"))?;
+    .map_err(step(match host_mounts {
+        HostMounts::Followed => "make mounts slaves (MS_REC|MS_SLAVE on /)",
+        HostMounts::Hidden => "make mounts private (MS_REC|MS_PRIVATE on /)",
+    }))?;
 
     // SAFETY: as above.
-    check(unsafe {
-        libc::mount(
-            cdir.as_ptr(),
-            cdir.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND | libc::MS_REC,
-            std::ptr::null(),
-        )
-    })
-    .map_err(step("bind-mount the shared directory onto itself"))?;
+    check(unsafe { libc::mount(cdir.as_ptr(), cdir.as_ptr(), std::ptr::null(), bind, std::ptr::null()) })
+        .map_err(step("bind-mount the directory onto itself"))?;
 
     // SAFETY: cdir is a valid C string.
-    check(unsafe { libc::chdir(cdir.as_ptr()) }).map_err(step("chdir into the shared directory"))?;
+    check(unsafe { libc::chdir(cdir.as_ptr()) }).map_err(step("chdir into the directory"))?;
 
     // SAFETY: pivot_root takes two C strings that outlive the call.
     let pivot = check(unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int });
