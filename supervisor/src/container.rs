@@ -193,24 +193,7 @@ fn mount_container(top: &Path, staging: &Path, c: &NewContainer, made: &mut Vec<
     }
     if c.readonly {
         make_mount_points(c.rootfs, &c.mount_destinations);
-        let stage = staging.join(c.id);
-        std::fs::create_dir_all(&stage).map_err(|e| Error::io("creating", &stage, e))?;
-        let staged = bind(c.rootfs, &stage)
-            .map_err(sys(format!("{} on {}", c.rootfs.display(), stage.display())))
-            .and_then(|()| remount_readonly(&stage).map_err(sys(format!("{} read-only", stage.display()))))
-            .and_then(|()| {
-                mount(Some(&stage), &rootfs, None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(sys(format!(
-                    "moving {} to {}",
-                    stage.display(),
-                    rootfs.display()
-                )))
-            });
-        if staged.is_err() {
-            let _ = umount2(&stage, MntFlags::MNT_DETACH);
-        }
-        let _ = std::fs::remove_dir(&stage);
-        let _ = std::fs::remove_dir(staging);
-        staged?;
+        bind_readonly(c.rootfs, &rootfs, &staging.join(c.id))?;
     } else {
         bind(c.rootfs, &rootfs).map_err(sys(format!("{} on {}", c.rootfs.display(), rootfs.display())))?;
     }
@@ -219,19 +202,53 @@ fn mount_container(top: &Path, staging: &Path, c: &NewContainer, made: &mut Vec<
         let target = top.join("mounts").join(n.to_string());
         let parent = target.parent().expect("has a parent");
         std::fs::create_dir_all(parent).map_err(|e| Error::io("creating", parent, e))?;
-        let made_target = if b.source.is_dir() {
-            std::fs::create_dir(&target)
-        } else {
-            std::fs::File::create(&target).map(drop)
-        };
-        made_target.map_err(|e| Error::io("creating", &target, e))?;
-        bind(&b.source, &target).map_err(sys(format!("{} on {}", b.source.display(), target.display())))?;
-        made.push(target.clone());
+        make_point_like(&b.source, &target)?;
         if b.readonly {
-            remount_readonly(&target).map_err(sys(format!("{} read-only", target.display())))?;
+            bind_readonly(&b.source, &target, &staging.join(format!("{}-{n}", c.id)))?;
+        } else {
+            bind(&b.source, &target).map_err(sys(format!("{} on {}", b.source.display(), target.display())))?;
         }
+        made.push(target);
     }
     Ok(())
+}
+
+/// A mount point for `source` at `point`: a directory, or an empty file.
+fn make_point_like(source: &Path, point: &Path) -> Result<()> {
+    let made = if source.is_dir() {
+        std::fs::create_dir(point)
+    } else {
+        std::fs::File::create(point).map(drop)
+    };
+    made.map_err(|e| Error::io("creating", point, e))
+}
+
+/// Binds `source` read-only on `target`, in the share, so that the
+/// backends' copies of it are read-only too: a flag set by a remount does
+/// not propagate to them, so the bind is made read-only on `stage`, a
+/// point outside the share, and then moved into place (a move reaches
+/// them as a new mount, flags and all). The guest's kernel is no party
+/// to it: not even its root writes through.
+fn bind_readonly(source: &Path, target: &Path, stage: &Path) -> Result<()> {
+    let staging = stage.parent().expect("a stage has a parent");
+    std::fs::create_dir_all(staging).map_err(|e| Error::io("creating", staging, e))?;
+    make_point_like(source, stage)?;
+    let staged = bind(source, stage)
+        .map_err(sys(format!("{} on {}", source.display(), stage.display())))
+        .and_then(|()| remount_readonly(stage).map_err(sys(format!("{} read-only", stage.display()))))
+        .and_then(|()| {
+            mount(Some(stage), target, None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(sys(format!(
+                "moving {} to {}",
+                stage.display(),
+                target.display()
+            )))
+        });
+    if staged.is_err() {
+        let _ = umount2(stage, MntFlags::MNT_DETACH);
+    }
+    let _ = std::fs::remove_dir(stage).or_else(|_| std::fs::remove_file(stage));
+    let _ = std::fs::remove_dir(staging);
+    staged
 }
 
 /// The mount points of a spec's mounts: (destination, is a file bind).
