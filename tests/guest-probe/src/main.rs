@@ -119,17 +119,23 @@ fn noread(port: u32, secs: u64) {
     }
 }
 
+fn run(args: &[String]) -> Result<(), String> {
+    match args.get(1).map(String::as_str) {
+        Some("unserved") => unserved(num(args, 2, "FIRST")?, num(args, 3, "COUNT")?),
+        Some("hold") => hold(num(args, 2, "PORT")?, num(args, 3, "COUNT")?, num(args, 4, "SECS")?),
+        Some("noread") => noread(num(args, 2, "PORT")?, num(args, 3, "SECS")?),
+        _ => {
+            return Err(
+                "usage: tegmen-guest-probe unserved FIRST COUNT | hold PORT COUNT SECS | noread PORT SECS".into(),
+            )
+        }
+    }
+    Ok(())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let result = match args.get(1).map(String::as_str) {
-        Some("unserved") => num(&args, 2, "FIRST").and_then(|f| Ok(unserved(f, num(&args, 3, "COUNT")?))),
-        Some("hold") => {
-            num(&args, 2, "PORT").and_then(|p| Ok(hold(p, num(&args, 3, "COUNT")?, num(&args, 4, "SECS")?)))
-        }
-        Some("noread") => num(&args, 2, "PORT").and_then(|p| Ok(noread(p, num(&args, 3, "SECS")?))),
-        _ => Err("usage: tegmen-guest-probe unserved FIRST COUNT | hold PORT COUNT SECS | noread PORT SECS".into()),
-    };
-    if let Err(e) = result {
+    if let Err(e) = run(&args) {
         eprintln!("tegmen-guest-probe: {e}");
         std::process::exit(2);
     }
