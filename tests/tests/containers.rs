@@ -684,6 +684,65 @@ fn guest_escapes_through_the_share_fail() {
     }
     assert!(!rootfs.join(&long).exists());
     std::fs::remove_file(&sentinel).unwrap();
+
+    // A symlink to a host directory outside the share, swapped in and out
+    // by renames while two threads write and read through its name: the
+    // fs backend resolves no name by following a link, so whatever the
+    // timing the guest reaches its own directory or nothing.
+    let outside = shared.parent().unwrap().join("race-target");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("secret"), b"host secret\n").unwrap();
+    let out = run_probe(&g, "race", &["race", outside.to_str().unwrap(), "5"], 1024);
+    let said = |k| probe_said(&out, k);
+    assert_eq!(said("leaked"), 0, "{out}");
+    assert!(
+        said("swaps") > 0 && said("writes") > 0 && said("reads") > 0,
+        "the race did not run: {out}"
+    );
+    let names: Vec<_> = std::fs::read_dir(&outside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["secret"], "the guest wrote beside the share");
+    assert_eq!(std::fs::read(outside.join("secret")).unwrap(), b"host secret\n");
+    let race = shared.join("race/rootfs/race");
+    assert!(std::fs::symlink_metadata(race.join("x")).unwrap().is_dir());
+    assert!(std::fs::read(race.join("x/f"))
+        .unwrap()
+        .starts_with(b"from the guest\n"));
+    assert!(std::fs::symlink_metadata(race.join("link"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    std::fs::remove_dir_all(&outside).unwrap();
+}
+
+/// Runs `tegmen-guest-probe ARGS` to its end in container `id` (on a
+/// busybox rootfs with the probe as /bin/probe, `files` open files at
+/// most) and returns what it printed.
+fn run_probe(g: &Target, id: &str, args: &[&str], files: u64) -> String {
+    g.create_rootfs(id);
+    std::fs::copy(
+        tegmen_tests::guest_probe(),
+        g.shared_dir().join(id).join("rootfs/bin/probe"),
+    )
+    .unwrap();
+    let mut spec = spec(&[&["/bin/probe"], args].concat());
+    spec["process"]["rlimits"] = serde_json::json!([{"type": "RLIMIT_NOFILE", "hard": files, "soft": files}]);
+    let (code, out, err) = g.run(id, &spec);
+    let (out, err) = (String::from_utf8_lossy(&out).to_string(), String::from_utf8_lossy(&err));
+    eprintln!("probe {args:?}: {out}{err}");
+    assert_eq!(code, 0, "probe {args:?}: {out}{err}");
+    out
+}
+
+/// The number after `key=` in a probe's output.
+fn probe_said(out: &str, key: &str) -> u64 {
+    out.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("{key} missing in {out}"))
+        .parse()
+        .unwrap_or_else(|_| panic!("{key} in {out}"))
 }
 
 /// Issue 12: a container attacks the host through vsock (AF_VSOCK is not
@@ -713,25 +772,8 @@ fn guest_attacks_through_vsock_are_bounded() {
         .map(|p| p.pid)
         .expect("the process serving vsock");
     let fds = move || std::fs::read_dir(format!("/proc/{backend}/fd")).unwrap().count();
-    let probe = tegmen_tests::guest_probe();
-    let in_probe = |id: &str, args: &[&str], files: u64| {
-        g.create_rootfs(id);
-        std::fs::copy(&probe, g.shared_dir().join(id).join("rootfs/bin/probe")).unwrap();
-        let mut spec = spec(&[&["/bin/probe"], args].concat());
-        spec["process"]["rlimits"] = serde_json::json!([{"type": "RLIMIT_NOFILE", "hard": files, "soft": files}]);
-        let (code, out, err) = g.run(id, &spec);
-        let (out, err) = (String::from_utf8_lossy(&out).to_string(), String::from_utf8_lossy(&err));
-        eprintln!("probe {args:?}: {out}{err}");
-        assert_eq!(code, 0, "probe {args:?}: {out}{err}");
-        out
-    };
-    let said = |out: &str, key: &str| -> u64 {
-        out.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{key}=")))
-            .unwrap_or_else(|| panic!("{key} missing in {out}"))
-            .parse()
-            .unwrap_or_else(|_| panic!("{key} in {out}"))
-    };
+    let in_probe = |id: &str, args: &[&str], files: u64| run_probe(&g, id, args, files);
+    let said = probe_said;
     let before = fds();
 
     // Ports nobody serves: each connect is refused at once, none hangs.

@@ -11,6 +11,11 @@
 //!   first error.
 //! - `noread PORT SECS`: connects to PORT and reads nothing for SECS
 //!   seconds, however much the host sends.
+//! - `race TARGET SECS`: on the share, swaps `/race/x` between a real
+//!   directory and a symlink to TARGET (a host path outside the share),
+//!   while two threads write and read `x/f` and `x/secret` through it;
+//!   prints how often each side got through and how many reads returned
+//!   the host's `secret`.
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -119,14 +124,90 @@ fn noread(port: u32, secs: u64) {
     }
 }
 
+/// The host's secret, as the test writes it outside the share.
+const HOST_SECRET: &[u8] = b"host secret\n";
+
+fn race(target: &str, secs: u64) -> Result<(), String> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    fn io(what: &str) -> impl Fn(io::Error) -> String + '_ {
+        move |e| format!("{what}: {e}")
+    }
+    std::fs::create_dir_all("/race/x").map_err(io("mkdir /race/x"))?;
+    std::fs::write("/race/x/secret", b"guest secret\n").map_err(io("/race/x/secret"))?;
+    let _ = std::fs::remove_file("/race/link");
+    std::os::unix::fs::symlink(target, "/race/link").map_err(io("symlink /race/link"))?;
+    let stop = AtomicBool::new(false);
+    let (swaps, writes, reads, leaked, failed) = (
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+    );
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // x: directory -> symlink -> directory, by renames only.
+            let end = Instant::now() + Duration::from_secs(secs);
+            while Instant::now() < end {
+                let ok = std::fs::rename("/race/x", "/race/dir").is_ok()
+                    && std::fs::rename("/race/link", "/race/x").is_ok()
+                    && std::fs::rename("/race/x", "/race/link").is_ok()
+                    && std::fs::rename("/race/dir", "/race/x").is_ok();
+                if !ok {
+                    eprintln!("a rename failed");
+                    break;
+                }
+                swaps.fetch_add(1, Relaxed);
+            }
+            stop.store(true, Relaxed);
+        });
+        for _ in 0..2 {
+            s.spawn(|| {
+                while !stop.load(Relaxed) {
+                    match std::fs::OpenOptions::new().create(true).append(true).open("/race/x/f") {
+                        Ok(mut f) => {
+                            let _ = std::io::Write::write_all(&mut f, b"from the guest\n");
+                            writes.fetch_add(1, Relaxed);
+                        }
+                        Err(_) => {
+                            failed.fetch_add(1, Relaxed);
+                        }
+                    }
+                    match std::fs::read("/race/x/secret") {
+                        Ok(b) if b == HOST_SECRET => {
+                            leaked.fetch_add(1, Relaxed);
+                        }
+                        Ok(_) => {
+                            reads.fetch_add(1, Relaxed);
+                        }
+                        Err(_) => {
+                            failed.fetch_add(1, Relaxed);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    println!(
+        "race swaps={} writes={} reads={} failed={} leaked={}",
+        swaps.into_inner(),
+        writes.into_inner(),
+        reads.into_inner(),
+        failed.into_inner(),
+        leaked.into_inner()
+    );
+    Ok(())
+}
+
 fn run(args: &[String]) -> Result<(), String> {
     match args.get(1).map(String::as_str) {
         Some("unserved") => unserved(num(args, 2, "FIRST")?, num(args, 3, "COUNT")?),
         Some("hold") => hold(num(args, 2, "PORT")?, num(args, 3, "COUNT")?, num(args, 4, "SECS")?),
         Some("noread") => noread(num(args, 2, "PORT")?, num(args, 3, "SECS")?),
+        Some("race") => race(args.get(2).ok_or("missing TARGET")?, num(args, 3, "SECS")?)?,
         _ => {
             return Err(
-                "usage: tegmen-guest-probe unserved FIRST COUNT | hold PORT COUNT SECS | noread PORT SECS".into(),
+                "usage: tegmen-guest-probe unserved FIRST COUNT | hold PORT COUNT SECS | noread PORT SECS | race TARGET SECS".into(),
             )
         }
     }
