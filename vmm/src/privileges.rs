@@ -206,13 +206,15 @@ pub fn confine(keep: &[u32], max_files: u64) -> Result<(), String> {
 
 /// Jails a process that serves sockets into the one directory that holds
 /// them all ([`crate::devices::fs::sandbox::enter_socket_dir`]: no mount
-/// of the host's below it) and returns each path as seen from there.
-/// `paths` are the sockets as the caller named them (`(flag, path)`, the
-/// flag for the error); they must all be in the same directory. Single-
+/// of the host's below it) and rewrites each path as seen from there.
+/// `paths` are the sockets as the caller named them, each with its flag
+/// for the error; they must all be in the same directory. Single-
 /// threaded, like the sandbox itself.
-pub fn enter_socket_dir(paths: &[(&str, &std::path::Path)]) -> Result<Vec<std::path::PathBuf>, String> {
+pub fn enter_socket_dir(paths: &mut [(&str, &mut std::path::PathBuf)]) -> Result<(), String> {
     use std::path::{Path, PathBuf};
-    let dir_of = |flag: &str, p: &Path| -> Result<(PathBuf, PathBuf), String> {
+    let mut dir = None::<(&str, PathBuf)>;
+    let mut inside = Vec::with_capacity(paths.len());
+    for (flag, p) in paths.iter() {
         let name = p
             .file_name()
             .ok_or_else(|| format!("{flag} {}: no file name", p.display()))?;
@@ -220,13 +222,7 @@ pub fn enter_socket_dir(paths: &[(&str, &std::path::Path)]) -> Result<Vec<std::p
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        let dir = std::fs::canonicalize(parent).map_err(|e| format!("{flag} {}: {e}", p.display()))?;
-        Ok((dir, Path::new("/").join(name)))
-    };
-    let mut dir = None::<(&str, PathBuf)>;
-    let mut inside = Vec::with_capacity(paths.len());
-    for &(flag, p) in paths {
-        let (d, jailed) = dir_of(flag, p)?;
+        let d = std::fs::canonicalize(parent).map_err(|e| format!("{flag} {}: {e}", p.display()))?;
         match &dir {
             None => dir = Some((flag, d)),
             Some((first, first_dir)) if *first_dir != d => {
@@ -238,13 +234,16 @@ pub fn enter_socket_dir(paths: &[(&str, &std::path::Path)]) -> Result<Vec<std::p
             }
             Some(_) => {}
         }
-        inside.push(jailed);
+        inside.push(Path::new("/").join(name));
     }
     if let Some((_, d)) = &dir {
         crate::devices::fs::sandbox::enter_socket_dir(d).map_err(|e| e.to_string())?;
         log::info!("sandboxed: {} is now /", d.display());
     }
-    Ok(inside)
+    for ((_, p), jailed) in paths.iter_mut().zip(inside) {
+        **p = jailed;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -417,11 +416,8 @@ mod tests {
         let a = tempfile::tempdir().unwrap();
         let b = tempfile::tempdir().unwrap();
         let before = ns("mnt");
-        let err = enter_socket_dir(&[
-            ("--socket", &a.path().join("v.sock")),
-            ("--uds-path", &b.path().join("vsock")),
-        ])
-        .unwrap_err();
+        let (mut v, mut u) = (a.path().join("v.sock"), b.path().join("vsock"));
+        let err = enter_socket_dir(&mut [("--socket", &mut v), ("--uds-path", &mut u)]).unwrap_err();
         assert!(
             err.contains("--uds-path")
                 && err.contains(&b.path().join("vsock").display().to_string())
@@ -474,17 +470,12 @@ mod tests {
             if !made || !rootfs.join("marker").exists() {
                 return 10;
             }
-            let inside = match enter_socket_dir(&[
-                ("--socket", &run.join("v.sock")),
-                ("--stats-socket", &run.join("s.sock")),
-            ]) {
-                Ok(p) => p,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return 11;
-                }
-            };
-            if inside != [std::path::Path::new("/v.sock"), std::path::Path::new("/s.sock")] {
+            let (mut v, mut st) = (run.join("v.sock"), run.join("s.sock"));
+            if let Err(e) = enter_socket_dir(&mut [("--socket", &mut v), ("--stats-socket", &mut st)]) {
+                eprintln!("{e}");
+                return 11;
+            }
+            if (v.as_path(), st.as_path()) != (std::path::Path::new("/v.sock"), std::path::Path::new("/s.sock")) {
                 return 12;
             }
             if !std::path::Path::new("/v.sock").exists() || !std::path::Path::new("/shared/c1/rootfs").is_dir() {

@@ -71,15 +71,11 @@ fn run(args: &mut Args) -> Result<(), String> {
     let tap = Tap::open(&args.tap).map_err(|e| format!("--tap {}: {e}", args.tap))?;
     log::info!("tap {} (MTU {})", tap.name(), args.mtu);
     if args.sandbox == SandboxMode::Chroot {
-        let mut paths = vec![("--socket", args.socket.as_path())];
-        if let Some(stats) = &args.stats_socket {
-            paths.push(("--stats-socket", stats.as_path()));
-        }
-        let mut inside = tegmen_vmm::privileges::enter_socket_dir(&paths)?.into_iter();
-        args.socket = inside.next().expect("one path per socket");
+        let mut paths = vec![("--socket", &mut args.socket)];
         if let Some(stats) = &mut args.stats_socket {
-            *stats = inside.next().expect("one path per socket");
+            paths.push(("--stats-socket", stats));
         }
+        tegmen_vmm::privileges::enter_socket_dir(&mut paths)?;
     }
     // The tap is open (the namespace and TUNSETIFF took CAP_SYS_ADMIN and
     // CAP_NET_ADMIN); its offload and header ioctls take none.

@@ -106,19 +106,11 @@ fn run(args: &mut Args) -> Result<(), String> {
         return Err(format!("--socket and --uds-path are both {}", args.socket.display()));
     }
     if args.sandbox == SandboxMode::Chroot {
-        let mut paths = vec![
-            ("--socket", args.socket.as_path()),
-            ("--uds-path", args.uds_path.as_path()),
-        ];
-        if let Some(stats) = &args.stats_socket {
-            paths.push(("--stats-socket", stats.as_path()));
-        }
-        let mut inside = tegmen_vmm::privileges::enter_socket_dir(&paths)?.into_iter();
-        args.socket = inside.next().expect("one path per socket");
-        args.uds_path = inside.next().expect("one path per socket");
+        let mut paths = vec![("--socket", &mut args.socket), ("--uds-path", &mut args.uds_path)];
         if let Some(stats) = &mut args.stats_socket {
-            *stats = inside.next().expect("one path per socket");
+            paths.push(("--stats-socket", stats));
         }
+        tegmen_vmm::privileges::enter_socket_dir(&mut paths)?;
     }
     // Unix sockets in root's own directories take no capability at all.
     tegmen_vmm::privileges::confine(&[], tegmen_vmm::privileges::VSOCK_MAX_FILES)?;
