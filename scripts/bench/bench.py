@@ -26,6 +26,9 @@ import time
 import net
 
 RUNS = 5
+# Guests per variant, and MiB moved per workload, of the allow-list section.
+CONFINEMENT_RUNS = 3
+CONFINEMENT_MIB = 64
 # 2-vCPU boots in L1 with 2 L1 vCPUs, for their failure rate.
 L1_SMP_BOOTS = 40
 
@@ -145,9 +148,13 @@ def bench_plain_boot(kernel, tools, work):
     return times
 
 
-def backend_memory(kind, repo, tools, kernel, initrd, work):
-    """Boots our agent with one pair of backends; RSS of each once ready."""
-    d = os.path.join(work, kind)
+def boot_with_backends(kind, repo, tools, kernel, initrd, d, seccomp="kill", cache=None):
+    """Boots our agent with one pair of backends, `tegmen` (our release
+    builds, `seccomp` their allow-lists' mode) or `reference`
+    (vhost-device-vsock and virtiofsd, `cache` its cache policy), in the
+    fresh directory `d`. Returns (processes, hybrid vsock socket, shared
+    directory, seconds from QEMU's start to the agent's answer); the caller
+    stops the processes."""
     shutil.rmtree(d, ignore_errors=True)
     shared = os.path.join(d, "shared")
     os.makedirs(shared)
@@ -156,11 +163,15 @@ def backend_memory(kind, repo, tools, kernel, initrd, work):
     vs_sock, fs_sock, uds = (os.path.join(d, n) for n in ("vhost-vsock.sock", "vhost-fs.sock", "vsock"))
     if kind == "tegmen":
         bins = os.path.join(repo, "target/release")
-        vsock_cmd = [os.path.join(bins, "tegmen-vsock-backend"), "--socket", vs_sock, "--uds-path", uds]
-        fs_cmd = [os.path.join(bins, "tegmen-fs-backend"), "--socket", fs_sock, "--shared-dir", shared]
+        vsock_cmd = [os.path.join(bins, "tegmen-vsock-backend"), "--socket", vs_sock, "--uds-path", uds,
+                     "--seccomp", seccomp]
+        fs_cmd = [os.path.join(bins, "tegmen-fs-backend"), "--socket", fs_sock, "--shared-dir", shared,
+                  "--seccomp", seccomp]
     else:
         vsock_cmd = [os.path.join(tools, "bin/vhost-device-vsock"), "--vm", f"guest-cid=3,socket={vs_sock},uds-path={uds}"]
-        fs_cmd = [os.path.join(tools, "bin/virtiofsd"), f"--socket-path={fs_sock}", f"--shared-dir={shared}", "--cache=never"]
+        fs_cmd = [os.path.join(tools, "bin/virtiofsd"), f"--socket-path={fs_sock}", f"--shared-dir={shared}"]
+        if cache:
+            fs_cmd.append(f"--cache={cache}")
     log = open(os.path.join(d, "backends.log"), "w")
     procs = [subprocess.Popen(vsock_cmd, stdout=log, stderr=log), subprocess.Popen(fs_cmd, stdout=log, stderr=log)]
     try:
@@ -168,13 +179,83 @@ def backend_memory(kind, repo, tools, kernel, initrd, work):
         devices = ["-chardev", f"socket,id=vsock,path={vs_sock}", "-device", "vhost-user-vsock-device,chardev=vsock",
                    "-chardev", f"socket,id=fs,path={fs_sock}", "-device", "vhost-user-fs-device,chardev=fs,tag=tegmen"]
         console = os.path.join(d, "console.log")
-        qemu = subprocess.Popen(qemu_cmd(kernel, initrd, console, devices), stdout=log, stderr=log)
-        procs.append(qemu)
+        start = time.monotonic()
+        procs.append(subprocess.Popen(qemu_cmd(kernel, initrd, console, devices), stdout=log, stderr=log))
         wait_for(lambda: hybrid_connect(uds, 1024), 180, f"the agent behind {kind} backends")
+        return procs, uds, shared, time.monotonic() - start
+    except BaseException:
+        stop(list(reversed(procs)))
+        raise
+
+
+def backend_memory(kind, repo, tools, kernel, initrd, work):
+    """Boots our agent with one pair of backends; RSS of each once ready."""
+    procs, _, _, _ = boot_with_backends(kind, repo, tools, kernel, initrd, os.path.join(work, kind), cache="never")
+    try:
         time.sleep(1.0)
         return rss_kib(procs[0].pid), rss_kib(procs[1].pid)
     finally:
         stop(list(reversed(procs)))
+
+
+CONFINEMENT_HEADING = "## The backends under their allow-lists"
+# (label, kind, seccomp): ours with the filters in force and switched off,
+# and the references serving the same guest.
+CONFINEMENT_VARIANTS = [
+    ("Tegmen, filters on (`seccomp = \"kill\"`)", "tegmen", "kill"),
+    ("Tegmen, filters off", "tegmen", "off"),
+    ("reference: virtiofsd 1.14 + vhost-device-vsock 0.3", "reference", None),
+]
+
+
+def confinement_section(repo, tools, kernel, initrd, work, runs, mib):
+    """fs and vsock throughput and boot to agent with our backends under
+    their allow-lists, without them, and with the references, each guest
+    booted the same way (bench.py's QEMU flags, the guest image's agent);
+    the variants take turns, so that drift hits all alike."""
+    got = {label: {"boot": [], "write": [], "read": [], "walk": [], "vsock": []} for label, _, _ in CONFINEMENT_VARIANTS}
+    for i in range(runs):
+        for label, kind, seccomp in CONFINEMENT_VARIANTS:
+            d = os.path.join(work, f"confinement-{kind}-{seccomp}")
+            procs, uds, shared, boot = boot_with_backends(kind, repo, tools, kernel, initrd, d, seccomp=seccomp or "kill")
+            try:
+                r = tegmen_bench(repo, "workloads", uds, shared, str(mib))
+            finally:
+                stop(list(reversed(procs)))
+            g = got[label]
+            g["boot"].append(boot)
+            g["write"].append(r["write_mib_s"])
+            g["read"].append(r["read_mib_s"])
+            g["walk"].append(r["walk_s"])
+            g["vsock"].append(r["vsock_mib_s"])
+    med = lambda label, k: statistics.median(got[label][k])
+    on, off, ref = (label for label, _, _ in CONFINEMENT_VARIANTS)
+    rows = [
+        ("boot to agent ready (s)", "boot", "{:.2f}"),
+        (f"fs sequential write, {mib} MiB + fsync (MiB/s)", "write", "{:.1f}"),
+        (f"fs sequential read, {mib} MiB, cold in the guest (MiB/s)", "read", "{:.1f}"),
+        ("fs metadata walk, `ls -lR` of 2000 files in 20 directories (s)", "walk", "{:.2f}"),
+        (f"vsock, a container's stdout to the host, {mib} MiB (MiB/s)", "vsock", "{:.1f}"),
+    ]
+    accel = "KVM" if has_hw_virt() else "TCG"
+    lines = [
+        CONFINEMENT_HEADING,
+        "",
+        f"`make bench`, {runs} guests per variant, taking turns; medians. Each guest is QEMU ({accel}) with the",
+        "guest image's agent and one pair of vhost-user backends: ours (release builds) with their",
+        "syscall allow-lists in force and switched off (`--seccomp off`; the namespaces, jail and",
+        "capability drops stay), and the references. The fs numbers are timed by the guest's own",
+        "clock inside a container (`dd`, `ls -lR`, `tegmen-bench workloads`); cache policy `auto`",
+        "on both fs backends. A ratio above 1 is better for rates (MiB/s), below 1 for times (s).",
+        "",
+        "| what | filters on | filters off | reference | on / off | on / reference |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for what, k, f in rows:
+        a, b, c = med(on, k), med(off, k), med(ref, k)
+        lines.append(f"| {what} | {f.format(a)} | {f.format(b)} | {f.format(c)} | {a / b:.2f}× | {a / c:.2f}× |")
+    lines.append("")
+    return lines
 
 
 def bench_runc_true(work):
@@ -474,6 +555,8 @@ def main():
     ap.add_argument("--repo", required=True)
     ap.add_argument("--tools", required=True)
     ap.add_argument("--only-l1", action="store_true", help="only the nested-L1 section, in place")
+    ap.add_argument("--only-confinement", action="store_true",
+                    help="only the section of the backends under their allow-lists, in place")
     args = ap.parse_args()
     repo, tools = args.repo, args.tools
     if args.only_l1:
@@ -485,6 +568,15 @@ def main():
     work = "/run/tegmen-bench"
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
+    if args.only_confinement:
+        try:
+            print("bench: the backends with filters on, off, and the references ...", flush=True)
+            section = confinement_section(repo, tools, kernel, initrd, work, CONFINEMENT_RUNS, CONFINEMENT_MIB)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        replace_section(os.path.join(repo, "docs/benchmarks.md"), CONFINEMENT_HEADING, section)
+        print("\n".join(section))
+        return
     try:
         print("bench: Tegmen sandbox boot to agent ready ...", flush=True)
         tegmen = bench_tegmen_boot(repo, os.path.join(work, "root"))
@@ -508,6 +600,8 @@ def main():
         vmm_mem = builtin_memory(repo, work)
         print("bench: pod networking: tegmen, QEMU's own virtio-net, runc ...", flush=True)
         network = net.bench_network(repo, work, kernel, qemu_cmd, cpio_newc)
+        print("bench: the backends with filters on, off, and the references ...", flush=True)
+        confinement = confinement_section(repo, tools, kernel, initrd, work, CONFINEMENT_RUNS, CONFINEMENT_MIB)
         print("bench: inside a nested L1, builtin vs QEMU-KVM ...", flush=True)
         l1 = l1_section(repo, RUNS, L1_SMP_BOOTS)
     finally:
@@ -631,6 +725,7 @@ def main():
         "Under TCG the guest's CPU bounds both VM rows alike (busybox `nc` in an emulated CPU);",
         "the ratio between the two devices is the number to read here.",
         "",
+        *confinement,
         *l1,
         *section_lines(os.path.join(repo, "docs/benchmarks.md"), FUZZ_HEADING),
     ]

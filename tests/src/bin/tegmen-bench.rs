@@ -11,6 +11,11 @@
 //!                                             2-vCPU guests with 2 L1 vCPUs
 //!   tegmen-bench l1-inside HV RUNS BUNDLE     (run by `l1` inside L1)
 //!   tegmen-bench l1-smp HV BOOTS              (run by `l1` inside L1)
+//!   tegmen-bench workloads UDS SHARED MIB     fs and vsock throughput of a guest
+//!                                             booted by bench.py with one pair of
+//!                                             backends (ours or the references):
+//!                                             its agent on the hybrid vsock UDS,
+//!                                             its share the directory SHARED
 //!
 //! Prints one JSON object on stdout.
 
@@ -345,6 +350,95 @@ fn l1_bench(runs: usize, smp_boots: usize) -> serde_json::Value {
     serde_json::json!({ "single": single, "smp": smp })
 }
 
+/// The guest's own clock (seconds since its boot) around `work`, from a
+/// container on `bench/rootfs`: what the work took inside the guest,
+/// without the container's start and removal.
+fn guest_seconds(agent: &AgentClient, streams: &StreamEndpoint, id: &str, work: &str) -> f64 {
+    let script = format!(
+        "a=$(cut -d' ' -f1 /proc/uptime); {work} >/dev/null 2>&1 || exit 9; b=$(cut -d' ' -f1 /proc/uptime); echo $a $b"
+    );
+    let req = CreateContainerRequest {
+        container_id: id.into(),
+        spec_json: runc_like_spec(&["sh", "-c", &script], false).to_string(),
+        rootfs: "bench/rootfs".into(),
+        ..Default::default()
+    };
+    agent.create_container(&req).expect("CreateContainer");
+    let mut out = streams.open(id, "", StreamKind::Stdout).expect("stdout stream");
+    agent.start_container(id).expect("StartContainer");
+    let mut text = String::new();
+    out.read_to_string(&mut text).expect("stdout");
+    let code = agent.wait_process(id, "").expect("WaitProcess").exit_code;
+    agent.remove_container(id, false).expect("RemoveContainer");
+    assert_eq!(code, 0, "{work}: exit {code}");
+    let t: Vec<f64> = text.split_whitespace().map(|w| w.parse().expect("an uptime")).collect();
+    t[1] - t[0]
+}
+
+/// Files of the tree the metadata walk lists: 20 directories of 100.
+const TREE: (usize, usize) = (20, 100);
+
+/// fs sequential write and read (`mib` MiB) and a metadata walk (`ls -lR`
+/// of a tree of [`TREE`] files), and a container's stdout through vsock,
+/// in a guest whose agent answers on the hybrid vsock `uds` and whose
+/// share is `shared` on the host.
+fn workloads(uds: &std::path::Path, shared: &std::path::Path, mib: u64) -> serde_json::Value {
+    let rootfs = shared.join("bench/rootfs");
+    busybox_rootfs(&rootfs);
+    std::fs::write(rootfs.join("big"), vec![0x5au8; (mib << 20) as usize]).expect("big");
+    for d in 0..TREE.0 {
+        let dir = rootfs.join(format!("tree/d{d}"));
+        std::fs::create_dir_all(&dir).expect("tree");
+        for f in 0..TREE.1 {
+            std::fs::write(dir.join(format!("f{f}")), b"x").expect("tree file");
+        }
+    }
+    let agent = AgentClient::connect(
+        uds,
+        1024,
+        std::time::Duration::from_secs(30),
+        std::time::Duration::from_secs(300),
+    )
+    .expect("the agent");
+    let streams = StreamEndpoint::HybridVsock(uds.to_path_buf());
+    let write = guest_seconds(
+        &agent,
+        &streams,
+        "write",
+        &format!("dd if=/dev/zero of=/written bs=1M count={mib} conv=fsync && rm /written"),
+    );
+    let read = guest_seconds(&agent, &streams, "read", "dd if=/big of=/dev/null bs=1M");
+    let walk = guest_seconds(&agent, &streams, "walk", "ls -lR /tree");
+    let cmd = format!("dd if=/dev/zero bs=1M count={mib} 2>/dev/null");
+    let req = CreateContainerRequest {
+        container_id: "vsock".into(),
+        spec_json: runc_like_spec(&["sh", "-c", &cmd], false).to_string(),
+        rootfs: "bench/rootfs".into(),
+        ..Default::default()
+    };
+    agent.create_container(&req).expect("CreateContainer");
+    let mut out = streams.open("vsock", "", StreamKind::Stdout).expect("stdout stream");
+    agent.start_container("vsock").expect("StartContainer");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    let mut first = None;
+    while let Ok(n @ 1..) = out.read(&mut buf) {
+        first.get_or_insert_with(Instant::now);
+        total += n as u64;
+    }
+    let vsock = first.map_or(f64::NAN, |t| t.elapsed().as_secs_f64());
+    agent.wait_process("vsock", "").expect("WaitProcess");
+    agent.remove_container("vsock", false).expect("RemoveContainer");
+    assert_eq!(total, mib << 20, "stdout bytes");
+    let mib = mib as f64;
+    serde_json::json!({
+        "write_mib_s": mib / write,
+        "read_mib_s": mib / read,
+        "walk_s": walk,
+        "vsock_mib_s": mib / vsock,
+    })
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -390,9 +484,18 @@ fn main() {
             println!("{}", l1_inside(hv, runs.parse().unwrap(), std::path::Path::new(bundle)))
         }
         ["l1-smp", hv, boots] => println!("{}", l1_smp(hv, boots.parse().unwrap())),
+        ["workloads", uds, shared, mib] => println!(
+            "{}",
+            workloads(
+                std::path::Path::new(uds),
+                std::path::Path::new(shared),
+                mib.parse().unwrap()
+            )
+        ),
         _ => {
             eprintln!(
-                "usage: tegmen-bench agent-true host|guest RUNS | stdout-throughput MIB | cri RUNS | l1 RUNS SMP_BOOTS"
+                "usage: tegmen-bench agent-true host|guest RUNS | stdout-throughput MIB | cri RUNS | l1 RUNS SMP_BOOTS \
+                 | workloads UDS SHARED MIB"
             );
             std::process::exit(2);
         }
