@@ -788,7 +788,15 @@ fn guest_attacks_through_vsock_are_bounded() {
     // accepts and keeps every one; the guest gets no more than the bound
     // (the agent's own connections count too) and the backend's files
     // stay within it.
-    let holder = UnixListener::bind(format!("{}_{HOLD}", uds.display())).unwrap();
+    // The vsock backend serves as nobody: a host service that takes guest
+    // connections lets it connect.
+    let open_to_backend = |path: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    };
+    let holder_path = format!("{}_{HOLD}", uds.display());
+    let holder = UnixListener::bind(&holder_path).unwrap();
+    open_to_backend(&holder_path);
     holder.set_nonblocking(true).unwrap();
     let kept = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -839,7 +847,9 @@ fn guest_attacks_through_vsock_are_bounded() {
     // A guest that never reads: the host's writes stop once the guest's
     // credit and the socket buffers are full, instead of piling up in the
     // backend.
-    let talker = UnixListener::bind(format!("{}_{NOREAD}", uds.display())).unwrap();
+    let talker_path = format!("{}_{NOREAD}", uds.display());
+    let talker = UnixListener::bind(&talker_path).unwrap();
+    open_to_backend(&talker_path);
     let written = Arc::new(AtomicU64::new(0));
     let writer = {
         let written = written.clone();

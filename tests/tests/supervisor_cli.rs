@@ -195,15 +195,17 @@ fn check_confinement(cli: &Cli, id: &str, qemu: i32) {
         assert!(p["seccomp_filters"].as_u64().unwrap() >= 1, "{p}");
         assert_eq!(p["no_new_privs"], true, "{p}");
         // And with the capabilities the code says: none, but for the fs
-        // backend the file-serving set; bounding alike, nothing ambient.
+        // backend the file-serving set; nothing in the bounding set or
+        // ambient.
         let want = if p["name"] == "tegmen-fs-backend" {
             tegmen_vmm::privileges::mask_of(tegmen_vmm::privileges::FILE_SERVING)
         } else {
             0
         };
-        for set in ["cap_effective", "cap_permitted", "cap_bounding"] {
+        for set in ["cap_effective", "cap_permitted"] {
             assert_eq!(p[set].as_u64().unwrap(), want, "{set} of {p}");
         }
+        assert_eq!(p["cap_bounding"].as_u64().unwrap(), 0, "{p}");
         assert_eq!(p["cap_ambient"].as_u64().unwrap(), 0, "{p}");
         // In namespaces of its own: no network, IPC or host name of the
         // host's, and a file system that is its sandbox alone.
@@ -216,6 +218,10 @@ fn check_confinement(cli: &Cli, id: &str, qemu: i32) {
         let pid = p["pid"].as_i64().unwrap();
         let root = PathBuf::from(format!("/proc/{pid}/root"));
         let rootfs_bin = |dir: &Path| dir.join(id).join("rootfs/bin").exists();
+        // The fs backend serves files as their owners, as root; the others
+        // serve as nobody.
+        let user = if p["name"] == "tegmen-fs-backend" { 0 } else { 65534 };
+        assert_eq!(p["uid"], serde_json::json!([user, user]), "{p}");
         if p["name"] == "tegmen-fs-backend" {
             // The share is its root: the container's rootfs is there.
             assert!(rootfs_bin(&root), "{p}: no {id}/rootfs/bin in its root");

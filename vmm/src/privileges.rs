@@ -4,8 +4,10 @@
 //!
 //! [`drop_capabilities`] runs while the process still has one thread, so
 //! every thread it starts later inherits the reduced sets (capabilities
-//! are per thread). The bounding set loses the others too, so not even an
-//! exec (which the seccomp lists forbid anyway) could bring them back.
+//! are per thread). The bounding set is emptied, so not even an exec
+//! (which the seccomp lists forbid anyway) could bring any back. A backend
+//! that serves as an unprivileged user keeps [`SWITCHING_USER`] until it
+//! takes that user, which clears them ([`become_user`]).
 
 /// What the fs backend keeps to serve files with the guest's ownership
 /// and modes: change owners (`CAP_CHOWN`), reach every file of the share
@@ -25,6 +27,10 @@ pub const FILE_SERVING: &[u32] = &[
     CAP_SETGID,
     CAP_SETUID,
 ];
+
+/// What a backend that serves as an unprivileged user (`--user`) keeps
+/// until it takes that user: changing its ids, nothing else.
+pub const SWITCHING_USER: &[u32] = &[CAP_SETGID, CAP_SETUID];
 
 // Capability numbers (include/uapi/linux/capability.h).
 pub const CAP_CHOWN: u32 = 0;
@@ -67,9 +73,9 @@ pub fn mask_of(keep: &[u32]) -> u64 {
 
 /// Leaves the calling thread (and every thread it starts afterwards) with
 /// the capabilities in `keep` alone, in its effective and permitted sets;
-/// inheritable and ambient sets empty; the bounding set reduced to `keep`.
-/// A process without `CAP_SETPCAP` cannot shrink its bounding set: it
-/// shrinks the others and says so.
+/// inheritable and ambient sets empty; the bounding set empty (it only
+/// bounds what an exec may gain). A process without `CAP_SETPCAP` cannot
+/// shrink its bounding set: it shrinks the others and says so.
 pub fn drop_capabilities(keep: &[u32]) -> Result<(), String> {
     let keep_mask = mask_of(keep);
     // Ambient capabilities would survive an exec: none.
@@ -79,9 +85,6 @@ pub fn drop_capabilities(keep: &[u32]) -> Result<(), String> {
     // the capset below removes.
     let mut bounding_kept = true;
     for cap in 0..=last_cap() {
-        if keep_mask & (1u64 << cap) != 0 {
-            continue;
-        }
         // SAFETY: prctl with integer arguments only.
         if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } != 0 {
             let e = std::io::Error::last_os_error();
@@ -202,6 +205,59 @@ pub fn confine(keep: &[u32], max_files: u64) -> Result<(), String> {
     unshare_namespaces()?;
     limit_resources(max_files)?;
     drop_capabilities(keep)
+}
+
+/// Moves the process to `uid` and `gid`, with no supplementary groups,
+/// for good (real, effective and saved ids alike). From uid 0 to another,
+/// the kernel clears the capability sets too. glibc applies each change to
+/// every thread of the process.
+pub fn become_user(uid: u32, gid: u32) -> Result<(), String> {
+    // SAFETY: setgroups with a count of 0 reads no list.
+    if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
+        return Err(format!("setgroups([]): {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: setresgid/setresuid take integers only.
+    if unsafe { libc::setresgid(gid, gid, gid) } != 0 {
+        return Err(format!("setresgid({gid}): {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: as above.
+    if unsafe { libc::setresuid(uid, uid, uid) } != 0 {
+        return Err(format!("setresuid({uid}): {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// `UID:GID` (numbers; not uid 0, which would keep what the process
+/// holds), as `--user` takes it.
+pub fn parse_user(s: &str) -> Result<(u32, u32), String> {
+    let (u, g) = s.split_once(':').ok_or_else(|| format!("{s:?}: expected UID:GID"))?;
+    let num = |x: &str| x.parse::<u32>().map_err(|_| format!("{s:?}: {x:?} is not a number"));
+    match (num(u)?, num(g)?) {
+        (0, _) => Err(format!("{s:?}: uid 0 is not an unprivileged user")),
+        ids => Ok(ids),
+    }
+}
+
+/// The last steps of a backend before the front-end may send it anything,
+/// once its sockets are bound and its threads started: the unprivileged
+/// user it serves as, if any, then its syscall allow-list.
+#[derive(Clone, Copy, Debug)]
+pub struct Lockdown {
+    /// The allow-list's mode.
+    pub seccomp: crate::seccomp::Mode,
+    /// `(uid, gid)` to serve as.
+    pub user: Option<(u32, u32)>,
+}
+
+impl Lockdown {
+    /// Takes the user, then installs `kind`'s allow-list.
+    pub fn apply(self, kind: crate::seccomp::Kind) -> Result<(), String> {
+        if let Some((uid, gid)) = self.user {
+            become_user(uid, gid)?;
+            log::info!("serving as uid {uid}, gid {gid}");
+        }
+        crate::seccomp::install(kind, self.seccomp).map_err(|e| e.to_string())
+    }
 }
 
 /// Jails a process that serves sockets into the one directory that holds
@@ -347,7 +403,7 @@ mod tests {
                 return 10;
             }
             let want = mask_of(FILE_SERVING);
-            if status_mask("CapEff") != want || status_mask("CapPrm") != want || status_mask("CapBnd") != want {
+            if status_mask("CapEff") != want || status_mask("CapPrm") != want || status_mask("CapBnd") != 0 {
                 return 11;
             }
             if status_mask("CapInh") != 0 || status_mask("CapAmb") != 0 {
@@ -495,5 +551,58 @@ mod tests {
         );
         // The host's view is untouched.
         assert!(run.join("v.sock").exists() && !rootfs.join("marker").exists());
+    }
+
+    #[test]
+    fn user_parses_and_is_taken_by_every_thread() {
+        assert_eq!(parse_user("65534:65533"), Ok((65534, 65533)));
+        assert!(parse_user("65534").unwrap_err().contains("UID:GID"));
+        assert!(parse_user("nobody:1").unwrap_err().contains("nobody"));
+        assert!(parse_user("0:0").unwrap_err().contains("uid 0"));
+        if status_mask("CapEff") & (1 << CAP_SETUID) == 0 {
+            eprintln!("skipped: needs CAP_SETUID (run as root)");
+            return;
+        }
+        let code = in_child(|| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let other = std::thread::spawn(move || {
+                // SAFETY: gettid takes nothing.
+                let _ = tx.send(unsafe { libc::gettid() });
+                std::thread::sleep(std::time::Duration::from_millis(300));
+            });
+            let other_tid = rx.recv().unwrap();
+            // As a backend does: everything dropped but what the switch takes.
+            if drop_capabilities(SWITCHING_USER).is_err() || become_user(65534, 65533).is_err() {
+                return 10;
+            }
+            let field = |tid: i32, name: &str| {
+                std::fs::read_to_string(format!("/proc/self/task/{tid}/status"))
+                    .unwrap_or_default()
+                    .lines()
+                    .find_map(|l| {
+                        l.strip_prefix(name)
+                            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+                    })
+                    .unwrap_or_default()
+            };
+            // SAFETY: gettid takes nothing.
+            let me = unsafe { libc::gettid() };
+            if field(me, "Uid:") != "65534 65534 65534 65534" || field(me, "Gid:") != "65533 65533 65533 65533" {
+                return 11;
+            }
+            if !field(me, "Groups:").is_empty() || status_mask("CapEff") != 0 || status_mask("CapPrm") != 0 {
+                return 12;
+            }
+            // glibc moved the other thread as well.
+            if field(other_tid, "Uid:") != "65534 65534 65534 65534" {
+                return 13;
+            }
+            let _ = other.join();
+            0
+        });
+        assert_eq!(
+            code, 0,
+            "10: failed, 11: ids, 12: groups or capabilities left, 13: the other thread kept its ids"
+        );
     }
 }

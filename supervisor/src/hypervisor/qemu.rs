@@ -198,6 +198,7 @@ impl Hypervisor for Qemu {
             .arg("--stats-socket")
             .arg(spec.run_dir.join(format!("vsock{}", super::STATS_SUFFIX)));
         cmd.arg("--seccomp").arg(spec.seccomp.to_string());
+        cmd.arg("--user").arg(BACKEND_USER);
         self.spawn("tegmen-vsock-backend", cmd, &vsock_log, spec, record)?;
 
         let fs_log = spec.run_dir.join("fs-backend.log");
@@ -228,6 +229,7 @@ impl Hypervisor for Qemu {
             cmd.arg("--stats-socket")
                 .arg(spec.run_dir.join(format!("net{i}{}", super::STATS_SUFFIX)));
             cmd.arg("--seccomp").arg(spec.seccomp.to_string());
+            cmd.arg("--user").arg(BACKEND_USER);
             self.spawn(&format!("tegmen-net-backend-{i}"), cmd, &log, spec, record)?;
         }
 
@@ -290,6 +292,14 @@ impl Drop for Qemu {
         }
     }
 }
+
+/// The user and group the vsock and net backends serve as once their
+/// sockets are bound (`--user`): the overflow ids ("nobody"), owning no
+/// file, so that a backend a guest took over cannot signal or touch what
+/// root owns. The fs backend stays root: it serves files as their owners.
+/// A host program that takes guest connections on `<vsock>_<port>` lets
+/// this user connect to its socket.
+pub const BACKEND_USER: &str = "65534:65534";
 
 /// The size of a NIC's queues (on virtio-mmio the guest may take up to
 /// 1024 whatever this says; `tegmen-net-backend` serves that).

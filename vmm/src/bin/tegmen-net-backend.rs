@@ -12,7 +12,8 @@
 //! the process pivots into the directory of its sockets (they must all be
 //! in one), moves to mount, network, IPC and UTS namespaces of its own
 //! (the tap stays in the namespace it was opened in), and keeps no
-//! capability; then its syscall allow-list (`--seccomp`) holds it.
+//! capability; once its sockets are bound it takes the user `--user` (if
+//! given), then its syscall allow-list (`--seccomp`) holds it.
 //!
 //! Logs go to stderr; `RUST_LOG` = `error`, `warn`, `info` (default),
 //! `debug` or `trace`.
@@ -59,6 +60,11 @@ struct Args {
     /// in the host's file system (debugging).
     #[arg(long, default_value_t = SandboxMode::Chroot)]
     sandbox: SandboxMode,
+    /// Serve as this user and group (numbers), with no supplementary
+    /// groups, once the sockets are bound: it must be able to reach the
+    /// sockets' directory and, for guest connections, the host's sockets.
+    #[arg(long, value_name = "UID:GID", value_parser = tegmen_vmm::privileges::parse_user)]
+    user: Option<(u32, u32)>,
 }
 
 /// Serves until the front-end goes; on return `args` names the sockets as
@@ -79,7 +85,12 @@ fn run(args: &mut Args) -> Result<(), String> {
     }
     // The tap is open (the namespace and TUNSETIFF took CAP_SYS_ADMIN and
     // CAP_NET_ADMIN); its offload and header ioctls take none.
-    tegmen_vmm::privileges::confine(&[], tegmen_vmm::privileges::NET_MAX_FILES)?;
+    let keep = match args.user {
+        // Until it takes the user, which clears them.
+        Some(_) => tegmen_vmm::privileges::SWITCHING_USER,
+        None => &[],
+    };
+    tegmen_vmm::privileges::confine(keep, tegmen_vmm::privileges::NET_MAX_FILES)?;
     let device = NetDevice::new(
         tap,
         NetConfig {
@@ -87,7 +98,16 @@ fn run(args: &mut Args) -> Result<(), String> {
             mtu: args.mtu,
         },
     );
-    serve(device, &args.socket, args.stats_socket.as_deref(), args.seccomp).map_err(|e| e.to_string())?;
+    serve(
+        device,
+        &args.socket,
+        args.stats_socket.as_deref(),
+        tegmen_vmm::privileges::Lockdown {
+            seccomp: args.seccomp,
+            user: args.user,
+        },
+    )
+    .map_err(|e| e.to_string())?;
     log::info!("front-end disconnected; exiting");
     Ok(())
 }

@@ -12,7 +12,8 @@
 //! Confinement (`--sandbox chroot`, the default): before it serves, the
 //! process pivots into the directory of its sockets (they must all be in
 //! one), in mount, network, IPC and UTS namespaces of its own, and keeps
-//! no capability; then its syscall allow-list (`--seccomp`) holds it.
+//! no capability; once its sockets are bound it takes the user `--user`
+//! (if given), then its syscall allow-list (`--seccomp`) holds it.
 //!
 //! Logs go to stderr; `RUST_LOG` = `error`, `warn`,
 //! `info` (default), `debug` or `trace`.
@@ -57,6 +58,11 @@ struct Args {
     /// in the host's file system (debugging).
     #[arg(long, default_value_t = SandboxMode::Chroot)]
     sandbox: SandboxMode,
+    /// Serve as this user and group (numbers), with no supplementary
+    /// groups, once the sockets are bound: it must be able to reach the
+    /// sockets' directory and, for guest connections, the host's sockets.
+    #[arg(long, value_name = "UID:GID", value_parser = tegmen_vmm::privileges::parse_user)]
+    user: Option<(u32, u32)>,
 }
 
 /// Socket files to remove if a signal ends us early, as C strings so the
@@ -113,7 +119,12 @@ fn run(args: &mut Args) -> Result<(), String> {
         tegmen_vmm::privileges::enter_socket_dir(&mut paths)?;
     }
     // Unix sockets in root's own directories take no capability at all.
-    tegmen_vmm::privileges::confine(&[], tegmen_vmm::privileges::VSOCK_MAX_FILES)?;
+    let keep = match args.user {
+        // Until it takes the user, which clears them.
+        Some(_) => tegmen_vmm::privileges::SWITCHING_USER,
+        None => &[],
+    };
+    tegmen_vmm::privileges::confine(keep, tegmen_vmm::privileges::VSOCK_MAX_FILES)?;
 
     let config = VsockConfig::new(&args.uds_path).with_guest_cid(args.guest_cid);
     let device = VsockDevice::new(config).map_err(|e| format!("--uds-path: {e}"))?;
@@ -126,7 +137,16 @@ fn run(args: &mut Args) -> Result<(), String> {
     // socket; this covers SIGINT/SIGTERM/SIGHUP.
     install_cleanup(&[&args.socket, &args.uds_path]);
 
-    serve(device, &args.socket, args.stats_socket.as_deref(), args.seccomp).map_err(|e| e.to_string())?;
+    serve(
+        device,
+        &args.socket,
+        args.stats_socket.as_deref(),
+        tegmen_vmm::privileges::Lockdown {
+            seccomp: args.seccomp,
+            user: args.user,
+        },
+    )
+    .map_err(|e| e.to_string())?;
     log::info!("front-end disconnected; exiting");
     Ok(())
 }

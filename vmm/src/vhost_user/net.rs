@@ -167,14 +167,16 @@ pub enum VhostUserNetError {
 }
 
 /// Serves `device` on the vhost-user socket `socket` until the front-end
-/// disconnects; the socket file is removed before returning.
+/// disconnects; the socket file is removed before returning (removed as
+/// soon as the front-end is connected, in fact, so also when `lockdown`
+/// leaves the process a user that cannot).
 /// With `stats`, the device's counters are served there too
 /// ([`super::stats`]).
 pub fn serve<T: FrameIo + Sync + 'static>(
     device: NetDevice<T>,
     socket: &Path,
     stats: Option<&Path>,
-    seccomp: crate::seccomp::Mode,
+    lockdown: crate::privileges::Lockdown,
 ) -> Result<(), VhostUserNetError> {
     let err = |msg: String| VhostUserNetError::Serve {
         path: socket.display().to_string(),
@@ -218,11 +220,11 @@ pub fn serve<T: FrameIo + Sync + 'static>(
     let mut inner_listener = vhost::vhost_user::Listener::from(inner_listener);
     let started = daemon.start(&mut inner_listener);
     let _ = std::fs::remove_file(&inner);
-    // Every socket made: the allow-list goes on before the relay passes
-    // the first message, so before any vring can be kicked.
+    // Every socket made: the user and the allow-list are taken before the
+    // relay passes the first message, so before any vring can be kicked.
     let result = match started
         .map_err(|e| e.to_string())
-        .and_then(|()| crate::seccomp::install(crate::seccomp::Kind::NetBackend, seccomp).map_err(|e| e.to_string()))
+        .and_then(|()| lockdown.apply(crate::seccomp::Kind::NetBackend))
         .and_then(|()| super::relay::spawn(front, back).map_err(|e| e.to_string()))
     {
         Ok(_) => run_daemon(daemon, &failures).into_result(),

@@ -53,7 +53,7 @@ pub enum VhostUserVsockError {
     /// Registering the device's epoll fd with the worker failed.
     #[error("cannot register the vsock event fd with the vhost-user worker: {0}")]
     RegisterListener(#[source] io::Error),
-    /// The syscall allow-list could not be installed.
+    /// The user or the syscall allow-list could not be taken.
     #[error("{0}")]
     Seccomp(String),
     /// Serving the vhost-user socket failed.
@@ -192,13 +192,14 @@ impl VhostUserVsockBackend {
 ///
 /// With `stats`, the device's counters are served there too
 /// ([`super::stats`]).
-/// `seccomp` is installed once every socket is bound and every thread
-/// started, before the front-end is accepted.
+/// `lockdown` (its user, then its allow-list) is applied once every
+/// socket is bound and every thread started, before the front-end is
+/// accepted.
 pub fn serve(
     device: VsockDevice,
     socket: &Path,
     stats: Option<&Path>,
-    seccomp: crate::seccomp::Mode,
+    lockdown: crate::privileges::Lockdown,
 ) -> Result<(), VhostUserVsockError> {
     remove_stale_socket(socket)?;
     let listener = crate::unix_path::bind(socket).map_err(|e| VhostUserVsockError::Serve {
@@ -228,8 +229,9 @@ pub fn serve(
         .register_listener(device_fd, EventSet::IN, u64::from(BACKEND_EVENT))
         .map_err(VhostUserVsockError::RegisterListener)?;
 
-    crate::seccomp::install(crate::seccomp::Kind::VsockBackend, seccomp)
-        .map_err(|e| VhostUserVsockError::Seccomp(e.to_string()))?;
+    lockdown
+        .apply(crate::seccomp::Kind::VsockBackend)
+        .map_err(VhostUserVsockError::Seccomp)?;
     log::info!("vsock: waiting for the front-end on {}", socket.display());
     let mut listener = vhost::vhost_user::Listener::from(listener);
     let failures = backend.read().unwrap_or_else(|e| e.into_inner()).failures.clone();
