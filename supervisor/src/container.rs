@@ -232,6 +232,8 @@ fn make_point_like(source: &Path, point: &Path) -> Result<()> {
 fn bind_readonly(source: &Path, target: &Path, stage: &Path) -> Result<()> {
     let staging = stage.parent().expect("a stage has a parent");
     std::fs::create_dir_all(staging).map_err(|e| Error::io("creating", staging, e))?;
+    // A point left by a supervisor that died here goes first (it is empty).
+    let _ = std::fs::remove_dir(stage).or_else(|_| std::fs::remove_file(stage));
     make_point_like(source, stage)?;
     let staged = bind(source, stage)
         .map_err(sys(format!("{} on {}", source.display(), stage.display())))
