@@ -27,8 +27,8 @@ import net
 
 RUNS = 5
 # Guests per variant, and MiB moved per workload, of the allow-list section.
-CONFINEMENT_RUNS = 3
-CONFINEMENT_MIB = 64
+CONFINEMENT_RUNS = 5
+CONFINEMENT_MIB = 128
 # 2-vCPU boots in L1 with 2 L1 vCPUs, for their failure rate.
 L1_SMP_BOOTS = 40
 
@@ -213,7 +213,8 @@ def confinement_section(repo, tools, kernel, initrd, work, runs, mib):
     their allow-lists, without them, and with the references, each guest
     booted the same way (bench.py's QEMU flags, the guest image's agent);
     the variants take turns, so that drift hits all alike."""
-    got = {label: {"boot": [], "write": [], "read": [], "walk": [], "vsock": []} for label, _, _ in CONFINEMENT_VARIANTS}
+    got = {label: {"boot": [], "write": [], "read": [], "walk": [], "vsock": [], "stalls": [], "failures": []}
+           for label, _, _ in CONFINEMENT_VARIANTS}
     for i in range(runs):
         for label, kind, seccomp in CONFINEMENT_VARIANTS:
             d = os.path.join(work, f"confinement-{kind}-{seccomp}")
@@ -224,11 +225,17 @@ def confinement_section(repo, tools, kernel, initrd, work, runs, mib):
                 stop(list(reversed(procs)))
             g = got[label]
             g["boot"].append(boot)
-            g["write"].append(r["write_mib_s"])
-            g["read"].append(r["read_mib_s"])
-            g["walk"].append(r["walk_s"])
-            g["vsock"].append(r["vsock_mib_s"])
-    med = lambda label, k: statistics.median(got[label][k])
+            for k, key in (("write", "write_mib_s"), ("read", "read_mib_s"), ("walk", "walk_s")):
+                if isinstance(r[key], dict):
+                    g["failures"].append(f"{k}: {r[key]['failed']}")
+                else:
+                    g[k].append(r[key])
+            if isinstance(r["vsock_mib_s"], dict):
+                # A stream that stopped moving (tegmen-bench's STALL).
+                g["stalls"].append((r["vsock_mib_s"]["stalled_after_bytes"], r["vsock_mib_s"]["stall_s"]))
+            else:
+                g["vsock"].append(r["vsock_mib_s"])
+    med = lambda label, k: statistics.median(got[label][k]) if got[label][k] else None
     on, off, ref = (label for label, _, _ in CONFINEMENT_VARIANTS)
     rows = [
         ("boot to agent ready (s)", "boot", "{:.2f}"),
@@ -245,15 +252,27 @@ def confinement_section(repo, tools, kernel, initrd, work, runs, mib):
         "guest image's agent and one pair of vhost-user backends: ours (release builds) with their",
         "syscall allow-lists in force and switched off (`--seccomp off`; the namespaces, jail and",
         "capability drops stay), and the references. The fs numbers are timed by the guest's own",
-        "clock inside a container (`dd`, `ls -lR`, `tegmen-bench workloads`); cache policy `auto`",
-        "on both fs backends. A ratio above 1 is better for rates (MiB/s), below 1 for times (s).",
+        "clock inside a container (`dd`, `ls -lR`, `tegmen-bench workloads`; /proc/uptime, 10 ms steps);",
+        "cache policy `auto` on both fs backends. The vsock rate is the host's, first byte to the end.",
+        "A ratio above 1 is better for rates (MiB/s), below 1 for times (s).",
         "",
         "| what | filters on | filters off | reference | on / off | on / reference |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+    cell = lambda x, f: "none" if x is None else f.format(x)
+    ratio = lambda x, y: "n/a" if x is None or y is None else f"{x / y:.2f}×"
     for what, k, f in rows:
         a, b, c = med(on, k), med(off, k), med(ref, k)
-        lines.append(f"| {what} | {f.format(a)} | {f.format(b)} | {f.format(c)} | {a / b:.2f}× | {a / c:.2f}× |")
+        lines.append(f"| {what} | {cell(a, f)} | {cell(b, f)} | {cell(c, f)} | {ratio(a, b)} | {ratio(a, c)} |")
+    lines.append("")
+    for label, _, _ in CONFINEMENT_VARIANTS:
+        stalls = got[label]["stalls"]
+        if stalls:
+            lines.append(f"- {label}: the vsock stream stopped moving (no byte for {stalls[0][1]} s) in {len(stalls)} "
+                         f"of {runs} guests, after {', '.join(f'{b / 2**20:.1f}' for b, _ in stalls)} MiB; its rate "
+                         "is over the others, or \"none\" if none moved it all.")
+        for failure in got[label]["failures"]:
+            lines.append(f"- {label}: a workload failed ({failure}); the medians are over the others.")
     lines.append("")
     return lines
 
