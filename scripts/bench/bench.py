@@ -248,7 +248,8 @@ def confinement_section(repo, tools, kernel, initrd, work, runs, mib):
     lines = [
         CONFINEMENT_HEADING,
         "",
-        f"`make bench`, {runs} guests per variant, taking turns; medians. Each guest is QEMU ({accel}) with the",
+        f"`make bench` (alone: `scripts/bench.sh --only-confinement`), {runs} guests per variant, taking turns;",
+        f"medians. Each guest is QEMU ({accel}) with the",
         "guest image's agent and one pair of vhost-user backends: ours (release builds) with their",
         "syscall allow-lists in force and switched off (`--seccomp off`; the namespaces, jail and",
         "capability drops stay), and the references. The fs numbers are timed by the guest's own",
