@@ -250,6 +250,15 @@ pub struct Lockdown {
 }
 
 impl Lockdown {
+    /// What the process keeps from its [`confine`] until [`Self::apply`]:
+    /// what taking the user takes, or nothing.
+    pub fn kept_until_applied(&self) -> &'static [u32] {
+        match self.user {
+            Some(_) => SWITCHING_USER,
+            None => &[],
+        }
+    }
+
     /// Takes the user, then installs `kind`'s allow-list.
     pub fn apply(self, kind: crate::seccomp::Kind) -> Result<(), String> {
         if let Some((uid, gid)) = self.user {

@@ -84,13 +84,13 @@ fn run(args: &mut Args) -> Result<(), String> {
         tegmen_vmm::privileges::enter_socket_dir(&mut paths)?;
     }
     // The tap is open (the namespace and TUNSETIFF took CAP_SYS_ADMIN and
-    // CAP_NET_ADMIN); its offload and header ioctls take none.
-    let keep = match args.user {
-        // Until it takes the user, which clears them.
-        Some(_) => tegmen_vmm::privileges::SWITCHING_USER,
-        None => &[],
+    // CAP_NET_ADMIN); its offload and header ioctls take none. Taking the
+    // user (--user) does, until it is taken.
+    let lockdown = tegmen_vmm::privileges::Lockdown {
+        seccomp: args.seccomp,
+        user: args.user,
     };
-    tegmen_vmm::privileges::confine(keep, tegmen_vmm::privileges::NET_MAX_FILES)?;
+    tegmen_vmm::privileges::confine(lockdown.kept_until_applied(), tegmen_vmm::privileges::NET_MAX_FILES)?;
     let device = NetDevice::new(
         tap,
         NetConfig {
@@ -98,16 +98,7 @@ fn run(args: &mut Args) -> Result<(), String> {
             mtu: args.mtu,
         },
     );
-    serve(
-        device,
-        &args.socket,
-        args.stats_socket.as_deref(),
-        tegmen_vmm::privileges::Lockdown {
-            seccomp: args.seccomp,
-            user: args.user,
-        },
-    )
-    .map_err(|e| e.to_string())?;
+    serve(device, &args.socket, args.stats_socket.as_deref(), lockdown).map_err(|e| e.to_string())?;
     log::info!("front-end disconnected; exiting");
     Ok(())
 }

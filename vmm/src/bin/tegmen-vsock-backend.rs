@@ -118,13 +118,13 @@ fn run(args: &mut Args) -> Result<(), String> {
         }
         tegmen_vmm::privileges::enter_socket_dir(&mut paths)?;
     }
-    // Unix sockets in root's own directories take no capability at all.
-    let keep = match args.user {
-        // Until it takes the user, which clears them.
-        Some(_) => tegmen_vmm::privileges::SWITCHING_USER,
-        None => &[],
+    // Unix sockets in root's own directories take no capability at all;
+    // taking the user (--user) does, until it is taken.
+    let lockdown = tegmen_vmm::privileges::Lockdown {
+        seccomp: args.seccomp,
+        user: args.user,
     };
-    tegmen_vmm::privileges::confine(keep, tegmen_vmm::privileges::VSOCK_MAX_FILES)?;
+    tegmen_vmm::privileges::confine(lockdown.kept_until_applied(), tegmen_vmm::privileges::VSOCK_MAX_FILES)?;
 
     let config = VsockConfig::new(&args.uds_path).with_guest_cid(args.guest_cid);
     let device = VsockDevice::new(config).map_err(|e| format!("--uds-path: {e}"))?;
@@ -137,16 +137,7 @@ fn run(args: &mut Args) -> Result<(), String> {
     // socket; this covers SIGINT/SIGTERM/SIGHUP.
     install_cleanup(&[&args.socket, &args.uds_path]);
 
-    serve(
-        device,
-        &args.socket,
-        args.stats_socket.as_deref(),
-        tegmen_vmm::privileges::Lockdown {
-            seccomp: args.seccomp,
-            user: args.user,
-        },
-    )
-    .map_err(|e| e.to_string())?;
+    serve(device, &args.socket, args.stats_socket.as_deref(), lockdown).map_err(|e| e.to_string())?;
     log::info!("front-end disconnected; exiting");
     Ok(())
 }
