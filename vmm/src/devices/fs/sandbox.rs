@@ -157,9 +157,17 @@ fn pivot_into(dir: &Path, host_mounts: HostMounts) -> Result<(), SandboxError> {
     // SAFETY: unshare takes a flag word and touches no memory of ours.
     check(unsafe { libc::unshare(libc::CLONE_NEWNS) }).map_err(step("unshare(CLONE_NEWNS)"))?;
 
-    let (propagation, bind) = match host_mounts {
-        HostMounts::Followed => (libc::MS_SLAVE, libc::MS_BIND | libc::MS_REC),
-        HostMounts::Hidden => (libc::MS_PRIVATE, libc::MS_BIND),
+    let (propagation, bind, make_them) = match host_mounts {
+        HostMounts::Followed => (
+            libc::MS_SLAVE,
+            libc::MS_BIND | libc::MS_REC,
+            "make mounts slaves (MS_REC|MS_SLAVE on /)",
+        ),
+        HostMounts::Hidden => (
+            libc::MS_PRIVATE,
+            libc::MS_BIND,
+            "make mounts private (MS_REC|MS_PRIVATE on /)",
+        ),
     };
 
     // SAFETY: all pointers are NUL-terminated C strings that outlive the
@@ -173,10 +181,7 @@ fn pivot_into(dir: &Path, host_mounts: HostMounts) -> Result<(), SandboxError> {
             std::ptr::null(),
         )
     })
-    .map_err(step(match host_mounts {
-        HostMounts::Followed => "make mounts slaves (MS_REC|MS_SLAVE on /)",
-        HostMounts::Hidden => "make mounts private (MS_REC|MS_PRIVATE on /)",
-    }))?;
+    .map_err(step(make_them))?;
 
     // SAFETY: as above.
     check(unsafe { libc::mount(cdir.as_ptr(), cdir.as_ptr(), std::ptr::null(), bind, std::ptr::null()) })
