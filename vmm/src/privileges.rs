@@ -311,6 +311,22 @@ pub fn enter_socket_dir(paths: &mut [(&str, &mut std::path::PathBuf)]) -> Result
     Ok(())
 }
 
+/// The confinement of a backend that serves sockets (vsock, net), in one
+/// go while it has one thread: with `sandbox` chroot, the jail in its
+/// sockets' directory ([`enter_socket_dir`], which rewrites `paths`),
+/// then [`confine`], keeping what `lockdown` takes until it applies.
+pub fn confine_socket_server(
+    sandbox: crate::devices::fs::sandbox::SandboxMode,
+    paths: &mut [(&str, &mut std::path::PathBuf)],
+    lockdown: &Lockdown,
+    max_files: u64,
+) -> Result<(), String> {
+    if sandbox == crate::devices::fs::sandbox::SandboxMode::Chroot {
+        enter_socket_dir(paths)?;
+    }
+    confine(lockdown.kept_until_applied(), max_files)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -76,13 +76,6 @@ fn run(args: &mut Args) -> Result<(), String> {
     }
     let tap = Tap::open(&args.tap).map_err(|e| format!("--tap {}: {e}", args.tap))?;
     log::info!("tap {} (MTU {})", tap.name(), args.mtu);
-    if args.sandbox == SandboxMode::Chroot {
-        let mut paths = vec![("--socket", &mut args.socket)];
-        if let Some(stats) = &mut args.stats_socket {
-            paths.push(("--stats-socket", stats));
-        }
-        tegmen_vmm::privileges::enter_socket_dir(&mut paths)?;
-    }
     // The tap is open (the namespace and TUNSETIFF took CAP_SYS_ADMIN and
     // CAP_NET_ADMIN); its offload and header ioctls take none. Taking the
     // user (--user) does, until it is taken.
@@ -90,7 +83,16 @@ fn run(args: &mut Args) -> Result<(), String> {
         seccomp: args.seccomp,
         user: args.user,
     };
-    tegmen_vmm::privileges::confine(lockdown.kept_until_applied(), tegmen_vmm::privileges::NET_MAX_FILES)?;
+    let mut paths = vec![("--socket", &mut args.socket)];
+    if let Some(stats) = &mut args.stats_socket {
+        paths.push(("--stats-socket", stats));
+    }
+    tegmen_vmm::privileges::confine_socket_server(
+        args.sandbox,
+        &mut paths,
+        &lockdown,
+        tegmen_vmm::privileges::NET_MAX_FILES,
+    )?;
     let device = NetDevice::new(
         tap,
         NetConfig {

@@ -111,20 +111,22 @@ fn run(args: &mut Args) -> Result<(), String> {
     if args.socket == args.uds_path {
         return Err(format!("--socket and --uds-path are both {}", args.socket.display()));
     }
-    if args.sandbox == SandboxMode::Chroot {
-        let mut paths = vec![("--socket", &mut args.socket), ("--uds-path", &mut args.uds_path)];
-        if let Some(stats) = &mut args.stats_socket {
-            paths.push(("--stats-socket", stats));
-        }
-        tegmen_vmm::privileges::enter_socket_dir(&mut paths)?;
-    }
     // Unix sockets in root's own directories take no capability at all;
     // taking the user (--user) does, until it is taken.
     let lockdown = tegmen_vmm::privileges::Lockdown {
         seccomp: args.seccomp,
         user: args.user,
     };
-    tegmen_vmm::privileges::confine(lockdown.kept_until_applied(), tegmen_vmm::privileges::VSOCK_MAX_FILES)?;
+    let mut paths = vec![("--socket", &mut args.socket), ("--uds-path", &mut args.uds_path)];
+    if let Some(stats) = &mut args.stats_socket {
+        paths.push(("--stats-socket", stats));
+    }
+    tegmen_vmm::privileges::confine_socket_server(
+        args.sandbox,
+        &mut paths,
+        &lockdown,
+        tegmen_vmm::privileges::VSOCK_MAX_FILES,
+    )?;
 
     let config = VsockConfig::new(&args.uds_path).with_guest_cid(args.guest_cid);
     let device = VsockDevice::new(config).map_err(|e| format!("--uds-path: {e}"))?;
