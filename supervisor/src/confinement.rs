@@ -1,8 +1,9 @@
 //! What confines a host process of a sandbox (the monitor and the device
 //! backends), read from `/proc`: its uid and gid, `no_new_privs`, its
-//! seccomp mode and number of filters, its capability sets, and which of
-//! its namespaces are its own rather than the reader's. `supervisor check
-//! ID` prints it for every process a sandbox recorded.
+//! seccomp mode and number of filters, its capability sets, which of its
+//! namespaces are its own rather than the reader's, and its resource
+//! limits with the private memory it uses. `supervisor check ID` prints it
+//! for every process a sandbox recorded.
 
 use std::path::Path;
 
@@ -72,6 +73,52 @@ pub struct Confinement {
     /// Each thread's seccomp filters (`tegmen-vmm`'s threads add a list
     /// of their kind on top of the process's).
     pub threads: Vec<ThreadFilters>,
+    /// Its resource limits (`/proc/PID/limits`).
+    pub limits: Limits,
+}
+
+/// The soft limits that bound what a process takes of the host (`None`:
+/// unlimited).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Limits {
+    pub open_files: Option<u64>,
+    /// Bytes of private memory (`RLIMIT_DATA`).
+    pub data: Option<u64>,
+    /// Bytes of a core dump.
+    pub core: Option<u64>,
+}
+
+/// Parses `/proc/PID/limits`; an error names the line that is missing or
+/// malformed.
+pub fn parse_limits(text: &str) -> Result<Limits, String> {
+    let soft = |name: &str| -> Result<Option<u64>, String> {
+        let rest = text
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .ok_or_else(|| format!("no {name:?} line"))?;
+        match rest.split_whitespace().next() {
+            Some("unlimited") => Ok(None),
+            Some(n) => n
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("{name}: {n:?} is not a number")),
+            None => Err(format!("{name}: no value")),
+        }
+    };
+    Ok(Limits {
+        open_files: soft("Max open files")?,
+        data: soft("Max data size")?,
+        core: soft("Max core file size")?,
+    })
+}
+
+/// `n` bytes for people: in MiB from 1 MiB on.
+fn bytes(n: u64) -> String {
+    if n >= 1 << 20 {
+        format!("{} MiB", n >> 20)
+    } else {
+        format!("{n} B")
+    }
 }
 
 /// One thread's seccomp filters and capabilities (capabilities are a
@@ -152,6 +199,9 @@ pub struct StatusFields {
     pub cap_permitted: u64,
     pub cap_bounding: u64,
     pub cap_ambient: u64,
+    /// Private memory mapped (`VmData`), in bytes; what `RLIMIT_DATA`
+    /// bounds.
+    pub data_bytes: Option<u64>,
 }
 
 /// Parses `/proc/PID/status`; an error names the field that is missing or
@@ -192,6 +242,11 @@ pub fn parse_status(text: &str) -> Result<StatusFields, String> {
         cap_bounding: mask("CapBnd")?,
         // CapAmb exists since Linux 4.3; absent means none.
         cap_ambient: field("CapAmb").map_or(Ok(0), |_| mask("CapAmb"))?,
+        // `VmData:    1234 kB`; none for a kernel thread or a zombie.
+        data_bytes: field("VmData")
+            .ok()
+            .and_then(|v| v.strip_suffix("kB")?.trim().parse::<u64>().ok())
+            .map(|kib| kib << 10),
     })
 }
 
@@ -227,6 +282,8 @@ pub fn read_at(proc_root: &Path, name: &str, pid: i32, reference: &str) -> Resul
     let dir = proc_root.join(pid.to_string());
     let status = std::fs::read_to_string(dir.join("status")).map_err(|e| format!("{}: {e}", dir.display()))?;
     let s = parse_status(&status).map_err(|e| format!("{}/status: {e}", dir.display()))?;
+    let limits = std::fs::read_to_string(dir.join("limits")).map_err(|e| format!("{}/limits: {e}", dir.display()))?;
+    let limits = parse_limits(&limits).map_err(|e| format!("{}/limits: {e}", dir.display()))?;
     let (mut own, mut shared) = (Vec::new(), Vec::new());
     for ns in NAMESPACES {
         let theirs = std::fs::read_link(dir.join("ns").join(ns));
@@ -245,6 +302,7 @@ pub fn read_at(proc_root: &Path, name: &str, pid: i32, reference: &str) -> Resul
         own_namespaces: own,
         shared_namespaces: shared,
         threads: read_threads(&dir),
+        limits,
     })
 }
 
@@ -262,10 +320,17 @@ impl Confinement {
             (mode, _) => mode.to_string(),
         };
         let list = |v: &[String]| if v.is_empty() { "-".to_string() } else { v.join(",") };
+        let limit = |l: Option<u64>, show: fn(u64) -> String| l.map_or("unlimited".to_string(), show);
+        let l = &self.limits;
+        let data = match s.data_bytes {
+            Some(used) => format!("{} ({} in use)", limit(l.data, bytes), bytes(used)),
+            None => limit(l.data, bytes),
+        };
         format!(
             "{} (pid {}):\n  uid {} (effective {}), gid {} (effective {}), no_new_privs: {}\n  seccomp: {seccomp}\n  \
              capabilities: effective {}; permitted {}; bounding {}; ambient {}\n  \
              namespaces: own {}; shared with this host {}\n  \
+             limits: open files {}; private memory {data}; core dumps {}\n  \
              seccomp filters by thread: {}",
             self.name,
             self.pid,
@@ -280,6 +345,8 @@ impl Confinement {
             describe_caps(s.cap_ambient, known),
             list(&self.own_namespaces),
             list(&self.shared_namespaces),
+            limit(l.open_files, |n| n.to_string()),
+            limit(l.core, |n| if n == 0 { "none".into() } else { bytes(n) }),
             describe_threads(&self.threads),
         )
     }
@@ -319,6 +386,36 @@ mod tests {
         assert_eq!(s.seccomp_filters, Some(3));
         assert_eq!((s.cap_effective, s.cap_permitted, s.cap_ambient), (0, 0, 0));
         assert_eq!(s.cap_bounding, (1u64 << 41) - 1);
+        assert_eq!(s.data_bytes, None);
+        let s = parse_status(&format!("{STATUS}VmData:\t    2048 kB\n")).unwrap();
+        assert_eq!(s.data_bytes, Some(2 << 20));
+    }
+
+    #[test]
+    fn limits_are_read() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
+            Max cpu time              unlimited            unlimited            seconds   \n\
+            Max data size             536870912            536870912            bytes     \n\
+            Max core file size        0                    0                    bytes     \n\
+            Max open files            4096                 4096                 files     \n";
+        let l = parse_limits(text).unwrap();
+        assert_eq!(
+            l,
+            Limits {
+                open_files: Some(4096),
+                data: Some(512 << 20),
+                core: Some(0)
+            }
+        );
+        let unlimited = text.replace("536870912            536870912", "unlimited            unlimited");
+        assert_eq!(parse_limits(&unlimited).unwrap().data, None);
+        let bad = text.replace("4096                 4096", "many");
+        assert_eq!(
+            parse_limits(&bad).unwrap_err(),
+            "Max open files: \"many\" is not a number"
+        );
+        let gone = text.replace("Max data size", "Max whatever");
+        assert_eq!(parse_limits(&gone).unwrap_err(), "no \"Max data size\" line");
     }
 
     #[test]
@@ -391,6 +488,8 @@ mod tests {
         let text = me.describe(known_caps());
         assert!(text.starts_with(&format!("test (pid {}):", me.pid)), "{text}");
         assert!(text.contains("namespaces: own -;"), "{text}");
+        assert!(text.contains("limits: open files "), "{text}");
+        assert!(me.status.data_bytes.is_some_and(|n| n > 0), "{me:?}");
         // Its threads: this one among them, by name.
         let this = std::thread::current()
             .name()

@@ -616,6 +616,8 @@ fn bad_input(g: Target) {
 /// reaches the host file beside the share, and nothing it plants on the
 /// share is dangerous on the host: no device node, no set-user-ID or
 /// set-group-ID file, symlinks left as symlinks, names the host refuses.
+/// Nor do a symlink swapped in a rename race, forged file handles, or
+/// extended attributes.
 #[test]
 fn guest_escapes_through_the_share_fail() {
     let g = Target::guest("escapes");
@@ -715,12 +717,59 @@ fn guest_escapes_through_the_share_fail() {
         .file_type()
         .is_symlink());
     std::fs::remove_dir_all(&outside).unwrap();
+
+    // The shocker attack: with CAP_DAC_READ_SEARCH, handles forged from
+    // inode numbers — the host file's beside the share and every small
+    // one — opened by open_by_handle_at. Those the guest's kernel knows
+    // already name files of the share; none is the host's.
+    let outside = shared.parent().unwrap().join("handle-target");
+    std::fs::write(&outside, b"host secret\n").unwrap();
+    let inode = std::fs::metadata(&outside).unwrap().ino().to_string();
+    let out = run_probe_with(
+        &g,
+        "handles",
+        &["handles", &inode, "/bin/probe"],
+        1024,
+        &["CAP_DAC_READ_SEARCH"],
+    );
+    assert_eq!(probe_said(&out, "leaked"), 0, "{out}");
+    assert_eq!(
+        probe_said(&out, "opened") + probe_said(&out, "refused"),
+        2 * (1 + 4096 + 3),
+        "every forged handle was tried: {out}"
+    );
+    assert_eq!(std::fs::read(&outside).unwrap(), b"host secret\n");
+    std::fs::remove_file(&outside).unwrap();
+
+    // Extended attributes: a value past the kernel's 64 KiB bound, a file
+    // capability that would make a file of the share privileged on the
+    // host, an overlay attribute; with the capabilities the guest's kernel
+    // asks for before it passes them on. The host file gets none of them.
+    let out = run_probe_with(
+        &g,
+        "xattrs",
+        &["xattrs", "/bin/probe"],
+        1024,
+        &["CAP_SETFCAP", "CAP_SYS_ADMIN"],
+    );
+    for key in ["huge", "cap", "overlay"] {
+        assert_ne!(probe_word(&out, key), "0", "{key}: {out}");
+    }
+    let names = xattr_names(&shared.join("xattrs/rootfs/bin/probe"));
+    for name in ["user.huge", "security.capability", "trusted.overlay.opaque"] {
+        assert!(!names.iter().any(|n| n == name), "{name} on the host: {names:?}");
+    }
 }
 
 /// Runs `tegmen-guest-probe ARGS` to its end in container `id` (on a
 /// busybox rootfs with the probe as /bin/probe, `files` open files at
 /// most) and returns what it printed.
 fn run_probe(g: &Target, id: &str, args: &[&str], files: u64) -> String {
+    run_probe_with(g, id, args, files, &[])
+}
+
+/// [`run_probe`] with the capabilities `caps` added to runc's defaults.
+fn run_probe_with(g: &Target, id: &str, args: &[&str], files: u64, caps: &[&str]) -> String {
     g.create_rootfs(id);
     std::fs::copy(
         tegmen_tests::guest_probe(),
@@ -729,6 +778,12 @@ fn run_probe(g: &Target, id: &str, args: &[&str], files: u64) -> String {
     .unwrap();
     let mut spec = spec(&[&["/bin/probe"], args].concat());
     spec["process"]["rlimits"] = serde_json::json!([{"type": "RLIMIT_NOFILE", "hard": files, "soft": files}]);
+    for set in ["bounding", "effective", "permitted"] {
+        let list = spec["process"]["capabilities"][set]
+            .as_array_mut()
+            .expect("runc's capability sets");
+        list.extend(caps.iter().map(|c| serde_json::json!(c)));
+    }
     let (code, out, err) = g.run(id, &spec);
     let (out, err) = (String::from_utf8_lossy(&out).to_string(), String::from_utf8_lossy(&err));
     eprintln!("probe {args:?}: {out}{err}");
@@ -738,11 +793,36 @@ fn run_probe(g: &Target, id: &str, args: &[&str], files: u64) -> String {
 
 /// The number after `key=` in a probe's output.
 fn probe_said(out: &str, key: &str) -> u64 {
-    out.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("{key} missing in {out}"))
+    probe_word(out, key)
         .parse()
         .unwrap_or_else(|_| panic!("{key} in {out}"))
+}
+
+/// The word after `key=` in a probe's output.
+fn probe_word<'a>(out: &'a str, key: &str) -> &'a str {
+    out.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("{key} missing in {out}"))
+}
+
+/// The names of the extended attributes of `path` on the host.
+fn xattr_names(path: &std::path::Path) -> Vec<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut buf = vec![0u8; 1 << 16];
+    // SAFETY: a NUL-terminated path and a buffer of the length given.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(
+        n >= 0,
+        "listxattr {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    buf[..n as usize]
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+        .collect()
 }
 
 /// Issue 12: a container attacks the host through vsock (AF_VSOCK is not
@@ -772,6 +852,21 @@ fn guest_attacks_through_vsock_are_bounded() {
         .map(|p| p.pid)
         .expect("the process serving vsock");
     let fds = move || std::fs::read_dir(format!("/proc/{backend}/fd")).unwrap().count();
+    // Its private memory (heap, stacks: what RLIMIT_DATA bounds), in KiB.
+    let data_kib = move || -> u64 {
+        std::fs::read_to_string(format!("/proc/{backend}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("VmData:")?
+                    .trim()
+                    .strip_suffix("kB")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap()
+    };
     let in_probe = |id: &str, args: &[&str], files: u64| run_probe(&g, id, args, files);
     let said = probe_said;
     let before = fds();
@@ -801,8 +896,9 @@ fn guest_attacks_through_vsock_are_bounded() {
     let kept = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let most_fds = Arc::new(AtomicU64::new(0));
+    let most_data = Arc::new(AtomicU64::new(0));
     let watcher = {
-        let (kept, stop, most_fds) = (kept.clone(), stop.clone(), most_fds.clone());
+        let (kept, stop, most_fds, most_data) = (kept.clone(), stop.clone(), most_fds.clone(), most_data.clone());
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 match holder.accept() {
@@ -810,6 +906,7 @@ fn guest_attacks_through_vsock_are_bounded() {
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
                 most_fds.fetch_max(fds() as u64, Ordering::Relaxed);
+                most_data.fetch_max(data_kib(), Ordering::Relaxed);
             }
         })
     };
@@ -830,6 +927,14 @@ fn guest_attacks_through_vsock_are_bounded() {
     assert!(
         most <= (before + MAX_CONNECTIONS + 16) as u64,
         "the backend held {most} files (from {before})"
+    );
+    // Its private memory stayed below its bound (past it, an allocation
+    // fails and the backend ends).
+    let most = most_data.load(Ordering::Relaxed) << 10;
+    eprintln!("the backend's private memory, at most: {} MiB", most >> 20);
+    assert!(
+        most < tegmen_vmm::privileges::Limits::VSOCK.data,
+        "{most} bytes of private memory"
     );
     // The guest closed them all: every host end sees EOF, and the
     // backend's files come back to what they were.

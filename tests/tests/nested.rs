@@ -117,6 +117,7 @@ grep -q 'boot mark: ' $log || exit 22
 [ "$($T exec c2 echo exec-ok)" = exec-ok ] || exit 14
 # Each of the monitor's threads under its own list, on the process's.
 grep -q 'tegmen-vmm allow-list of .* in force (kill)' $log || exit 23
+grep -q "the virtio-fs workers' root is" $log || exit 27
 printf 'root = "/run/tegmen"\n' > /tmp/tegmen.toml
 $B/supervisor --config /tmp/tegmen.toml check c2 > /tmp/check.txt 2>&1 || {{ cat /tmp/check.txt; exit 24; }}
 cat /tmp/check.txt

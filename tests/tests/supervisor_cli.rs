@@ -207,6 +207,36 @@ fn check_confinement(cli: &Cli, id: &str, qemu: i32) {
         }
         assert_eq!(p["cap_bounding"].as_u64().unwrap(), 0, "{p}");
         assert_eq!(p["cap_ambient"].as_u64().unwrap(), 0, "{p}");
+        // Rlimits as the code says, no core dumps, and the private memory
+        // in use well below its bound.
+        use tegmen_vmm::privileges::Limits;
+        let limits = match p["name"].as_str().unwrap() {
+            "tegmen-fs-backend" => Limits::FS,
+            "tegmen-vsock-backend" => Limits::VSOCK,
+            "tegmen-net-backend" => Limits::NET,
+            other => panic!("a backend of no known kind: {other}"),
+        };
+        // Lowered to the code's bounds, or the hard limits the backend
+        // inherited (this host's) where those are lower.
+        let hard = |resource| {
+            let mut r = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit writes the struct it is given.
+            assert_eq!(unsafe { libc::getrlimit(resource, &mut r) }, 0);
+            r.rlim_max
+        };
+        assert_eq!(
+            p["limits"]["open_files"],
+            limits.files.min(hard(libc::RLIMIT_NOFILE)),
+            "{p}"
+        );
+        assert_eq!(p["limits"]["data"], limits.data.min(hard(libc::RLIMIT_DATA)), "{p}");
+        assert_eq!(p["limits"]["core"], 0, "{p}");
+        let used = p["data_bytes"].as_u64().unwrap_or_else(|| panic!("{p}"));
+        eprintln!("{}: {} MiB of private memory", p["name"], used >> 20);
+        assert!(used < limits.data / 2, "{p}");
         // In namespaces of its own: no network, IPC or host name of the
         // host's, and a file system that is its sandbox alone.
         for ns in ["mnt", "net", "ipc", "uts"] {

@@ -135,38 +135,81 @@ pub fn drop_capabilities(keep: &[u32]) -> Result<(), String> {
     Ok(())
 }
 
-/// Open files a vsock backend may hold: one per connection (at most
-/// [`crate::devices::vsock::defs::MAX_CONNECTIONS`]) and its own few.
-pub const VSOCK_MAX_FILES: u64 = 4096;
-/// Open files of a net backend: its tap, sockets and eventfds.
-pub const NET_MAX_FILES: u64 = 256;
-/// Open files of an fs backend: an `O_PATH` fd per inode the guest holds
-/// and one per open file.
-pub const FS_MAX_FILES: u64 = 1 << 20;
+/// What a serving process may take of the host, as rlimits: open files,
+/// and private memory — heap and thread stacks (`RLIMIT_DATA`). Guest RAM
+/// is not counted: it is a file mapped shared (the builtin monitor's
+/// memfd, the regions a vhost-user front-end passes), which `RLIMIT_DATA`
+/// leaves out, so one bound holds whatever the guest's size. A guest that
+/// makes a backend allocate past it ends that backend (its allocation
+/// fails), not the host's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Open files (`RLIMIT_NOFILE`).
+    pub files: u64,
+    /// Bytes of private writable mappings (`RLIMIT_DATA`).
+    pub data: u64,
+}
 
-/// Bounds what the process may take: at most `max_files` open files (or
-/// the hard limit it has, if lower), and no core dump (one would write
-/// the guest's memory, which the backends map, to the host's disk).
-pub fn limit_resources(max_files: u64) -> Result<(), String> {
-    let mut cur = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+const MIB: u64 = 1 << 20;
+
+impl Limits {
+    /// A vsock backend: a file per connection (at most
+    /// [`crate::devices::vsock::defs::MAX_CONNECTIONS`]) and its own few;
+    /// up to [`crate::devices::vsock::defs::CONN_BUF_ALLOC`] buffered for
+    /// each connection (256 MiB for all) and room beside it.
+    pub const VSOCK: Limits = Limits {
+        files: 4096,
+        data: 512 * MIB,
     };
-    // SAFETY: getrlimit writes the struct it is given.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur) } != 0 {
-        return Err(format!("getrlimit(RLIMIT_NOFILE): {}", std::io::Error::last_os_error()));
-    }
-    let n = max_files.min(cur.rlim_max);
-    let files = libc::rlimit {
-        rlim_cur: n,
-        rlim_max: n,
+    /// A net backend: its tap, sockets and eventfds; frame buffers.
+    pub const NET: Limits = Limits {
+        files: 256,
+        data: 256 * MIB,
     };
+    /// An fs backend: an `O_PATH` fd per inode the guest holds and one per
+    /// open file; per worker thread a request's buffers (up to
+    /// [`crate::devices::fs::chain::MAX_DIRECTION_BYTES`] each way) and a
+    /// stack.
+    pub const FS: Limits = Limits {
+        files: 1 << 20,
+        data: 1024 * MIB,
+    };
+    /// The builtin monitor: the devices it hosts together, its vCPUs.
+    pub const VMM: Limits = Limits {
+        files: Self::FS.files,
+        data: Self::VSOCK.data + Self::NET.data + Self::FS.data,
+    };
+}
+
+/// Bounds what the process may take: at most `limits.files` open files and
+/// `limits.data` bytes of private memory (or the hard limits it has, if
+/// lower), and no core dump (one would write the guest's memory, which the
+/// backends map, to the host's disk).
+pub fn limit_resources(limits: Limits) -> Result<(), String> {
+    let lowered = |resource, value: u64| -> Result<libc::rlimit, String> {
+        let mut cur = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes the struct it is given.
+        if unsafe { libc::getrlimit(resource, &mut cur) } != 0 {
+            return Err(format!("getrlimit({resource}): {}", std::io::Error::last_os_error()));
+        }
+        let n = value.min(cur.rlim_max);
+        Ok(libc::rlimit {
+            rlim_cur: n,
+            rlim_max: n,
+        })
+    };
+    let files = lowered(libc::RLIMIT_NOFILE, limits.files)?;
+    let data = lowered(libc::RLIMIT_DATA, limits.data)?;
     let core = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     for (what, resource, limit) in [
         ("RLIMIT_NOFILE", libc::RLIMIT_NOFILE, &files),
+        ("RLIMIT_DATA", libc::RLIMIT_DATA, &data),
         ("RLIMIT_CORE", libc::RLIMIT_CORE, &core),
     ] {
         // SAFETY: setrlimit reads the struct it is given.
@@ -201,9 +244,9 @@ pub fn unshare_namespaces() -> Result<(), String> {
 /// A backend's confinement beyond its syscall list, in one go while it
 /// has one thread: namespaces of its own, resource limits, then
 /// capabilities.
-pub fn confine(keep: &[u32], max_files: u64) -> Result<(), String> {
+pub fn confine(keep: &[u32], limits: Limits) -> Result<(), String> {
     unshare_namespaces()?;
-    limit_resources(max_files)?;
+    limit_resources(limits)?;
     drop_capabilities(keep)
 }
 
@@ -319,12 +362,12 @@ pub fn confine_socket_server(
     sandbox: crate::devices::fs::sandbox::SandboxMode,
     paths: &mut [(&str, &mut std::path::PathBuf)],
     lockdown: &Lockdown,
-    max_files: u64,
+    limits: Limits,
 ) -> Result<(), String> {
     if sandbox == crate::devices::fs::sandbox::SandboxMode::Chroot {
         enter_socket_dir(paths)?;
     }
-    confine(lockdown.kept_until_applied(), max_files)
+    confine(lockdown.kept_until_applied(), limits)
 }
 
 #[cfg(test)]
@@ -388,9 +431,14 @@ mod tests {
     }
 
     #[test]
-    fn limits_bound_files_and_forbid_core_dumps() {
+    fn limits_bound_files_and_private_memory_and_forbid_core_dumps() {
         let code = in_child(|| {
-            if limit_resources(64).is_err() {
+            if limit_resources(Limits {
+                files: 64,
+                data: 64 * MIB,
+            })
+            .is_err()
+            {
                 return 10;
             }
             let mut r = libc::rlimit {
@@ -412,9 +460,38 @@ mod tests {
             if files.len() >= 64 {
                 return 13;
             }
+            // 128 MiB of private memory is past the bound; mapped shared,
+            // as guest RAM is, it is not counted.
+            let map = |flags| {
+                // SAFETY: a fresh anonymous mapping, unmapped at once.
+                unsafe {
+                    let p = libc::mmap(
+                        std::ptr::null_mut(),
+                        128 << 20,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        flags | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    );
+                    if p != libc::MAP_FAILED {
+                        libc::munmap(p, 128 << 20);
+                    }
+                    p != libc::MAP_FAILED
+                }
+            };
+            if map(libc::MAP_PRIVATE) {
+                return 14;
+            }
+            if !map(libc::MAP_SHARED) {
+                return 15;
+            }
             0
         });
-        assert_eq!(code, 0, "10: failed, 11: files, 12: core, 13: the limit did not hold");
+        assert_eq!(
+            code, 0,
+            "10: failed, 11: files, 12: core, 13: the file limit did not hold, \
+             14: the memory limit did not hold, 15: shared memory was counted"
+        );
     }
 
     #[test]
@@ -460,7 +537,13 @@ mod tests {
         }
         let before = ["net", "ipc", "uts", "mnt"].map(ns);
         let code = in_child(|| {
-            if let Err(e) = confine(&[], 64) {
+            if let Err(e) = confine(
+                &[],
+                Limits {
+                    files: 64,
+                    data: 64 * MIB,
+                },
+            ) {
                 eprintln!("confine: {e}");
                 return 10;
             }

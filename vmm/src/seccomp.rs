@@ -336,10 +336,23 @@ fn arg_is(index: u8, values: &[u64], kind: Kind) -> Result<Vec<SeccompRule>, Err
         .collect()
 }
 
+/// The process a list is made for: the one that makes it, which installs
+/// it.
+fn own_pid() -> u32 {
+    std::process::id()
+}
+
 /// Every syscall `kind` may make, with the argument conditions of those
-/// allowed only with some arguments.
-fn rules(kind: Kind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Error> {
+/// allowed only with some arguments, for the process `pid`: `tgkill` (how
+/// threads signal each other) only reaches that process's threads. All
+/// vsock and net backends serve as one unprivileged user, so the kernel's
+/// permission check alone would let one of them, taken over by its guest,
+/// signal every other sandbox's backends.
+fn rules(kind: Kind, pid: u32) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Error> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed_syscalls(kind).into_iter().map(|s| (s, vec![])).collect();
+    if let Some(tgkill) = rules.get_mut(&libc::SYS_tgkill) {
+        *tgkill = arg_is(0, &[u64::from(pid)], kind)?;
+    }
     let mut prctl = PRCTL_OPTIONS.to_vec();
     if kind == Kind::Vmm {
         // For a thread to add its own list on top (seccompiler sets
@@ -380,15 +393,16 @@ fn rules(kind: Kind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Error> {
     Ok(rules)
 }
 
-/// The BPF program of `kind` in `mode` (`None` for [`Mode::Off`]), and
-/// how many syscalls it lets through (some only with given arguments).
-fn compiled(kind: Kind, mode: Mode) -> Result<Option<(BpfProgram, usize)>, Error> {
+/// The BPF program of `kind` in `mode` (`None` for [`Mode::Off`]) for the
+/// process `pid`, and how many syscalls it lets through (some only with
+/// given arguments).
+fn compiled(kind: Kind, mode: Mode, pid: u32) -> Result<Option<(BpfProgram, usize)>, Error> {
     let mismatch = match mode {
         Mode::Off => return Ok(None),
         Mode::Kill => SeccompAction::KillProcess,
         Mode::Log => SeccompAction::Log,
     };
-    let rules = rules(kind)?;
+    let rules = rules(kind, pid)?;
     let count = rules.len();
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(|e| Error::Build(kind.name(), e.to_string()))?;
@@ -397,9 +411,10 @@ fn compiled(kind: Kind, mode: Mode) -> Result<Option<(BpfProgram, usize)>, Error
         .map_err(|e| Error::Build(kind.name(), e.to_string()))
 }
 
-/// The BPF program of `kind` in `mode` (`None` for [`Mode::Off`]).
+/// The BPF program of `kind` in `mode` (`None` for [`Mode::Off`]), for
+/// the calling process's threads.
 pub fn program(kind: Kind, mode: Mode) -> Result<Option<BpfProgram>, Error> {
-    Ok(compiled(kind, mode)?.map(|(prog, _)| prog))
+    Ok(compiled(kind, mode, own_pid())?.map(|(prog, _)| prog))
 }
 
 /// One BPF instruction of a compiled list.
@@ -430,7 +445,7 @@ pub fn one_malloc_arena() {
 /// Sets no_new_privs and installs `kind`'s list in `mode` on every thread
 /// of this process. Logs what it did.
 pub fn install(kind: Kind, mode: Mode) -> Result<(), Error> {
-    let Some((prog, count)) = compiled(kind, mode)? else {
+    let Some((prog, count)) = compiled(kind, mode, own_pid())? else {
         log::warn!("seccomp: off, {} runs with every syscall", kind.name());
         return Ok(());
     };
@@ -602,14 +617,61 @@ mod tests {
         }
     }
 
+    /// `tgkill` reaches the threads of the process the list was made for,
+    /// and no other process: made here for pid 1, the forked child may
+    /// probe init's thread (signal 0 delivers nothing) and dies for
+    /// probing its own.
+    #[test]
+    fn tgkill_reaches_only_the_process_the_list_is_for() {
+        fn in_child_for_init(kind: Kind, f: fn()) -> libc::c_int {
+            let (prog, _) = compiled(kind, Mode::Kill, 1).unwrap().unwrap();
+            // SAFETY: the child makes raw syscalls only, then ends.
+            match unsafe { libc::fork() } {
+                0 => {
+                    if seccompiler::apply_filter(&prog).is_ok() {
+                        f();
+                    }
+                    // SAFETY: ends the child at once.
+                    unsafe { libc::_exit(0) }
+                }
+                pid => {
+                    assert!(pid > 0);
+                    let mut status = 0;
+                    // SAFETY: waits for our own child.
+                    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+                    status
+                }
+            }
+        }
+        for kind in KINDS {
+            if !allowed_syscalls(kind).contains(&libc::SYS_tgkill) {
+                continue;
+            }
+            // SAFETY: signal 0 only checks that the thread exists.
+            let status = in_child_for_init(kind, || unsafe {
+                libc::syscall(libc::SYS_tgkill, 1, 1, 0);
+            });
+            assert!(libc::WIFEXITED(status), "{kind:?}: {status:#x}");
+            // SAFETY: as above, for the child's own thread.
+            let status = in_child_for_init(kind, || unsafe {
+                let pid = libc::syscall(libc::SYS_getpid);
+                libc::syscall(libc::SYS_tgkill, pid, libc::syscall(libc::SYS_gettid), 0);
+            });
+            assert!(
+                libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+                "{kind:?}: {status:#x}"
+            );
+        }
+    }
+
     /// Every syscall (and every ioctl, prctl option and socket family) a
     /// thread of `tegmen-vmm` may make is on the process's list too: a
     /// stacked filter cannot give back what the one below denies.
     #[test]
     fn the_vmm_threads_lists_lie_within_the_process_list() {
-        let process = rules(Kind::Vmm).unwrap();
+        let process = rules(Kind::Vmm, own_pid()).unwrap();
         for kind in VMM_THREADS {
-            for (nr, conditions) in rules(kind).unwrap() {
+            for (nr, conditions) in rules(kind, own_pid()).unwrap() {
                 let Some(base) = process.get(&nr) else {
                     panic!("{} allows syscall {nr}, tegmen-vmm does not", kind.name());
                 };

@@ -606,16 +606,16 @@ fn the_vmm_process_hosts_a_nic_on_a_tap_in_a_namespace() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-ns"));
 }
 
-/// Drives the virtio-mmio device at `base` to DRIVER_OK with three queues
-/// of 8 entries in zeroed guest RAM from `rings` (the vsock device's),
-/// VERSION_1 as the only feature.
-fn activate_three_queues(base: u32, rings: u32) -> String {
+/// Drives the virtio-mmio device at `base` to DRIVER_OK with `queues`
+/// queues of 8 entries in zeroed guest RAM from `rings`, VERSION_1 as the
+/// only feature.
+fn activate_queues(base: u32, rings: u32, queues: u32) -> String {
     let mut s = format!(
         "    mov ${base:#x}, %esi\n    movl $0, 0x70(%esi)\n    movl $1, 0x70(%esi)\n    movl $3, 0x70(%esi)\n    \
          movl $1, 0x24(%esi)\n    movl $1, 0x20(%esi)\n    movl $0, 0x24(%esi)\n    movl $0, 0x20(%esi)\n    \
          movl $11, 0x70(%esi)\n"
     );
-    for q in 0..3u32 {
+    for q in 0..queues {
         let ring = rings + q * 0x10000;
         s.push_str(&format!(
             "    movl ${q}, 0x30(%esi)\n    movl $8, 0x38(%esi)\n    movl ${desc:#x}, 0x80(%esi)\n    movl $0, 0x84(%esi)\n    \
@@ -636,7 +636,9 @@ fn activate_three_queues(base: u32, rings: u32) -> String {
 /// it kicked, resets it and activates it again — the worker being started
 /// from the spawner each time, the first one gone — and the VM then runs
 /// until the host stops it and tears down under the control thread's
-/// list. Every thread holds only the file-serving capabilities.
+/// list. The virtio-fs device, activated too, has its worker rooted in the
+/// share, the others' root being the sandbox directory. Every thread holds
+/// only the file-serving capabilities.
 #[test]
 fn the_vmm_threads_run_under_their_own_seccomp_lists() {
     if !kvm_available() {
@@ -646,8 +648,9 @@ fn the_vmm_threads_run_under_their_own_seccomp_lists() {
     let share = dir.path().join("share");
     std::fs::create_dir(&share).unwrap();
     let body = format!(
-        "{activate}{a}    movl $1, 0x50(%esi)\n    movl $0, 0x70(%esi)\n{activate}{b}",
-        activate = activate_three_queues(0xd000_0000, 0x20_0000),
+        "{activate}{a}    movl $1, 0x50(%esi)\n    movl $0, 0x70(%esi)\n{activate}{fs}{b}",
+        activate = activate_queues(0xd000_0000, 0x20_0000, 3),
+        fs = activate_queues(0xd000_1000, 0x30_0000, 2),
         a = print("A"),
         b = print("B"),
     );
@@ -674,8 +677,10 @@ fn the_vmm_threads_run_under_their_own_seccomp_lists() {
         assert!(std::time::Instant::now() < deadline, "the guest did not get to B");
         std::thread::sleep(Duration::from_millis(10));
     }
-    // Each thread: its name, filters and effective capabilities.
+    // Each thread: its name, filters and effective capabilities; its root.
+    use std::os::unix::fs::MetadataExt;
     let mut threads = Vec::new();
+    let mut roots = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let task = task.unwrap().path();
         let comm = std::fs::read_to_string(task.join("comm")).unwrap().trim().to_string();
@@ -694,6 +699,8 @@ fn the_vmm_threads_run_under_their_own_seccomp_lists() {
             field("CapEff"),
             field("NoNewPrivs"),
         ));
+        let root = std::fs::metadata(task.join("root")).unwrap();
+        roots.push((threads.last().unwrap().1.clone(), (root.dev(), root.ino())));
     }
     let out = vmm.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -707,6 +714,20 @@ fn the_vmm_threads_run_under_their_own_seccomp_lists() {
         "one worker, narrowed; the first one ended at the reset: {threads:?}"
     );
     assert_eq!(filters("spawner"), ["1"], "{threads:?}");
+    assert_eq!(filters("virtio-fs"), ["2"], "{threads:?}");
+    assert_eq!(filters("fs-spawner"), ["1"], "{threads:?}");
+    let id = |p: &Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.dev(), m.ino())
+    };
+    for (name, root) in &roots {
+        let want = if name == "virtio-fs" || name == "fs-spawner" {
+            id(&share)
+        } else {
+            id(dir.path())
+        };
+        assert_eq!(*root, want, "the root of thread {name}: {roots:?}");
+    }
     let file_serving = format!(
         "{:016x}",
         tegmen_vmm::privileges::mask_of(tegmen_vmm::privileges::FILE_SERVING)

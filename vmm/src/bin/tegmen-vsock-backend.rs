@@ -125,7 +125,7 @@ fn run(args: &mut Args) -> Result<(), String> {
         args.sandbox,
         &mut paths,
         &lockdown,
-        tegmen_vmm::privileges::VSOCK_MAX_FILES,
+        tegmen_vmm::privileges::Limits::VSOCK,
     )?;
 
     let config = VsockConfig::new(&args.uds_path).with_guest_cid(args.guest_cid);

@@ -2,9 +2,11 @@
 //! [`FsDevice`] `tegmen-fs-backend` serves to QEMU, behind the virtio-mmio
 //! transport, its queues run by a [`Worker`] on the driver's kicks.
 //!
-//! Confinement: inline, the device serves from the monitor's own process;
-//! the monitor process is the one to enter the sandbox (a mount namespace
-//! whose root is the share) before the guest runs, as the backend does.
+//! Confinement: inline, the device serves from the monitor's own process,
+//! which has entered its sandbox (a mount namespace whose root is the
+//! sandbox directory) before the guest runs. [`jail_workers_to`] then gives
+//! the device's workers a root of their own, the share itself, as the fs
+//! backend's whole process has.
 
 use std::sync::Arc;
 
@@ -16,6 +18,26 @@ use vmm_sys_util::eventfd::EventFd;
 use super::virtio_mmio::{copy_config, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use super::worker::{Worker, WorkerEvent};
 use crate::devices::fs::{FsDevice, MAX_QUEUE_SIZE};
+
+/// Has the workers of every inline virtio-fs device run with `share` as
+/// their root and working directory, and with the file-serving
+/// capabilities alone: they are started from a thread that unshares its
+/// file system attributes (`CLONE_FS`: root and working directory become
+/// its own, and its children's) and chroots there. Call while the process
+/// may still chroot (`CAP_SYS_CHROOT`), before its threads are filtered.
+/// The device's files are opened already (the share's root and
+/// `/proc/self/fd`, by [`FsDevice::new`]), so nothing else is needed there.
+pub fn jail_workers_to(share: std::path::PathBuf) -> Result<(), String> {
+    super::worker::jail_workers("fs-spawner", vec![crate::seccomp::Kind::FsBackend], move || {
+        // SAFETY: unshare with a flag only; it affects this thread alone.
+        if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
+            return Err(format!("unshare(CLONE_FS): {}", std::io::Error::last_os_error()));
+        }
+        std::os::unix::fs::chroot(&share).map_err(|e| format!("chroot {}: {e}", share.display()))?;
+        std::env::set_current_dir("/").map_err(|e| format!("chdir / in {}: {e}", share.display()))?;
+        crate::privileges::drop_capabilities(crate::privileges::FILE_SERVING)
+    })
+}
 
 /// virtio device id of a file system.
 pub const VIRTIO_ID_FS: u32 = 26;

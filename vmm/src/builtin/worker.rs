@@ -12,7 +12,7 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::mpsc;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
 use crate::seccomp::{self, Kind};
@@ -47,16 +47,45 @@ pub enum Trigger {
     Edge,
 }
 
-/// Something for the spawner to run.
+/// Something for a spawner to run.
 type Job = Box<dyn FnOnce() + Send>;
 
-/// The spawner and the workers' lists, once [`confine_workers`] ran.
-struct Confined {
-    jobs: mpsc::Sender<Job>,
-    filters: Vec<(Kind, seccompiler::BpfProgram)>,
-}
+/// The lists workers narrow themselves to, once [`confine_workers`] ran.
+static FILTERS: OnceLock<Vec<(Kind, seccompiler::BpfProgram)>> = OnceLock::new();
 
-static CONFINED: OnceLock<Confined> = OnceLock::new();
+/// The spawners: each with the device kinds it starts workers of (none
+/// listed: any other kind).
+static SPAWNERS: Mutex<Vec<(Vec<Kind>, mpsc::Sender<Job>)>> = Mutex::new(Vec::new());
+
+/// Starts a spawner thread named `name` that runs `setup` on itself first
+/// and, if that worked, starts the workers of `kinds` from then on.
+fn start_spawner(
+    name: &str,
+    kinds: Vec<Kind>,
+    setup: impl FnOnce() -> Result<(), String> + Send + 'static,
+) -> Result<(), String> {
+    let (jobs, queue) = mpsc::channel::<Job>();
+    let (ready, set_up) = mpsc::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let result = setup();
+            let ok = result.is_ok();
+            let _ = ready.send(result);
+            if ok {
+                for job in queue {
+                    job();
+                }
+            }
+        })
+        .map_err(|e| format!("starting {name}: {e}"))?;
+    set_up
+        .recv()
+        .map_err(|_| format!("{name} ended while setting up"))?
+        .map_err(|e| format!("{name}: {e}"))?;
+    SPAWNERS.lock().unwrap_or_else(|p| p.into_inner()).push((kinds, jobs));
+    Ok(())
+}
 
 /// From now on, workers are started by a spawner thread started here (so
 /// it has the filters of the calling thread: call it once the process's
@@ -64,25 +93,38 @@ static CONFINED: OnceLock<Confined> = OnceLock::new();
 /// device kind `k` installs `filters`' list for `k` on itself first. For a
 /// process with one VM (`tegmen-vmm`); a second call is refused.
 pub fn confine_workers(filters: Vec<(Kind, seccompiler::BpfProgram)>) -> Result<(), String> {
-    let (jobs, queue) = mpsc::channel::<Job>();
-    if CONFINED.set(Confined { jobs, filters }).is_err() {
-        return Err("device workers are confined already".into());
-    }
-    std::thread::Builder::new()
-        .name("spawner".into())
-        .spawn(move || {
-            for job in queue {
-                job();
-            }
-        })
-        .map(drop)
-        .map_err(|e| format!("starting the device workers' spawner: {e}"))
+    FILTERS
+        .set(filters)
+        .map_err(|_| "device workers are confined already".to_string())?;
+    start_spawner("spawner", Vec::new(), || Ok(()))
 }
 
-/// Starts a thread with `body`, from the spawner once there is one.
-fn start(name: &str, body: impl FnOnce() + Send + 'static) -> std::io::Result<JoinHandle<()>> {
+/// From now on, the workers of `kinds` are started by a spawner thread
+/// named `name` that first runs `setup` on itself, for what a thread's
+/// children share with it and the rest of the process does not: a root
+/// and working directory of their own (after `unshare(CLONE_FS)`), their
+/// own capabilities. It has the filters of the calling thread, and those
+/// installed on every thread later.
+pub fn jail_workers(
+    name: &str,
+    kinds: Vec<Kind>,
+    setup: impl FnOnce() -> Result<(), String> + Send + 'static,
+) -> Result<(), String> {
+    start_spawner(name, kinds, setup)
+}
+
+/// Starts a thread with `body`, from the spawner of `kind` if there is one.
+fn start(name: &str, kind: Kind, body: impl FnOnce() + Send + 'static) -> std::io::Result<JoinHandle<()>> {
     let builder = std::thread::Builder::new().name(name.to_string());
-    let Some(confined) = CONFINED.get() else {
+    let spawner = {
+        let spawners = SPAWNERS.lock().unwrap_or_else(|p| p.into_inner());
+        spawners
+            .iter()
+            .find(|(kinds, _)| kinds.contains(&kind))
+            .or_else(|| spawners.iter().find(|(kinds, _)| kinds.is_empty()))
+            .map(|(_, jobs)| jobs.clone())
+    };
+    let Some(jobs) = spawner else {
         return builder.spawn(body);
     };
     let (done, started) = mpsc::channel();
@@ -90,7 +132,7 @@ fn start(name: &str, body: impl FnOnce() + Send + 'static) -> std::io::Result<Jo
         let _ = done.send(builder.spawn(body));
     });
     let gone = || std::io::Error::other("the device workers' spawner is gone");
-    confined.jobs.send(job).map_err(|_| gone())?;
+    jobs.send(job).map_err(|_| gone())?;
     started.recv().map_err(|_| gone())?
 }
 
@@ -137,9 +179,9 @@ impl Worker {
             add(k.as_raw_fd(), i as u64, EventSet::IN)?;
         }
         let worker_kicks = kicks;
-        let filter = match CONFINED.get() {
-            Some(c) => Some(
-                c.filters
+        let filter = match FILTERS.get() {
+            Some(filters) => Some(
+                filters
                     .iter()
                     .find(|(k, _)| *k == kind)
                     .map(|(_, prog)| prog.clone())
@@ -147,7 +189,7 @@ impl Worker {
             ),
             None => None,
         };
-        let thread = start(name, move || {
+        let thread = start(name, kind, move || {
             if let Some(prog) = filter {
                 // Fail closed: a worker that cannot narrow itself ends
                 // the monitor rather than serve unfiltered.
