@@ -32,15 +32,16 @@ e2e-test: build guest-image
 
 test: unit-test e2e-test fuzz-smoke
 
-# Every fuzz target under libFuzzer, FUZZ_TIME seconds each (default 600);
-# `make test` runs each for 30 s. The checked-in corpus and every crash
-# input found also run as a unit test (fuzz-targets/tests/corpus.rs).
+# Every fuzz target under libFuzzer, FUZZ_TIME seconds each (default 600),
+# FUZZ_JOBS at a time (default 1: each alone); `make test` runs each for
+# 30 s, two at a time. The checked-in corpus and every crash input found
+# also run as a unit test (fuzz-targets/tests/corpus.rs).
 FUZZ_TIME ?= 600
 fuzz: setup
 	scripts/fuzz.sh --time $(FUZZ_TIME) --record
 
 fuzz-smoke: setup
-	scripts/fuzz.sh --time 30
+	scripts/fuzz.sh --time 30 --jobs 2
 
 bench: build guest-image
 	scripts/bench.sh
