@@ -130,6 +130,8 @@ lines = [
     "",
     *open(report).read().rstrip("\n").split("\n"),
     "",
+    "What the fuzzers have found, and the fixes: fuzz/regressions/README.md.",
+    "",
 ]
 sys.path.insert(0, "scripts/bench")
 from bench import replace_section  # the one section writer of docs/benchmarks.md

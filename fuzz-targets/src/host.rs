@@ -173,12 +173,22 @@ pub fn agent_reply(data: &[u8]) {
             }
         }
     });
+    let threads = || std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count());
+    let before = threads();
     if let Ok(client) = AgentClient::connect_unix(&sock, Duration::from_millis(100)) {
         for m in methods {
             call(&client, m);
         }
     }
     server.join().expect("fake agent");
+    // ttrpc's client reads in a thread of its own, which ends once it sees
+    // the connection closed. Wait for it: libFuzzer's leak check at the end
+    // of the input would otherwise take the buffer it is reading into for
+    // a leak.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while threads() >= before && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 fn call(client: &AgentClient, method: u8) {

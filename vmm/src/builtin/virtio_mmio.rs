@@ -380,7 +380,14 @@ impl MmioTransport {
         }
         let added = v & !self.status;
         if added & STATUS_FAILED != 0 {
-            self.status = v;
+            // The driver gave up. FAILED is taken alone: a bit written with
+            // it would skip its own checks (FEATURES_OK with features never
+            // offered, then DRIVER_OK; found by the virtio_mmio fuzz target).
+            self.status |= STATUS_FAILED;
+            return;
+        }
+        if self.status & STATUS_FAILED != 0 {
+            // Nothing goes on after FAILED but a reset.
             return;
         }
         let order_ok = match added {
@@ -610,6 +617,38 @@ mod tests {
         // Clearing a bit is not allowed either, FAILED always is.
         w(&mut t, reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_FAILED);
         assert_eq!(r(&mut t, reg::STATUS), STATUS_ACKNOWLEDGE | STATUS_FAILED);
+    }
+
+    /// FAILED written together with FEATURES_OK does not let features
+    /// the device never offered through, and a driver that failed is not
+    /// activated until it resets the device.
+    #[test]
+    fn failed_carries_no_other_bit_past_its_checks() {
+        let (mut t, seen) = transport();
+        w(&mut t, reg::STATUS, STATUS_ACKNOWLEDGE);
+        w(&mut t, reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w(&mut t, reg::DRIVER_FEATURES_SEL, 1);
+        w(&mut t, reg::DRIVER_FEATURES, 0xffff_ffff);
+        let failed_ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_FAILED;
+        w(&mut t, reg::STATUS, failed_ok);
+        assert_eq!(
+            r(&mut t, reg::STATUS),
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FAILED
+        );
+        w(&mut t, reg::STATUS, failed_ok | STATUS_DRIVER_OK);
+        w(
+            &mut t,
+            reg::STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FAILED | STATUS_FEATURES_OK,
+        );
+        assert!(!t.is_active());
+        assert!(seen.lock().unwrap().activated.is_none());
+        // A reset, then a proper negotiation, works again.
+        w(&mut t, reg::STATUS, 0);
+        set_up(&mut t, VIRTIO_F_VERSION_1);
+        queue(&mut t, 0, 128, 0x10000);
+        w(&mut t, reg::STATUS, 0xf);
+        assert!(t.is_active());
     }
 
     #[test]
