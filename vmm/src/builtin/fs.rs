@@ -28,7 +28,7 @@ use crate::devices::fs::{FsDevice, MAX_QUEUE_SIZE};
 /// The device's files are opened already (the share's root and
 /// `/proc/self/fd`, by [`FsDevice::new`]), so nothing else is needed there.
 pub fn jail_workers_to(share: std::path::PathBuf) -> Result<(), String> {
-    super::worker::jail_workers("fs-spawner", vec![crate::seccomp::Kind::FsBackend], move || {
+    super::worker::start_spawner("fs-spawner", vec![crate::seccomp::Kind::FsBackend], move || {
         // SAFETY: unshare with a flag only; it affects this thread alone.
         if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
             return Err(format!("unshare(CLONE_FS): {}", std::io::Error::last_os_error()));

@@ -57,9 +57,14 @@ static FILTERS: OnceLock<Vec<(Kind, seccompiler::BpfProgram)>> = OnceLock::new()
 /// listed: any other kind).
 static SPAWNERS: Mutex<Vec<(Vec<Kind>, mpsc::Sender<Job>)>> = Mutex::new(Vec::new());
 
-/// Starts a spawner thread named `name` that runs `setup` on itself first
-/// and, if that worked, starts the workers of `kinds` from then on.
-fn start_spawner(
+/// From now on, the workers of `kinds` (none listed: of every kind no
+/// other spawner takes) are started by a spawner thread named `name` that
+/// first runs `setup` on itself, for what a thread's children share with
+/// it and the rest of the process does not: a root and working directory
+/// of their own (after `unshare(CLONE_FS)`), their own capabilities. It
+/// has the filters of the calling thread, and those installed on every
+/// thread later.
+pub fn start_spawner(
     name: &str,
     kinds: Vec<Kind>,
     setup: impl FnOnce() -> Result<(), String> + Send + 'static,
@@ -97,20 +102,6 @@ pub fn confine_workers(filters: Vec<(Kind, seccompiler::BpfProgram)>) -> Result<
         .set(filters)
         .map_err(|_| "device workers are confined already".to_string())?;
     start_spawner("spawner", Vec::new(), || Ok(()))
-}
-
-/// From now on, the workers of `kinds` are started by a spawner thread
-/// named `name` that first runs `setup` on itself, for what a thread's
-/// children share with it and the rest of the process does not: a root
-/// and working directory of their own (after `unshare(CLONE_FS)`), their
-/// own capabilities. It has the filters of the calling thread, and those
-/// installed on every thread later.
-pub fn jail_workers(
-    name: &str,
-    kinds: Vec<Kind>,
-    setup: impl FnOnce() -> Result<(), String> + Send + 'static,
-) -> Result<(), String> {
-    start_spawner(name, kinds, setup)
 }
 
 /// Starts a thread with `body`, from the spawner of `kind` if there is one.
