@@ -852,19 +852,13 @@ fn guest_attacks_through_vsock_are_bounded() {
         .map(|p| p.pid)
         .expect("the process serving vsock");
     let fds = move || std::fs::read_dir(format!("/proc/{backend}/fd")).unwrap().count();
-    // Its private memory (heap, stacks: what RLIMIT_DATA bounds), in KiB.
-    let data_kib = move || -> u64 {
-        std::fs::read_to_string(format!("/proc/{backend}/status"))
+    // Its private memory (heap, stacks: what RLIMIT_DATA bounds), in
+    // bytes, as `supervisor check` reads it.
+    let data_bytes = move || -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{backend}/status")).unwrap();
+        tegmen_supervisor::confinement::parse_status(&status)
             .unwrap()
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("VmData:")?
-                    .trim()
-                    .strip_suffix("kB")?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
+            .data_bytes
             .unwrap()
     };
     let in_probe = |id: &str, args: &[&str], files: u64| run_probe(&g, id, args, files);
@@ -906,7 +900,7 @@ fn guest_attacks_through_vsock_are_bounded() {
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
                 most_fds.fetch_max(fds() as u64, Ordering::Relaxed);
-                most_data.fetch_max(data_kib(), Ordering::Relaxed);
+                most_data.fetch_max(data_bytes(), Ordering::Relaxed);
             }
         })
     };
@@ -930,7 +924,7 @@ fn guest_attacks_through_vsock_are_bounded() {
     );
     // Its private memory stayed below its bound (past it, an allocation
     // fails and the backend ends).
-    let most = most_data.load(Ordering::Relaxed) << 10;
+    let most = most_data.load(Ordering::Relaxed);
     eprintln!("the backend's private memory, at most: {} MiB", most >> 20);
     assert!(
         most < tegmen_vmm::privileges::Limits::VSOCK.data,
